@@ -1,0 +1,376 @@
+//! Configuration: raw, then validated, then built.
+//!
+//! Layers, later wins: the embedded defaults (`config.defaults.toml`), a TOML
+//! file, then `TALLY__SECTION__KEY` environment variables. A key that is not in
+//! the defaults is an error naming it; a value of the wrong type or out of range
+//! is an error naming the key. Secrets (passwords in URLs) never reach `Debug`.
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+const DEFAULTS: &str = include_str!("config.defaults.toml");
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("unknown config key `{key}` (from {origin})")]
+    UnknownKey { key: String, origin: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub usage_topic: String,
+    pub dlq_topic: String,
+    pub violation_topic: String,
+    pub usage_partitions: i32,
+    pub violation_partitions: i32,
+    pub session_timeout_ms: u32,
+    pub receive_message_max_bytes: u32,
+    pub commit_interval_ms: u64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub batch_max_messages: usize,
+    pub batch_linger_ms: u64,
+    pub dedup_lookback_hours: i64,
+    pub cost_mismatch_tolerance: String,
+    pub reference_refresh_ms: u64,
+    pub fairness_events_per_sec: u32,
+    pub max_retries: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub stall_after_ms: u64,
+}
+
+/// The whole validated configuration.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub postgres: PostgresConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub registry: RegistryConfig,
+    pub pipeline: PipelineConfig,
+    pub server: ServerConfig,
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// Like [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut merged: toml::Table = DEFAULTS.parse().map_err(|e| ConfigError::File {
+            path: "<embedded defaults>".into(),
+            message: format!("{e}"),
+        })?;
+        let defaults = merged.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let table: toml::Table = text.parse().map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: format!("{e}"),
+            })?;
+            overlay(&mut merged, &defaults, table, &path.display().to_string())?;
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("TALLY__") else {
+                continue;
+            };
+            let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            let [section, key] = parts.as_slice() else {
+                return Err(ConfigError::UnknownKey {
+                    key: parts.join("."),
+                    origin: format!("environment variable {name}; expected TALLY__SECTION__KEY"),
+                });
+            };
+            let mut sec = toml::Table::new();
+            sec.insert(key.clone(), env_value(value, defaults_value(&defaults, section, key)));
+            let mut table = toml::Table::new();
+            table.insert(section.clone(), toml::Value::Table(sec));
+            overlay(&mut merged, &defaults, table, &format!("environment variable {name}"))?;
+        }
+        let config = build(merged)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must not be empty"));
+        }
+        for (key, topic) in [
+            ("kafka.usage_topic", &self.kafka.usage_topic),
+            ("kafka.dlq_topic", &self.kafka.dlq_topic),
+            ("kafka.violation_topic", &self.kafka.violation_topic),
+            ("kafka.group_id", &self.kafka.group_id),
+        ] {
+            if topic.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.kafka.usage_partitions < 1 || self.kafka.violation_partitions < 1 {
+            return Err(invalid("kafka.usage_partitions", "partition counts must be >= 1"));
+        }
+        if !self.postgres.url.starts_with("postgres://") && !self.postgres.url.starts_with("postgresql://") {
+            return Err(invalid("postgres.url", "must start with postgres:// or postgresql://"));
+        }
+        if self.postgres.max_connections < 2 {
+            return Err(invalid("postgres.max_connections", "must be >= 2"));
+        }
+        if !self.clickhouse.url.starts_with("http://") && !self.clickhouse.url.starts_with("https://") {
+            return Err(invalid("clickhouse.url", "must start with http:// or https://"));
+        }
+        if !self.registry.url.is_empty() && !self.registry.url.starts_with("http://") {
+            return Err(invalid("registry.url", "must be empty or start with http://"));
+        }
+        if self.pipeline.batch_max_messages == 0 || self.pipeline.batch_max_messages > 1_000_000 {
+            return Err(invalid("pipeline.batch_max_messages", "must be within 1..=1000000 (one ClickHouse block)"));
+        }
+        if self.pipeline.dedup_lookback_hours < 1 {
+            return Err(invalid("pipeline.dedup_lookback_hours", "must be >= 1"));
+        }
+        if self.pipeline.fairness_events_per_sec == 0 {
+            return Err(invalid("pipeline.fairness_events_per_sec", "must be > 0"));
+        }
+        match Decimal::from_str(&self.pipeline.cost_mismatch_tolerance) {
+            Ok(d) if d >= Decimal::ZERO => {}
+            _ => {
+                return Err(invalid(
+                    "pipeline.cost_mismatch_tolerance",
+                    "must be a non-negative decimal such as \"0.01\"",
+                ))
+            }
+        }
+        if !self.server.listen.is_empty() && self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("server.listen", "must be empty or host:port"));
+        }
+        Ok(())
+    }
+
+    /// The cost mismatch tolerance as an exact decimal (validated at load).
+    pub fn cost_mismatch_tolerance(&self) -> Decimal {
+        Decimal::from_str(&self.pipeline.cost_mismatch_tolerance).unwrap_or(Decimal::ZERO)
+    }
+}
+
+fn defaults_value<'a>(defaults: &'a toml::Table, section: &str, key: &str) -> Option<&'a toml::Value> {
+    defaults.get(section)?.as_table()?.get(key)
+}
+
+/// An environment value typed like the default it replaces.
+fn env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
+    match default {
+        Some(toml::Value::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .unwrap_or_else(|_| toml::Value::String(raw.into())),
+        Some(toml::Value::Boolean(_)) => raw
+            .trim()
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .unwrap_or_else(|_| toml::Value::String(raw.into())),
+        _ => toml::Value::String(raw.into()),
+    }
+}
+
+fn overlay(
+    merged: &mut toml::Table,
+    defaults: &toml::Table,
+    layer: toml::Table,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    for (section, value) in layer {
+        let Some(default_section) = defaults.get(&section).and_then(|v| v.as_table()) else {
+            return Err(ConfigError::UnknownKey { key: section, origin: origin.into() });
+        };
+        let toml::Value::Table(entries) = value else {
+            return Err(ConfigError::Invalid {
+                key: section,
+                message: format!("must be a table (from {origin})"),
+            });
+        };
+        for (key, v) in entries {
+            if !default_section.contains_key(&key) {
+                return Err(ConfigError::UnknownKey { key: format!("{section}.{key}"), origin: origin.into() });
+            }
+            if let Some(toml::Value::Table(target)) = merged.get_mut(&section) {
+                target.insert(key, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build(merged: toml::Table) -> Result<Config, ConfigError> {
+    // Deserialize section by section so a type error names `section.key`.
+    fn section<T: serde::de::DeserializeOwned>(merged: &toml::Table, name: &str) -> Result<T, ConfigError> {
+        let value = merged.get(name).cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
+        let table = value.as_table().cloned().unwrap_or_default();
+        T::deserialize(value).map_err(|e| {
+            let message = e.to_string();
+            let key = table
+                .keys()
+                .find(|k| message.contains(k.as_str()))
+                .map(|k| format!("{name}.{k}"))
+                .unwrap_or_else(|| name.to_string());
+            ConfigError::Invalid { key, message: message.trim().to_string() }
+        })
+    }
+    Ok(Config {
+        kafka: section(&merged, "kafka")?,
+        postgres: section(&merged, "postgres")?,
+        clickhouse: section(&merged, "clickhouse")?,
+        registry: section(&merged, "registry")?,
+        pipeline: section(&merged, "pipeline")?,
+        server: section(&merged, "server")?,
+    })
+}
+
+/// Replaces the password of a URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((creds, host)) => match creds.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("kafka.brokers", &self.kafka.brokers)
+            .field("kafka.group_id", &self.kafka.group_id)
+            .field("kafka.usage_topic", &self.kafka.usage_topic)
+            .field("postgres.url", &redact_url(&self.postgres.url))
+            .field("clickhouse.url", &self.clickhouse.url)
+            .field("clickhouse.password", &if self.clickhouse.password.is_empty() { "" } else { "***" })
+            .field("registry.url", &self.registry.url)
+            .field("pipeline.batch_max_messages", &self.pipeline.batch_max_messages)
+            .field("pipeline.batch_linger_ms", &self.pipeline.batch_linger_ms)
+            .field("pipeline.dedup_lookback_hours", &self.pipeline.dedup_lookback_hours)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::load_from(None, &[]).unwrap();
+        assert_eq!(c.kafka.usage_topic, "llm.usage.v1");
+        assert_eq!(c.pipeline.batch_max_messages, 20000);
+    }
+
+    #[test]
+    fn env_overrides_and_types() {
+        let c = Config::load_from(
+            None,
+            &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "123"), ("TALLY__KAFKA__GROUP_ID", "g2")]),
+        )
+        .unwrap();
+        assert_eq!(c.pipeline.batch_max_messages, 123);
+        assert_eq!(c.kafka.group_id, "g2");
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let err = Config::load_from(None, &env(&[("TALLY__KAFKA__BROKER", "x")])).unwrap_err();
+        assert!(err.to_string().contains("kafka.broker"), "{err}");
+        let err = Config::load_from(None, &env(&[("TALLY__NOPE__X", "x")])).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = Config::load_from(None, &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "many")])).unwrap_err();
+        assert!(err.to_string().contains("pipeline.batch_max_messages"), "{err}");
+        let err = Config::load_from(None, &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "0")])).unwrap_err();
+        assert!(err.to_string().contains("pipeline.batch_max_messages"), "{err}");
+        let err = Config::load_from(None, &env(&[("TALLY__POSTGRES__URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("postgres.url"), "{err}");
+    }
+
+    #[test]
+    fn file_layer_and_unknown_file_key() {
+        let dir = std::env::temp_dir().join(format!("tally-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[kafka]\ngroup_id = \"from-file\"\n").unwrap();
+        let c = Config::load_from(Some(&good), &[]).unwrap();
+        assert_eq!(c.kafka.group_id, "from-file");
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[clickhouse]\nuri = \"http://x\"\n").unwrap();
+        let err = Config::load_from(Some(&bad), &[]).unwrap_err();
+        assert!(err.to_string().contains("clickhouse.uri"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = Config::load_from(None, &env(&[("TALLY__POSTGRES__URL", "postgres://u:hunter2@h/db")])).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("u:***@h/db"));
+    }
+}

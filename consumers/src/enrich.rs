@@ -1,0 +1,193 @@
+//! Enrichment (pure): reference data snapshot and per-event cost.
+//!
+//! Guarantee: `enrich` is a pure function of the event and a reference snapshot.
+//! An unknown tenant or unpriced model is never dropped: the event is kept and
+//! counted, marked (`tenant_known = false`, `priced = false`), and raises a
+//! violation downstream.
+
+use crate::cost::{cost_of, is_mismatch, PriceBook, Tokens};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use std::collections::HashMap;
+use tally_schemas::UsageEvent;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantInfo {
+    pub name: String,
+    pub requests_per_minute: Option<i64>,
+    pub tokens_per_minute: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    pub budget_id: String,
+    pub tenant_id: String,
+    /// `None` for a tenant-scope budget.
+    pub team_id: Option<String>,
+    pub period: BudgetPeriod,
+    pub amount: Decimal,
+    pub thresholds_pct: Vec<Decimal>,
+}
+
+/// One immutable snapshot of the reference data (refreshed by swapping).
+#[derive(Debug, Clone, Default)]
+pub struct Reference {
+    pub tenants: HashMap<String, TenantInfo>,
+    pub prices: PriceBook,
+    pub budgets: Vec<Budget>,
+}
+
+impl Reference {
+    /// Budgets an event of `tenant_id`/`team_id` counts towards.
+    pub fn budgets_for<'a>(&'a self, tenant_id: &'a str, team_id: Option<&'a str>) -> impl Iterator<Item = &'a Budget> {
+        self.budgets
+            .iter()
+            .filter(move |b| b.tenant_id == tenant_id && (b.team_id.is_none() || b.team_id.as_deref() == team_id))
+    }
+}
+
+/// A decoded usage event with everything tally derives from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enriched {
+    pub event: UsageEvent,
+    pub cost: Decimal,
+    pub priced: bool,
+    pub price_effective_from: Option<DateTime<Utc>>,
+    pub tenant_known: bool,
+    pub cost_mismatch: bool,
+    pub over_quota: bool,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Enriched {
+    pub fn tokens(&self) -> Tokens {
+        tokens_of(&self.event)
+    }
+}
+
+pub fn tokens_of(e: &UsageEvent) -> Tokens {
+    Tokens {
+        input: e.input_tokens,
+        cached_input: e.cached_input_tokens,
+        cache_write: e.cache_write_tokens,
+        output: e.output_tokens,
+        reasoning: e.reasoning_tokens,
+    }
+}
+
+/// Price and classify one event against a reference snapshot.
+pub fn enrich(event: UsageEvent, reference: &Reference, tolerance: Decimal, partition: i32, offset: i64) -> Enriched {
+    let tenant_known = reference.tenants.contains_key(&event.tenant_id);
+    let price = reference
+        .prices
+        .price_at(&event.provider, &event.model, event.occurred_at)
+        .filter(|p| p.currency == event.currency);
+    let (cost, priced, from) = match price {
+        Some(p) => (cost_of(&tokens_of(&event), p), true, Some(p.effective_from)),
+        None => (Decimal::ZERO, false, None),
+    };
+    let cost_mismatch = priced && is_mismatch(event.reported_cost, cost, tolerance);
+    Enriched {
+        event,
+        cost,
+        priced,
+        price_effective_from: from,
+        tenant_known,
+        cost_mismatch,
+        over_quota: false,
+        partition,
+        offset,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::cost::PriceVersion;
+    use chrono::TimeZone;
+    use std::str::FromStr;
+
+    /// A test event `secs` seconds after 2026-01-01.
+    pub(crate) fn enriched(tenant: &str, model: &str, secs: i64, input: i64, output: i64, cost: Decimal) -> Enriched {
+        let mut event = tally_schemas::sample_usage();
+        event.tenant_id = tenant.into();
+        event.model = model.into();
+        event.occurred_at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(secs);
+        event.input_tokens = input;
+        event.output_tokens = output;
+        event.cached_input_tokens = 0;
+        event.cache_write_tokens = 0;
+        event.reasoning_tokens = 0;
+        Enriched {
+            event,
+            cost,
+            priced: true,
+            price_effective_from: None,
+            tenant_known: true,
+            cost_mismatch: false,
+            over_quota: false,
+            partition: 0,
+            offset: 0,
+        }
+    }
+
+    fn reference() -> Reference {
+        let v = |from: DateTime<Utc>, input: &str| PriceVersion {
+            effective_from: from,
+            currency: "USD".into(),
+            input_per_m: Decimal::from_str(input).unwrap(),
+            cached_input_per_m: Decimal::ZERO,
+            cache_write_per_m: Decimal::ZERO,
+            output_per_m: Decimal::ZERO,
+            reasoning_per_m: Decimal::ZERO,
+        };
+        let mut tenants = HashMap::new();
+        tenants.insert(
+            "t1".to_string(),
+            TenantInfo { name: "T1".into(), requests_per_minute: Some(10), tokens_per_minute: None },
+        );
+        Reference {
+            tenants,
+            prices: PriceBook::new([
+                ("openai".into(), "gpt".into(), v(Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(), "1")),
+                ("openai".into(), "gpt".into(), v(Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap(), "2")),
+            ]),
+            budgets: vec![],
+        }
+    }
+
+    #[test]
+    fn price_in_force_at_occurred_at() {
+        let r = reference();
+        let mut e = tally_schemas::sample_usage();
+        e.tenant_id = "t1".into();
+        e.provider = "openai".into();
+        e.model = "gpt".into();
+        e.currency = "USD".into();
+        e.input_tokens = 1_000_000;
+        e.cached_input_tokens = 0;
+        e.cache_write_tokens = 0;
+        e.output_tokens = 0;
+        e.reasoning_tokens = 0;
+        e.reported_cost = None;
+        e.occurred_at = Utc.with_ymd_and_hms(2026, 1, 1, 11, 59, 59).unwrap();
+        let before = enrich(e.clone(), &r, Decimal::ZERO, 0, 0);
+        assert_eq!(before.cost, Decimal::ONE);
+        e.occurred_at = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let after = enrich(e.clone(), &r, Decimal::ZERO, 0, 0);
+        assert_eq!(after.cost, Decimal::TWO);
+        assert!(after.priced && after.tenant_known);
+        e.model = "unknown".into();
+        e.tenant_id = "nobody".into();
+        let unpriced = enrich(e, &r, Decimal::ZERO, 0, 0);
+        assert!(!unpriced.priced && !unpriced.tenant_known);
+        assert_eq!(unpriced.cost, Decimal::ZERO);
+    }
+}

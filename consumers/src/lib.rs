@@ -1,0 +1,24 @@
+//! tally: an exactly-once audit and cost pipeline for LLM platforms.
+//!
+//! The data path and the exactly-once state machine are described in
+//! `docs/architecture.md`; [`pipeline`] implements the state machine.
+
+pub mod config;
+pub mod cost;
+pub mod dlq;
+pub mod enrich;
+pub mod errors;
+pub mod health;
+pub mod ledger;
+pub mod metrics;
+pub mod migrate;
+pub mod pipeline;
+pub mod reference;
+pub mod registry_client;
+pub mod relay;
+pub mod report;
+pub mod rollup;
+pub mod rules;
+pub mod runner;
+pub mod seed;
+pub mod sink_clickhouse;

@@ -1,0 +1,208 @@
+//! The `tally` command: migrate, seed, run, gen, report, wait-idle, bench.
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+use tally::config::Config;
+use tally::errors::StageError;
+use tally_producers::{demo_world, Encoding, GenConfig, Generator};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "tally", version, about = "Exactly-once audit and cost pipeline for LLM platforms")]
+struct Cli {
+    /// TOML config file (overrides the embedded defaults; TALLY__SECTION__KEY overrides both).
+    #[arg(long, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply Postgres migrations and ClickHouse DDL, create the Kafka topics (idempotent).
+    Migrate,
+    /// Write a generated world's tenants, teams, prices and budgets to Postgres.
+    Seed {
+        #[arg(long, default_value_t = 60)]
+        tenants: usize,
+    },
+    /// Run the pipeline until SIGTERM/SIGINT.
+    Run,
+    /// Produce generated usage traffic to the usage topic.
+    Gen {
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Messages per second (unlimited when absent).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// json, avro (single-object), confluent or mixed (json + avro).
+        #[arg(long, default_value = "mixed")]
+        encoding: Encoding,
+        #[arg(long, default_value_t = 0.02)]
+        duplicates: f64,
+        #[arg(long, default_value_t = 0.01)]
+        late: f64,
+        #[arg(long, default_value_t = 0.0)]
+        malformed: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 60)]
+        tenants: usize,
+        /// Topic (default: kafka.usage_topic).
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Print spend, budgets, violations and dead letters from ClickHouse and Postgres.
+    Report,
+    /// Wait until the pipeline has caught up with the usage topic.
+    WaitIdle {
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+/// The demo world's price change: the start of the previous hour, so the
+/// default generated span (the two hours before the current hour) crosses it.
+fn demo_price_change_at() -> DateTime<Utc> {
+    let hour = Utc::now().duration_trunc(ChronoDuration::hours(1)).unwrap_or_else(|_| Utc::now());
+    hour - ChronoDuration::hours(1)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("TALLY_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn shutdown_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+#[tokio::main]
+async fn main() {
+    init_logging();
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tally: configuration error: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = dispatch(cli.command, cfg).await {
+        eprintln!("tally: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            let pool = tally::runner::connect_pg(&cfg).await?;
+            let applied = tally::migrate::postgres(&pool).await?;
+            println!(
+                "postgres: {}",
+                if applied.is_empty() { "up to date".to_string() } else { format!("applied {}", applied.join(", ")) }
+            );
+            let n = tally::migrate::clickhouse(&cfg).await?;
+            println!("clickhouse: {n} DDL statements applied (all IF NOT EXISTS) to database {}", cfg.clickhouse.database);
+            let mut attempts = 0;
+            let created = loop {
+                match tally::migrate::topics(&cfg).await {
+                    Ok(c) => break c,
+                    Err(StageError::Retryable(m)) if attempts < 10 => {
+                        attempts += 1;
+                        tracing::warn!(error = %m, "kafka not ready; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            println!(
+                "kafka: {}",
+                if created.is_empty() { "topics exist".to_string() } else { format!("created {}", created.join(", ")) }
+            );
+        }
+        Command::Seed { tenants } => {
+            let pool = tally::runner::connect_pg(&cfg).await?;
+            let world = demo_world(tenants, demo_price_change_at());
+            tally::seed::seed(&pool, &world).await?;
+            println!(
+                "seeded {} tenants, {} prices, {} budgets",
+                world.tenants.len(),
+                world.prices.len(),
+                world.budgets.len()
+            );
+        }
+        Command::Run => {
+            let shutdown = shutdown_on_signals();
+            tally::runner::run(cfg, shutdown).await?;
+        }
+        Command::Gen { count, rate, encoding, duplicates, late, malformed, seed, tenants, topic } => {
+            for (name, v) in [("duplicates", duplicates), ("late", late), ("malformed", malformed)] {
+                if !(0.0..=1.0).contains(&v) {
+                    bail!("--{name} must be a share between 0 and 1, got {v}");
+                }
+            }
+            if encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
+                bail!("--encoding confluent needs a schema registry (registry.url / TALLY__REGISTRY__URL)");
+            }
+            let change = demo_price_change_at();
+            let mut g = GenConfig::new(demo_world(tenants, change), count, seed);
+            g.encoding = encoding;
+            g.duplicates = duplicates;
+            g.late = late;
+            g.malformed = malformed;
+            g.start = change - ChronoDuration::hours(1);
+            g.span = ChronoDuration::hours(2);
+            let topic = topic.unwrap_or_else(|| cfg.kafka.usage_topic.clone());
+            let report = tally_producers::produce(&cfg.kafka.brokers, &topic, Generator::new(g), rate, true)
+                .await
+                .context("producing generated traffic")?;
+            println!(
+                "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s",
+                report.sent,
+                report.good,
+                report.duplicates,
+                report.malformed,
+                report.elapsed.as_secs_f64()
+            );
+        }
+        Command::Report => {
+            let pool = tally::runner::connect_pg(&cfg).await?;
+            print!("{}", tally::report::report(&cfg, &pool).await?);
+        }
+        Command::WaitIdle { timeout } => {
+            let pool = tally::runner::connect_pg(&cfg).await?;
+            if !tally::report::wait_idle(&cfg, &pool, Duration::from_secs(timeout)).await? {
+                bail!("the pipeline did not catch up within {timeout} s");
+            }
+            println!("caught up");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! `tally migrate`: Postgres migrations (sqlx), ClickHouse DDL and Kafka topics.
+//!
+//! Idempotent: re-running applies nothing new and says so.
+
+use crate::config::Config;
+use crate::errors::StageError;
+use crate::sink_clickhouse::ClickHouseSink;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use sqlx::postgres::PgPool;
+use std::time::Duration;
+
+/// ClickHouse DDL files, in order; each may hold several `;`-separated statements.
+pub const CLICKHOUSE_DDL: [(&str, &str); 6] = [
+    ("001_database.sql", include_str!("../../sql/clickhouse/001_database.sql")),
+    ("002_usage_events.sql", include_str!("../../sql/clickhouse/002_usage_events.sql")),
+    ("003_usage_1m.sql", include_str!("../../sql/clickhouse/003_usage_1m.sql")),
+    ("004_usage_1h.sql", include_str!("../../sql/clickhouse/004_usage_1h.sql")),
+    ("005_usage_1d.sql", include_str!("../../sql/clickhouse/005_usage_1d.sql")),
+    ("006_policy_audit.sql", include_str!("../../sql/clickhouse/006_policy_audit.sql")),
+];
+
+/// Splits a DDL file into statements (ClickHouse's HTTP interface takes one per request).
+pub fn statements(sql: &str) -> Vec<String> {
+    let without_comments: String =
+        sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+    without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+pub async fn postgres(pool: &PgPool) -> Result<Vec<String>, StageError> {
+    let migrator = sqlx::migrate!("../sql/postgres/migrations");
+    let before: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    migrator.run(pool).await.map_err(|e| StageError::Fatal(format!("postgres migration: {e}")))?;
+    Ok(migrator
+        .iter()
+        .filter(|m| !before.contains(&m.version))
+        .map(|m| format!("{:04}_{}", m.version, m.description))
+        .collect())
+}
+
+pub async fn clickhouse(cfg: &Config) -> Result<usize, StageError> {
+    // The database may not exist yet: run the DDL without selecting one.
+    let mut ch_cfg = cfg.clickhouse.clone();
+    ch_cfg.database = "default".into();
+    let sink = ClickHouseSink::new(&ch_cfg);
+    let mut n = 0;
+    for (name, sql) in CLICKHOUSE_DDL {
+        for stmt in statements(sql) {
+            let stmt = stmt.replace("tally.", &format!("{}.", cfg.clickhouse.database)).replace(
+                "DATABASE IF NOT EXISTS tally",
+                &format!("DATABASE IF NOT EXISTS {}", cfg.clickhouse.database),
+            );
+            sink.execute(&stmt)
+                .await
+                .map_err(|e| StageError::Fatal(format!("clickhouse DDL {name}: {e}")))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Creates the topics with their partition counts; "already exists" is success.
+pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .create()
+        .map_err(|e| StageError::Fatal(format!("kafka admin: {e}")))?;
+    let k = &cfg.kafka;
+    let wanted = [
+        (k.usage_topic.as_str(), k.usage_partitions),
+        (k.dlq_topic.as_str(), k.usage_partitions),
+        (k.violation_topic.as_str(), k.violation_partitions),
+    ];
+    let new: Vec<NewTopic<'_>> =
+        wanted.iter().map(|(t, n)| NewTopic::new(t, *n, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(|e| StageError::Retryable(format!("create topics: {e}")))?;
+    let mut created = Vec::new();
+    for r in results {
+        match r {
+            Ok(t) => created.push(t),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => return Err(StageError::Fatal(format!("create topic {t}: {e}"))),
+        }
+    }
+    Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddl_splits_into_statements() {
+        let total: usize = CLICKHOUSE_DDL.iter().map(|(_, s)| statements(s).len()).sum();
+        assert_eq!(total, 7);
+        for (_, sql) in CLICKHOUSE_DDL {
+            for s in statements(sql) {
+                assert!(s.starts_with("CREATE"), "{s}");
+                assert!(!s.contains("DateTime64") && !s.contains("Map(") && !s.contains(" TTL "));
+            }
+        }
+    }
+}

@@ -1,0 +1,763 @@
+//! The usage pipeline: consume, decode, dedup, enrich, write, commit.
+//!
+//! Guarantee: every usage event is counted exactly once in ClickHouse and
+//! Postgres, whatever crashes, because each per-partition batch walks this state
+//! machine, and every step is either atomic or checked before it is repeated:
+//!
+//! 1. dead letters: poison messages are sent to the DLQ and acknowledged;
+//! 2. claim (Postgres txn): the batch's offset range becomes `pending` and its
+//!    event ids are claimed (a re-send of an id claimed earlier is a duplicate);
+//! 3. ClickHouse: one insert per table, rows tagged with the batch id; skipped
+//!    for a table that already holds the batch when the outcome was unknown;
+//! 4. commit (Postgres txn): spend, quotas, budgets, violations (outbox), dead
+//!    letters, `done`, and the offset of record move together.
+//!
+//! A crash between 2 and 4 leaves the batch `pending`: the next owner of the
+//! partition (found through the Postgres offset of record, never Kafka's) seeks
+//! to its first offset and replays exactly that range. A partition is owned only
+//! while holding its Postgres advisory lock, so two instances never work on one
+//! partition at once, even mid-rebalance.
+
+use crate::config::Config;
+use crate::dlq::{self, Poison};
+use crate::enrich::{enrich, Enriched};
+use crate::errors::StageError;
+use crate::ledger::{DeadLetter, Ledger, PendingBatch};
+use crate::metrics::Metrics;
+use crate::reference::SharedReference;
+use crate::registry_client::{Lookup, RegistryClient};
+use crate::rollup::{bucket_start, Granularity};
+use crate::sink_clickhouse::ClickHouseSink;
+use backon::ExponentialBuilder;
+use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rust_decimal::Decimal;
+use sqlx::Connection;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tally_schemas::{Decoder, UsageEvent, WireFormat};
+use tokio::sync::watch;
+
+/// Rebalance notifications, handed from librdkafka's callback to the loop.
+#[derive(Default)]
+pub struct RebalanceLog {
+    events: Mutex<Vec<(bool, Vec<i32>)>>,
+}
+
+pub struct TallyContext {
+    log: Arc<RebalanceLog>,
+    topic: String,
+}
+
+impl ClientContext for TallyContext {}
+
+impl ConsumerContext for TallyContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = r {
+            self.push(false, tpl);
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = r {
+            self.push(true, tpl);
+        }
+    }
+}
+
+impl TallyContext {
+    fn push(&self, assigned: bool, tpl: &TopicPartitionList) {
+        let parts: Vec<i32> =
+            tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+        tracing::info!(assigned, partitions = ?parts, "rebalance");
+        if let Ok(mut ev) = self.log.events.lock() {
+            ev.push((assigned, parts));
+        }
+    }
+}
+
+/// Per-partition state of this instance.
+#[derive(Default)]
+struct PartState {
+    /// Holds the advisory lock and has loaded the offset of record.
+    owned: bool,
+    retry_lock_at: Option<Instant>,
+    /// Offset of record in Postgres (None: no row yet).
+    record_next: Option<i64>,
+    /// Next offset to accept into the buffer.
+    expected: Option<i64>,
+    seeked: bool,
+    replay: Option<PendingBatch>,
+    buf: Vec<OwnedMessage>,
+    buf_since: Option<Instant>,
+    not_before: Option<Instant>,
+    paused: bool,
+}
+
+pub struct Pipeline {
+    cfg: Config,
+    consumer: StreamConsumer<TallyContext>,
+    log: Arc<RebalanceLog>,
+    ledger: Ledger,
+    ch: ClickHouseSink,
+    dlq: rdkafka::producer::FutureProducer,
+    decoder: Arc<Decoder>,
+    registry: Option<RegistryClient>,
+    reference: SharedReference,
+    metrics: Arc<Metrics>,
+    limiter: DefaultKeyedRateLimiter<String>,
+    lock_conn: sqlx::PgConnection,
+    parts: BTreeMap<i32, PartState>,
+    tolerance: Decimal,
+}
+
+/// One decoded message of a batch.
+enum Decoded {
+    Event(Box<UsageEvent>),
+    Poison { class: &'static str, message: String },
+}
+
+impl Pipeline {
+    pub async fn new(
+        cfg: Config,
+        ledger: Ledger,
+        ch: ClickHouseSink,
+        reference: SharedReference,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StageError> {
+        let log = Arc::new(RebalanceLog::default());
+        let ctx = TallyContext { log: log.clone(), topic: cfg.kafka.usage_topic.clone() };
+        let session = cfg.kafka.session_timeout_ms;
+        let consumer: StreamConsumer<TallyContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &cfg.kafka.brokers)
+            .set("group.id", &cfg.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", session.to_string())
+            .set("heartbeat.interval.ms", (session / 6).max(100).to_string())
+            .set("receive.message.max.bytes", cfg.kafka.receive_message_max_bytes.to_string())
+            .set("queued.max.messages.kbytes", "65536")
+            .create_with_context(ctx)
+            .map_err(|e| StageError::Fatal(format!("kafka consumer: {e}")))?;
+        consumer
+            .subscribe(&[&cfg.kafka.usage_topic])
+            .map_err(|e| StageError::Fatal(format!("subscribe {}: {e}", cfg.kafka.usage_topic)))?;
+        let dlq = dlq::producer(&cfg.kafka.brokers, &[])?;
+        let registry = (!cfg.registry.url.is_empty())
+            .then(|| RegistryClient::new(&cfg.registry.url, Duration::from_millis(cfg.registry.timeout_ms)));
+        let rate = NonZeroU32::new(cfg.pipeline.fairness_events_per_sec).unwrap_or(NonZeroU32::MIN);
+        let lock_conn = sqlx::PgConnection::connect(&cfg.postgres.url)
+            .await
+            .map_err(|e| crate::errors::classify_pg("advisory lock connection", e))?;
+        Ok(Self {
+            tolerance: cfg.cost_mismatch_tolerance(),
+            consumer,
+            log,
+            ledger,
+            ch,
+            dlq,
+            decoder: Arc::new(Decoder::new()),
+            registry,
+            reference,
+            metrics,
+            limiter: RateLimiter::keyed(Quota::per_second(rate)),
+            lock_conn,
+            parts: BTreeMap::new(),
+            cfg,
+        })
+    }
+
+    /// Runs until `shutdown` flips, then drains buffered work and returns.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), StageError> {
+        let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
+        let mut last_commit = Instant::now();
+        let mut last_retain = Instant::now();
+        loop {
+            self.apply_rebalances().await?;
+            let now = Instant::now();
+            let wake = self
+                .parts
+                .values()
+                .filter_map(|s| {
+                    let linger_at = s.buf_since.map(|t| t + linger);
+                    match (linger_at, s.not_before) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        (a, b) => a.or(b),
+                    }
+                })
+                .min()
+                .unwrap_or(now + Duration::from_millis(200))
+                .max(now + Duration::from_millis(1));
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                m = self.consumer.recv() => match m {
+                    Ok(m) => {
+                        let owned = m.detach();
+                        self.accept(owned).await?;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            self.process_ready(false).await?;
+            self.metrics.set_backlog(self.parts.values().any(|s| !s.buf.is_empty()));
+            if last_commit.elapsed() >= Duration::from_millis(self.cfg.kafka.commit_interval_ms) {
+                self.commit_kafka_copy();
+                last_commit = Instant::now();
+            }
+            if last_retain.elapsed() >= Duration::from_secs(60) {
+                self.limiter.retain_recent();
+                self.limiter.shrink_to_fit();
+                last_retain = Instant::now();
+            }
+        }
+        tracing::info!("shutdown: draining buffered batches");
+        self.apply_rebalances().await?;
+        self.process_ready(true).await?;
+        self.commit_kafka_copy();
+        tracing::info!("shutdown: done");
+        Ok(())
+    }
+
+    fn lock_key(&self, partition: i32) -> String {
+        format!("tally:{}:{}:{partition}", self.cfg.kafka.group_id, self.cfg.kafka.usage_topic)
+    }
+
+    async fn apply_rebalances(&mut self) -> Result<(), StageError> {
+        let events: Vec<(bool, Vec<i32>)> =
+            self.log.events.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default();
+        for (assigned, parts) in events {
+            for p in parts {
+                if assigned {
+                    self.parts.entry(p).or_default();
+                } else if let Some(st) = self.parts.remove(&p) {
+                    // Nothing is in flight here: batches run to completion between polls.
+                    if st.owned {
+                        self.unlock(p).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn unlock(&mut self, p: i32) -> Result<(), StageError> {
+        let key = self.lock_key(p);
+        sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+            .bind(key)
+            .execute(&mut self.lock_conn)
+            .await
+            .map_err(|e| crate::errors::classify_pg("advisory unlock", e))?;
+        Ok(())
+    }
+
+    /// Takes ownership of a partition: advisory lock, then offset of record.
+    async fn take_ownership(&mut self, p: i32) -> Result<bool, StageError> {
+        let key = self.lock_key(p);
+        let got: bool = match sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(&key)
+            .fetch_one(&mut self.lock_conn)
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                // The lock connection died (Postgres restart): every lock is gone.
+                tracing::warn!(error = %e, "advisory lock connection lost; reconnecting");
+                self.lock_conn = sqlx::PgConnection::connect(&self.cfg.postgres.url)
+                    .await
+                    .map_err(|e| crate::errors::classify_pg("advisory lock reconnect", e))?;
+                for st in self.parts.values_mut() {
+                    *st = PartState::default();
+                }
+                return Ok(false);
+            }
+        };
+        if !got {
+            return Ok(false);
+        }
+        let state = self.ledger.partition_state(p).await?;
+        let st = self.parts.entry(p).or_default();
+        st.owned = true;
+        st.record_next = state.next_offset;
+        st.replay = state.pending;
+        st.expected = state.pending.map(|b| b.first).or(state.next_offset);
+        st.seeked = false;
+        st.buf.clear();
+        st.buf_since = None;
+        if let Some(b) = state.pending {
+            tracing::info!(partition = p, batch_id = b.batch_id, first = b.first, last = b.last, "replaying pending batch");
+        }
+        Ok(true)
+    }
+
+    async fn accept(&mut self, m: OwnedMessage) -> Result<(), StageError> {
+        if m.topic() != self.cfg.kafka.usage_topic {
+            return Ok(());
+        }
+        let p = m.partition();
+        let owned = self.parts.get(&p).is_some_and(|s| s.owned);
+        if !owned {
+            let st = self.parts.entry(p).or_default();
+            if st.retry_lock_at.is_some_and(|t| Instant::now() < t) {
+                return Ok(());
+            }
+            let mut backoff = backoff(self.cfg.pipeline.max_retries);
+            let got = loop {
+                match self.take_ownership(p).await {
+                    Err(e) if e.is_retryable() => match backoff.next() {
+                        Some(d) => {
+                            tracing::warn!(step = "take ownership", error = %e, "retrying");
+                            self.metrics.add(&self.metrics.retries_total, 1);
+                            tokio::time::sleep(d).await;
+                        }
+                        None => return Err(StageError::Fatal(format!("take ownership: {e}"))),
+                    },
+                    other => break other?,
+                }
+            };
+            if !got {
+                // Another instance still holds it (finishing its last batch).
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.retry_lock_at = Some(Instant::now() + Duration::from_millis(500));
+                }
+                self.seek(p, m.offset());
+                return Ok(());
+            }
+        }
+        let Some(st) = self.parts.get_mut(&p) else { return Ok(()) };
+        if let Some(exp) = st.expected {
+            if m.offset() < exp {
+                return Ok(()); // already counted or before the range
+            }
+            if m.offset() > exp && !st.seeked {
+                st.seeked = true;
+                self.seek(p, exp);
+                return Ok(());
+            }
+        }
+        st.seeked = false;
+        st.expected = Some(m.offset() + 1);
+        st.buf_since.get_or_insert_with(Instant::now);
+        st.buf.push(m);
+        self.metrics.add(&self.metrics.messages_consumed_total, 1);
+        Ok(())
+    }
+
+    fn seek(&self, p: i32, offset: i64) {
+        if let Err(e) =
+            self.consumer.seek(&self.cfg.kafka.usage_topic, p, Offset::Offset(offset), Duration::from_secs(5))
+        {
+            tracing::warn!(partition = p, offset, error = %e, "seek failed; will retry on the next message");
+        }
+    }
+
+    /// Processes every partition whose batch is ready (or all, when draining).
+    async fn process_ready(&mut self, draining: bool) -> Result<(), StageError> {
+        let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
+        let max = self.cfg.pipeline.batch_max_messages;
+        let ready: Vec<i32> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| !s.buf.is_empty() && s.owned)
+            .filter(|(_, s)| match s.replay {
+                Some(b) => s.buf.last().is_some_and(|m| m.offset() >= b.last),
+                None => {
+                    s.not_before.is_none_or(|t| Instant::now() >= t)
+                        && (draining || s.buf.len() >= max || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
+                }
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ready {
+            loop {
+                let Some(st) = self.parts.get_mut(&p) else { break };
+                let take = match st.replay {
+                    Some(b) => st.buf.iter().take_while(|m| m.offset() <= b.last).count(),
+                    None => st.buf.len().min(max),
+                };
+                if take == 0 {
+                    break;
+                }
+                if st.replay.is_none() && !draining {
+                    if let Some(wait) = self.fairness_wait(p, take) {
+                        self.defer(p, wait);
+                        break;
+                    }
+                }
+                let st = self.parts.get_mut(&p).ok_or_else(|| StageError::Fatal("partition vanished".into()))?;
+                let msgs: Vec<OwnedMessage> = st.buf.drain(..take).collect();
+                let replay = st.replay.take();
+                if st.buf.is_empty() {
+                    st.buf_since = None;
+                } else {
+                    st.buf_since = Some(Instant::now());
+                }
+                self.resume_if_paused(p);
+                let started = Instant::now();
+                match self.process_batch(p, msgs, replay).await {
+                    Ok(()) => {
+                        self.metrics.add(&self.metrics.batch_micros_total, started.elapsed().as_micros() as u64);
+                        self.metrics.progressed();
+                    }
+                    Err(StageError::LostOwnership(m)) => {
+                        tracing::warn!(partition = p, reason = %m, "lost ownership; re-reading partition state");
+                        self.metrics.add(&self.metrics.ownership_lost_total, 1);
+                        if self.parts.get(&p).is_some_and(|s| s.owned) {
+                            self.unlock(p).await?;
+                        }
+                        self.parts.insert(p, PartState::default());
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+                let more = self.parts.get(&p).is_some_and(|s| s.buf.len() >= max || (draining && !s.buf.is_empty()));
+                if !more {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Operational fairness: how long to wait before a tenant's share of this
+    /// batch fits its pace. Changes timing only, never results.
+    fn fairness_wait(&mut self, p: i32, take: usize) -> Option<Duration> {
+        let st = self.parts.get(&p)?;
+        let mut per_tenant: HashMap<&[u8], u32> = HashMap::new();
+        for m in &st.buf[..take] {
+            *per_tenant.entry(m.key().unwrap_or_default()).or_default() += 1;
+        }
+        let mut wait = None;
+        for (tenant, n) in per_tenant {
+            let Some(n) = NonZeroU32::new(n) else { continue };
+            let key = String::from_utf8_lossy(tenant).into_owned();
+            match self.limiter.check_key_n(&key, n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    let w = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                    wait = Some(wait.map_or(w, |x: Duration| x.max(w)));
+                }
+                // More than one second's pace in a single batch: let it through.
+                Err(_) => {}
+            }
+        }
+        wait
+    }
+
+    fn defer(&mut self, p: i32, wait: Duration) {
+        self.metrics.add(&self.metrics.fairness_deferrals_total, 1);
+        let Some(st) = self.parts.get_mut(&p) else { return };
+        st.not_before = Some(Instant::now() + wait);
+        if !st.paused {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.cfg.kafka.usage_topic, p);
+            if self.consumer.pause(&tpl).is_ok() {
+                st.paused = true;
+            }
+        }
+    }
+
+    fn resume_if_paused(&mut self, p: i32) {
+        let Some(st) = self.parts.get_mut(&p) else { return };
+        st.not_before = None;
+        if st.paused {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.cfg.kafka.usage_topic, p);
+            if self.consumer.resume(&tpl).is_ok() {
+                st.paused = false;
+            }
+        }
+    }
+
+    async fn process_batch(
+        &mut self,
+        p: i32,
+        msgs: Vec<OwnedMessage>,
+        replay: Option<PendingBatch>,
+    ) -> Result<(), StageError> {
+        let first = replay.map_or_else(|| msgs[0].offset(), |b| b.first);
+        let last = replay.map_or_else(|| msgs[msgs.len() - 1].offset(), |b| b.last);
+        let lookback = ChronoDuration::hours(self.cfg.pipeline.dedup_lookback_hours);
+
+        // Decode (Confluent ids are resolved through the registry first).
+        let mut decoded = Vec::with_capacity(msgs.len());
+        let mut newest: Option<DateTime<Utc>> = None;
+        for m in &msgs {
+            let ts = m.timestamp().to_millis().and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+            newest = newest.max(ts);
+            decoded.push(self.decode_one(m, ts, lookback).await?);
+        }
+
+        // 1. Dead letters, acknowledged before anything commits.
+        let poison: Vec<Poison<'_>> = msgs
+            .iter()
+            .zip(&decoded)
+            .filter_map(|(m, d)| match d {
+                Decoded::Poison { class, message } => Some(Poison {
+                    key: m.key(),
+                    payload: m.payload().unwrap_or_default(),
+                    headers: None,
+                    partition: p,
+                    offset: m.offset(),
+                    class,
+                    message,
+                }),
+                Decoded::Event(_) => None,
+            })
+            .collect();
+        let dead: Vec<DeadLetter> = poison
+            .iter()
+            .map(|x| DeadLetter {
+                partition: p,
+                offset: x.offset,
+                class: x.class.to_string(),
+                message: x.message.to_string(),
+            })
+            .collect();
+        if !poison.is_empty() {
+            let (dlq_topic, src) = (self.cfg.kafka.dlq_topic.clone(), self.cfg.kafka.usage_topic.clone());
+            let producer = self.dlq.clone();
+            let mut attempts = 0;
+            loop {
+                match dlq::send_all(&producer, &dlq_topic, &src, &poison).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_retryable() && attempts < self.cfg.pipeline.max_retries => {
+                        attempts += 1;
+                        self.metrics.add(&self.metrics.retries_total, 1);
+                        tracing::warn!(error = %e, "dead-letter send: retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * attempts as u64)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        drop(poison);
+
+        // In-batch duplicates: the first occurrence wins.
+        let mut seen_here: HashSet<uuid::Uuid> = HashSet::new();
+        let mut events: Vec<(UsageEvent, i64)> = Vec::new();
+        let mut dup_in_batch = 0u64;
+        for (m, d) in msgs.iter().zip(decoded) {
+            if let Decoded::Event(e) = d {
+                if seen_here.insert(e.event_id) {
+                    events.push((*e, m.offset()));
+                } else {
+                    dup_in_batch += 1;
+                }
+            }
+        }
+
+        // 2. Claim the range and the event ids.
+        let ids: Vec<(uuid::Uuid, DateTime<Utc>)> = events.iter().map(|(e, _)| (e.event_id, e.occurred_at)).collect();
+        let record_next = self.parts.get(&p).and_then(|s| s.record_next);
+        let ledger = self.ledger.clone();
+        let (batch, owned) = retry(&self.metrics, self.cfg.pipeline.max_retries, "claim", || {
+                let (ledger, ids) = (ledger.clone(), ids.clone());
+                Box::pin(async move {
+                    ledger.claim(p, first, last, record_next, replay.map(|b| b.batch_id), &ids).await
+                })
+            })
+            .await?;
+        if replay.is_some() {
+            self.metrics.add(&self.metrics.batches_replayed_total, 1);
+        }
+        let before = events.len();
+        events.retain(|(e, _)| owned.contains(&e.event_id));
+        let duplicates = dup_in_batch + (before - events.len()) as u64;
+
+        // Enrich against one reference snapshot; flag over-quota events.
+        let reference = self.reference.get();
+        let mut enriched: Vec<Enriched> =
+            events.into_iter().map(|(e, off)| enrich(e, &reference, self.tolerance, p, off)).collect();
+        self.flag_over_quota(&mut enriched, &reference).await?;
+
+        // 3. ClickHouse, checked first whenever an earlier attempt may have landed.
+        let ch = self.ch.clone();
+        let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
+        let mut attempt = 0u32;
+        let events_ref = &enriched;
+        let outcome = retry(&self.metrics, self.cfg.pipeline.max_retries, "clickhouse write", || {
+                let verify = replay.is_some() || attempt > 0;
+                attempt += 1;
+                let ch = ch.clone();
+                Box::pin(async move { ch.write_usage_batch(batch_id, events_ref, verify).await })
+            })
+            .await?;
+        self.metrics.add(&self.metrics.clickhouse_rows_written_total, outcome.rows_written);
+        self.metrics.add(&self.metrics.clickhouse_tables_skipped_total, u64::from(outcome.tables_skipped));
+
+        // 4. The single Postgres commit.
+        let tolerance = self.tolerance;
+        let reference_ref = &reference;
+        let dead_ref = &dead;
+        let committed = retry(&self.metrics, self.cfg.pipeline.max_retries, "commit", || {
+                let ledger = ledger.clone();
+                Box::pin(async move {
+                    match ledger.commit(p, batch, events_ref, reference_ref, dead_ref, newest, tolerance).await {
+                        Ok(o) => Ok(Some(o)),
+                        // A commit whose reply was lost may have landed: check.
+                        Err(e @ StageError::Retryable(_)) => match ledger.batch_done(batch.batch_id).await {
+                            Ok(true) => Ok(None),
+                            _ => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    }
+                })
+            })
+            .await?;
+        let violations = committed.map(|c| c.violations_new).unwrap_or(0);
+        if let Some(st) = self.parts.get_mut(&p) {
+            st.record_next = Some(last + 1);
+        }
+        let m = &self.metrics;
+        m.add(&m.batches_committed_total, 1);
+        m.add(&m.events_counted_total, enriched.len() as u64);
+        m.add(&m.events_duplicate_total, duplicates);
+        m.add(&m.dead_letters_total, dead.len() as u64);
+        m.add(&m.violations_raised_total, violations as u64);
+        tracing::debug!(
+            partition = p,
+            batch_id,
+            first,
+            last,
+            events = enriched.len(),
+            duplicates,
+            dead_letters = dead.len(),
+            violations,
+            replay = replay.is_some(),
+            "batch committed"
+        );
+        Ok(())
+    }
+
+    async fn decode_one(
+        &self,
+        m: &OwnedMessage,
+        ts: Option<DateTime<Utc>>,
+        lookback: ChronoDuration,
+    ) -> Result<Decoded, StageError> {
+        let payload = m.payload().unwrap_or_default();
+        if let Ok(WireFormat::Confluent { schema_id }) = tally_schemas::detect(payload) {
+            if !self.decoder.has_confluent_schema(schema_id) {
+                if let Some(reg) = &self.registry {
+                    let mut attempts = 0;
+                    loop {
+                        match reg.ensure(&self.decoder, schema_id).await {
+                            Ok(Lookup::Registered | Lookup::Unknown) => break,
+                            Err(e) if e.is_retryable() && attempts < self.cfg.pipeline.max_retries => {
+                                attempts += 1;
+                                self.metrics.add(&self.metrics.retries_total, 1);
+                                tracing::warn!(error = %e, schema_id, "schema registry: retrying");
+                                tokio::time::sleep(Duration::from_millis(250 * attempts as u64)).await;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(match self.decoder.decode::<UsageEvent>(payload) {
+            Ok(e) => {
+                let reference_time = ts.unwrap_or_else(Utc::now);
+                if e.occurred_at < reference_time - lookback {
+                    Decoded::Poison {
+                        class: "beyond_dedup_horizon",
+                        message: format!(
+                            "occurred_at {} is older than the dedup look-back ({} h) before the message time {}",
+                            e.occurred_at.to_rfc3339(),
+                            lookback.num_hours(),
+                            reference_time.to_rfc3339()
+                        ),
+                    }
+                } else {
+                    Decoded::Event(Box::new(e))
+                }
+            }
+            Err(e) => Decoded::Poison { class: e.class(), message: e.to_string() },
+        })
+    }
+
+    /// Marks events past their tenant's per-minute quota. Informational: the
+    /// quota violation itself is decided exactly in the commit.
+    async fn flag_over_quota(
+        &self,
+        events: &mut [Enriched],
+        reference: &crate::enrich::Reference,
+    ) -> Result<(), StageError> {
+        let keys: Vec<(String, DateTime<Utc>)> = events
+            .iter()
+            .filter(|e| reference.tenants.get(&e.event.tenant_id).is_some_and(|t| t.requests_per_minute.is_some() || t.tokens_per_minute.is_some()))
+            .map(|e| (e.event.tenant_id.clone(), bucket_start(e.event.occurred_at, Granularity::Minute)))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut counts = self.ledger.quota_usage(&keys).await?;
+        for e in events.iter_mut() {
+            let Some(t) = reference.tenants.get(&e.event.tenant_id) else { continue };
+            let key = (e.event.tenant_id.clone(), bucket_start(e.event.occurred_at, Granularity::Minute));
+            let c = counts.entry(key).or_insert((0, 0));
+            c.0 += 1;
+            c.1 += e.tokens().total();
+            e.over_quota = t.requests_per_minute.is_some_and(|l| c.0 > l) || t.tokens_per_minute.is_some_and(|l| c.1 > l);
+        }
+        Ok(())
+    }
+
+    /// Copies the offsets of record to Kafka for lag tooling (never read back).
+    fn commit_kafka_copy(&self) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, st) in &self.parts {
+            if let (true, Some(n)) = (st.owned, st.record_next) {
+                let _ = tpl.add_partition_offset(&self.cfg.kafka.usage_topic, *p, Offset::Offset(n));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "kafka offset copy failed (harmless)");
+            }
+        }
+    }
+}
+
+fn backoff(max_retries: usize) -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(max_retries)
+        .build()
+}
+
+/// Retries a Retryable step with exponential backoff (backon); anything else,
+/// or running out of retries, is returned (the latter as Fatal).
+async fn retry<T, F, Fut>(metrics: &Metrics, max_retries: usize, what: &'static str, mut f: F) -> Result<T, StageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StageError>>,
+{
+    let mut delays = backoff(max_retries);
+    loop {
+        match f().await {
+            Err(e) if e.is_retryable() => match delays.next() {
+                Some(d) => {
+                    tracing::warn!(step = what, error = %e, delay_ms = d.as_millis() as u64, "retrying");
+                    metrics.add(&metrics.retries_total, 1);
+                    tokio::time::sleep(d).await;
+                }
+                None => return Err(StageError::Fatal(format!("{what}: gave up after {max_retries} retries: {e}"))),
+            },
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# End-to-end demo against the local services (make demo runs up + build first):
+# migrate, seed, run the pipeline in the background, generate ~25 s of traffic
+# (duplicates, late and malformed events included), wait until it caught up, stop, report.
+#   TALLY_BIN: tally binary (default $CARGO_TARGET_DIR/debug/tally)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=common.sh
+source "$here/common.sh"
+# shellcheck source=env.sh
+source "$here/env.sh"
+
+TALLY_BIN="${TALLY_BIN:-${CARGO_TARGET_DIR:-$CACHE/target}/debug/tally}"
+[[ -x "$TALLY_BIN" ]] || die "tally binary not found at $TALLY_BIN (run: make build, or set TALLY_BIN)"
+RUN_LOG="$LOGS/demo-run.log"
+
+run_pid=""
+stop_run() {
+  [[ -n "$run_pid" ]] || return 0
+  if kill -0 "$run_pid" 2>/dev/null; then
+    log "stopping tally run (pid $run_pid) with SIGTERM"
+    kill -TERM "$run_pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 40))
+    while kill -0 "$run_pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+    if kill -0 "$run_pid" 2>/dev/null; then
+      warn "tally run did not stop within 40 s; sending SIGKILL"
+      kill -KILL "$run_pid" 2>/dev/null || true
+    fi
+  fi
+  local rc=0
+  wait "$run_pid" 2>/dev/null || rc=$?
+  run_pid=""
+  return "$rc"
+}
+trap 'stop_run || true' EXIT
+trap 'exit 130' INT TERM
+
+log "tally migrate"
+"$TALLY_BIN" migrate
+log "tally seed"
+"$TALLY_BIN" seed
+
+log "starting tally run in the background (log: $RUN_LOG)"
+: >"$RUN_LOG"
+"$TALLY_BIN" run >>"$RUN_LOG" 2>&1 &
+run_pid=$!
+sleep 1
+kill -0 "$run_pid" 2>/dev/null || { tail -n 30 "$RUN_LOG" >&2; die "tally run exited at once"; }
+
+log "tally gen: 60000 events at 2500/s (~25 s), mixed encodings, 2% duplicates, 2% late, 0.5% malformed"
+"$TALLY_BIN" gen --count 60000 --rate 2500 --encoding mixed --duplicates 0.02 --late 0.02 --malformed 0.005
+
+log "waiting for the pipeline to catch up"
+"$TALLY_BIN" wait-idle --timeout 60
+
+rc=0
+stop_run || rc=$?
+if ((rc != 0)); then
+  warn "tally run exited with status $rc (log: $RUN_LOG)"
+fi
+
+log "tally report"
+"$TALLY_BIN" report
+exit "$rc"

@@ -153,7 +153,7 @@ impl Pipeline {
         let registry = (!cfg.registry.url.is_empty())
             .then(|| RegistryClient::new(&cfg.registry.url, Duration::from_millis(cfg.registry.timeout_ms)));
         let rate = NonZeroU32::new(cfg.pipeline.fairness_events_per_sec).unwrap_or(NonZeroU32::MIN);
-        let lock_conn = sqlx::PgConnection::connect(&cfg.postgres.url)
+        let lock_conn = sqlx::PgConnection::connect_with(&crate::runner::pg_options(&cfg)?)
             .await
             .map_err(|e| crate::errors::classify_pg("advisory lock connection", e))?;
         Ok(Self {
@@ -271,7 +271,7 @@ impl Pipeline {
             Err(e) => {
                 // The lock connection died (Postgres restart): every lock is gone.
                 tracing::warn!(error = %e, "advisory lock connection lost; reconnecting");
-                self.lock_conn = sqlx::PgConnection::connect(&self.cfg.postgres.url)
+                self.lock_conn = sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?)
                     .await
                     .map_err(|e| crate::errors::classify_pg("advisory lock reconnect", e))?;
                 for st in self.parts.values_mut() {

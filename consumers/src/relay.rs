@@ -19,6 +19,7 @@ use rust_decimal::Decimal;
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, Row};
 use std::collections::HashSet;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tally_schemas::{encode_json, ComplianceViolation, Severity};
@@ -71,7 +72,9 @@ async fn relay_while_leader(
 ) -> Result<(), StageError> {
     // The advisory lock lives as long as this connection: a crashed leader's
     // lock is released by Postgres when its connection drops.
-    let mut lock_conn = sqlx::PgConnection::connect(&cfg.postgres_url).await.map_err(pg("relay lock connect"))?;
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&cfg.postgres_url)
+        .map_err(|e| StageError::Fatal(format!("config key `postgres.url`: {e}")))?;
+    let mut lock_conn = sqlx::PgConnection::connect_with(&opts).await.map_err(pg("relay lock connect"))?;
     loop {
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('tally-relay:' || $1))")
             .bind(&cfg.topic)

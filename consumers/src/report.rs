@@ -18,7 +18,7 @@ struct SpendRow {
     model: String,
     requests: u64,
     tokens: u64,
-    cost: String,
+    total_cost: String,
 }
 
 pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
@@ -30,14 +30,14 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
     let sql = format!(
         "SELECT tenant_id, provider, model, sum(requests) AS requests, \
          sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens + reasoning_tokens) AS tokens, \
-         toString(sum(cost)) AS cost FROM {}.usage_1d GROUP BY tenant_id, provider, model \
+         toString(sum(cost)) AS total_cost FROM {}.usage_1d GROUP BY tenant_id, provider, model \
          ORDER BY sum(cost) DESC, tenant_id, provider, model LIMIT 15",
         cfg.clickhouse.database
     );
     let rows: Vec<SpendRow> =
         ch.client().query(&sql).fetch_all().await.map_err(|e| classify_ch("report spend", e))?;
     for r in rows {
-        let cost: Decimal = r.cost.parse().unwrap_or_default();
+        let cost: Decimal = r.total_cost.parse().unwrap_or_default();
         out.push_str(&format!(
             "{:<12} {:<10} {:<18} {:>9} {:>12} {:>16}\n",
             r.tenant_id, r.provider, r.model, r.requests, r.tokens, cost.round_dp(6)

@@ -94,8 +94,14 @@ fn map_decimals(v: Value, f: &impl Fn(Vec<u8>) -> Vec<u8>) -> Value {
                 .map(|(n, x)| (n, map_decimals(x, f)))
                 .collect(),
         ),
-        Value::Array(items) => Value::Array(items.into_iter().map(|x| map_decimals(x, f)).collect()),
-        Value::Map(m) => Value::Map(m.into_iter().map(|(k, x)| (k, map_decimals(x, f))).collect()),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(|x| map_decimals(x, f)).collect())
+        }
+        Value::Map(m) => Value::Map(
+            m.into_iter()
+                .map(|(k, x)| (k, map_decimals(x, f)))
+                .collect(),
+        ),
         other => other,
     }
 }
@@ -422,7 +428,10 @@ impl AvroRecord for PolicyDecision {
             &self.tags,
         );
         f.extend([
-            ("decision_id".into(), Value::String(self.decision_id.clone())),
+            (
+                "decision_id".into(),
+                Value::String(self.decision_id.clone()),
+            ),
             ("request_id".into(), Value::String(self.request_id.clone())),
             ("policy_id".into(), Value::String(self.policy_id.clone())),
             (
@@ -494,7 +503,10 @@ impl AvroRecord for AuditEvent {
                 "resource_type".into(),
                 Value::String(self.resource_type.clone()),
             ),
-            ("resource_id".into(), Value::String(self.resource_id.clone())),
+            (
+                "resource_id".into(),
+                Value::String(self.resource_id.clone()),
+            ),
             (
                 "outcome".into(),
                 Value::Enum(self.outcome.index(), self.outcome.as_str().into()),
@@ -542,7 +554,10 @@ impl AvroRecord for ComplianceViolation {
                 Value::Enum(self.severity.index(), self.severity.as_str().into()),
             ),
             ("tenant_id".into(), Value::String(self.tenant_id.clone())),
-            ("subject_type".into(), Value::String(self.subject_type.clone())),
+            (
+                "subject_type".into(),
+                Value::String(self.subject_type.clone()),
+            ),
             ("subject_id".into(), Value::String(self.subject_id.clone())),
             ("window_start".into(), ts_value(&self.window_start)),
             ("window_end".into(), ts_value(&self.window_end)),

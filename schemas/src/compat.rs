@@ -28,10 +28,14 @@ pub fn can_read(writer_text: &str, reader_text: &str) -> Result<(), String> {
         };
         {
             if ws != rs {
-                return Err(format!("decimal `{field}`: scale changed from {ws} to {rs}"));
+                return Err(format!(
+                    "decimal `{field}`: scale changed from {ws} to {rs}"
+                ));
             }
             if rp < wp {
-                return Err(format!("decimal `{field}`: precision narrowed from {wp} to {rp}"));
+                return Err(format!(
+                    "decimal `{field}`: precision narrowed from {wp} to {rp}"
+                ));
             }
         }
     }
@@ -125,7 +129,9 @@ mod tests {
 
     #[test]
     fn decimals_are_checked_by_hand() {
-        let d = |p, s| format!(r#"{{"type":"bytes","logicalType":"decimal","precision":{p},"scale":{s}}}"#);
+        let d = |p, s| {
+            format!(r#"{{"type":"bytes","logicalType":"decimal","precision":{p},"scale":{s}}}"#)
+        };
         assert!(can_read(&rec(&d(18, 9)), &rec(&d(18, 9))).is_ok());
         assert!(can_read(&rec(&d(18, 9)), &rec(&d(28, 9))).is_ok());
         assert!(can_read(&rec(&d(28, 9)), &rec(&d(18, 9))).is_err());

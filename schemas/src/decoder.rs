@@ -148,7 +148,12 @@ impl Decoder {
                 }
             }
         }
-        decode_with_values::<T>(&writer.schema, writer.current_of == Some(T::SUBJECT), reader, body)
+        decode_with_values::<T>(
+            &writer.schema,
+            writer.current_of == Some(T::SUBJECT),
+            reader,
+            body,
+        )
     }
 }
 
@@ -183,16 +188,17 @@ fn decode_with_values<T: Event>(
         rest: body,
         hit_eof: false,
     };
-    let value = apache_avro::from_avro_datum(writer, &mut cursor, None)
-        .map_err(|e| from_avro_decode_error(e, body.len()))?;
+    let decoded = apache_avro::from_avro_datum(writer, &mut cursor, None);
     if cursor.hit_eof {
-        // apache_avro reads a union index cut off by the end of input as
-        // `null`; a short body is still a truncated one.
+        // Running out of bytes wins over whatever apache_avro made of it: it
+        // reads a union index cut off by the end of input as `null`, and
+        // reports some short reads as type errors.
         return Err(DecodeError::Truncated {
             what: "avro body",
             offset: body.len(),
         });
     }
+    let value = decoded.map_err(|e| from_avro_decode_error(e, body.len()))?;
     if !cursor.rest.is_empty() {
         return Err(DecodeError::Avro(format!(
             "{} trailing bytes after the record",

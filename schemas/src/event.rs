@@ -242,10 +242,19 @@ mod tests {
         assert_eq!(class(&|e| e.model = "m".repeat(257)), Some("absurd_value"));
         assert_eq!(class(&|e| e.model = "m".repeat(256)), None);
         assert_eq!(class(&|e| e.output_tokens = -1), Some("negative_value"));
-        assert_eq!(class(&|e| e.input_tokens = MAX_TOKENS + 1), Some("absurd_value"));
+        assert_eq!(
+            class(&|e| e.input_tokens = MAX_TOKENS + 1),
+            Some("absurd_value")
+        );
         assert_eq!(class(&|e| e.latency_ms = MAX_MS + 1), Some("absurd_value"));
-        assert_eq!(class(&|e| e.currency = "usd".into()), Some("invalid_currency"));
-        assert_eq!(class(&|e| e.currency = "EURO".into()), Some("invalid_currency"));
+        assert_eq!(
+            class(&|e| e.currency = "usd".into()),
+            Some("invalid_currency")
+        );
+        assert_eq!(
+            class(&|e| e.currency = "EURO".into()),
+            Some("invalid_currency")
+        );
         assert_eq!(
             class(&|e| e.reported_cost = Some(Decimal::new(-1, 2))),
             Some("negative_value")

@@ -61,12 +61,13 @@ impl<'a> Reader<'a> {
                 return Err(self.truncated());
             };
             self.pos += 1;
-            if shift == 63 && b > 1 {
-                return Err(DecodeError::Avro("varint overflows a long".into()));
-            }
+            // Like apache_avro: at most 10 bytes, excess high bits dropped.
             z |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 break;
+            }
+            if shift == 63 {
+                return Err(DecodeError::Avro("varint longer than 10 bytes".into()));
             }
             shift += 7;
         }
@@ -148,8 +149,13 @@ impl<'a> Reader<'a> {
 pub(crate) fn decode_usage(layout: FastLayout, body: &[u8]) -> Result<UsageEvent, DecodeError> {
     let mut r = Reader::new(body);
     let id = r.bytes()?;
-    let event_id =
-        Uuid::try_parse_ascii(id).map_err(|e| DecodeError::InvalidUuid(format!("event_id: {e}")))?;
+    // Like apache_avro, a 16-byte value is taken as the raw UUID bytes.
+    let event_id = if id.len() == 16 {
+        Uuid::from_slice(id)
+    } else {
+        Uuid::try_parse_ascii(id)
+    }
+    .map_err(|e| DecodeError::InvalidUuid(format!("event_id: {e}")))?;
     let micros = r.long()?;
     let occurred_at = DateTime::from_timestamp_micros(micros)
         .ok_or_else(|| DecodeError::InvalidTimestamp(format!("occurred_at: {micros} µs")))?;
@@ -300,14 +306,25 @@ mod tests {
 
     #[test]
     fn longs_round_trip() {
-        for n in [0, 1, -1, 63, -64, 64, 300, i64::MAX, i64::MIN, -1234567890123] {
+        for n in [
+            0,
+            1,
+            -1,
+            63,
+            -64,
+            64,
+            300,
+            i64::MAX,
+            i64::MIN,
+            -1234567890123,
+        ] {
             let mut out = Vec::new();
             put_long(&mut out, n);
             let mut r = Reader::new(&out);
             assert_eq!(r.long().unwrap(), n);
             assert!(r.is_done());
         }
-        let mut r = Reader::new(&[0xff; 11]);
+        let mut r = Reader::new(&[0xff; 10]);
         assert_eq!(r.long().unwrap_err().class(), "avro");
         let mut r = Reader::new(&[0x80]);
         assert_eq!(r.long().unwrap_err().class(), "truncated");

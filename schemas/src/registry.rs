@@ -108,7 +108,9 @@ pub fn parsing_canonical_form(schema: &Schema) -> String {
 
 fn write_pcf(v: &serde_json::Value, out: &mut String) {
     use serde_json::Value;
-    const KEYS: [&str; 7] = ["name", "type", "fields", "symbols", "items", "values", "size"];
+    const KEYS: [&str; 7] = [
+        "name", "type", "fields", "symbols", "items", "values", "size",
+    ];
     match v {
         Value::Object(map) => {
             let kept: Vec<(&str, &Value)> = KEYS

@@ -119,7 +119,8 @@ pub fn encode_avro_body_with<T: Event>(e: &T, writer: &Schema) -> Result<Vec<u8>
     let value = widen_decimals(e.to_avro_value())
         .resolve(writer)
         .map_err(|err| DecodeError::SchemaMismatch(err.to_string()))?;
-    apache_avro::to_avro_datum(writer, narrow_decimals(value)).map_err(|err| DecodeError::Avro(err.to_string()))
+    apache_avro::to_avro_datum(writer, narrow_decimals(value))
+        .map_err(|err| DecodeError::Avro(err.to_string()))
 }
 
 /// Single-object encoding of `e` with the given writer schema text (for
@@ -128,7 +129,8 @@ pub fn encode_single_object_with<T: Event>(
     e: &T,
     schema_text: &str,
 ) -> Result<Vec<u8>, DecodeError> {
-    let writer = Schema::parse_str(schema_text).map_err(|err| DecodeError::Avro(err.to_string()))?;
+    let writer =
+        Schema::parse_str(schema_text).map_err(|err| DecodeError::Avro(err.to_string()))?;
     let body = encode_avro_body_with(e, &writer)?;
     let mut out = Vec::with_capacity(SINGLE_OBJECT_HEADER_LEN + body.len());
     out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
@@ -144,7 +146,8 @@ pub fn encode_confluent_with<T: Event>(
     schema_id: u32,
     schema_text: &str,
 ) -> Result<Vec<u8>, DecodeError> {
-    let writer = Schema::parse_str(schema_text).map_err(|err| DecodeError::Avro(err.to_string()))?;
+    let writer =
+        Schema::parse_str(schema_text).map_err(|err| DecodeError::Avro(err.to_string()))?;
     let body = encode_avro_body_with(e, &writer)?;
     let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + body.len());
     out.push(CONFLUENT_MAGIC);

@@ -4,8 +4,7 @@ use std::collections::BTreeSet;
 use tally_schemas::*;
 
 fn json_with(f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Vec<u8> {
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&encode_json(&sample_usage())).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&encode_json(&sample_usage())).unwrap();
     f(v.as_object_mut().unwrap());
     serde_json::to_vec(&v).unwrap()
 }
@@ -114,7 +113,10 @@ fn schema_mismatch() {
         }
     }
     body.extend(apache_avro::to_avro_datum(&schema, value).unwrap());
-    assert_eq!(d.decode::<UsageEvent>(&body).unwrap_err().class(), "schema_mismatch");
+    assert_eq!(
+        d.decode::<UsageEvent>(&body).unwrap_err().class(),
+        "schema_mismatch"
+    );
 }
 
 #[test]
@@ -127,7 +129,10 @@ fn invalid_utf8() {
     );
     assert_eq!(class(&bytes), "invalid_utf8");
     let slow = Decoder::new().without_fast_path();
-    assert_eq!(slow.decode::<UsageEvent>(&bytes).unwrap_err().class(), "invalid_utf8");
+    assert_eq!(
+        slow.decode::<UsageEvent>(&bytes).unwrap_err().class(),
+        "invalid_utf8"
+    );
     // And in JSON.
     let json = patch(encode_json(&sample_usage()), b"gateway", b"gat\xffway");
     assert_eq!(class(&json), "invalid_utf8");
@@ -136,9 +141,12 @@ fn invalid_utf8() {
 #[test]
 fn invalid_json() {
     assert_eq!(class(b"{\"event_id\": "), "invalid_json");
-    assert_eq!(class(&json_with(|o| {
-        o.insert("input_tokens".into(), "many".into());
-    })), "invalid_json");
+    assert_eq!(
+        class(&json_with(|o| {
+            o.insert("input_tokens".into(), "many".into());
+        })),
+        "invalid_json"
+    );
 }
 
 #[test]
@@ -165,7 +173,10 @@ fn invalid_uuid() {
     );
     assert_eq!(class(&avro), "invalid_uuid");
     let slow = Decoder::new().without_fast_path();
-    assert_eq!(slow.decode::<UsageEvent>(&avro).unwrap_err().class(), "invalid_uuid");
+    assert_eq!(
+        slow.decode::<UsageEvent>(&avro).unwrap_err().class(),
+        "invalid_uuid"
+    );
 }
 
 #[test]
@@ -207,7 +218,10 @@ fn unknown_enum_symbol() {
 
 #[test]
 fn negative_value() {
-    assert_eq!(class(&avro_with(|e| e.output_tokens = -5)), "negative_value");
+    assert_eq!(
+        class(&avro_with(|e| e.output_tokens = -5)),
+        "negative_value"
+    );
     assert_eq!(
         class(&json_with(|o| {
             o.insert("reported_cost".into(), "-0.01".into());
@@ -222,8 +236,14 @@ fn absurd_value() {
         class(&avro_with(|e| e.input_tokens = 100_000_001)),
         "absurd_value"
     );
-    assert_eq!(class(&avro_with(|e| e.latency_ms = 86_400_001)), "absurd_value");
-    assert_eq!(class(&avro_with(|e| e.model = "x".repeat(300))), "absurd_value");
+    assert_eq!(
+        class(&avro_with(|e| e.latency_ms = 86_400_001)),
+        "absurd_value"
+    );
+    assert_eq!(
+        class(&avro_with(|e| e.model = "x".repeat(300))),
+        "absurd_value"
+    );
 }
 
 #[test]
@@ -239,7 +259,10 @@ fn empty_field() {
 
 #[test]
 fn invalid_currency() {
-    assert_eq!(class(&avro_with(|e| e.currency = "usd".into())), "invalid_currency");
+    assert_eq!(
+        class(&avro_with(|e| e.currency = "usd".into())),
+        "invalid_currency"
+    );
 }
 
 #[test]
@@ -267,7 +290,10 @@ fn invalid_decimal() {
     out.extend_from_slice(&bytes[at + 2..]);
     assert_eq!(class(&out), "invalid_decimal");
     let slow = Decoder::new().without_fast_path();
-    assert_eq!(slow.decode::<UsageEvent>(&out).unwrap_err().class(), "invalid_decimal");
+    assert_eq!(
+        slow.decode::<UsageEvent>(&out).unwrap_err().class(),
+        "invalid_decimal"
+    );
 }
 
 #[test]
@@ -276,7 +302,10 @@ fn avro() {
     bytes.extend_from_slice(b"garbage");
     assert_eq!(class(&bytes), "avro");
     let slow = Decoder::new().without_fast_path();
-    assert_eq!(slow.decode::<UsageEvent>(&bytes).unwrap_err().class(), "avro");
+    assert_eq!(
+        slow.decode::<UsageEvent>(&bytes).unwrap_err().class(),
+        "avro"
+    );
     assert_eq!(
         Decoder::new()
             .register_confluent_schema(1, "{not a schema")

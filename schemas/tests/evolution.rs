@@ -22,9 +22,8 @@ fn every_history_is_backward_compatible_step_by_step() {
             let (new_v, new) = pair[1];
             assert_eq!(new_v, old_v + 1, "{subject}: versions must be consecutive");
             // The new reader reads data written with the old writer.
-            compat::can_read(old, new).unwrap_or_else(|e| {
-                panic!("{subject} v{new_v} cannot read v{old_v}: {e}")
-            });
+            compat::can_read(old, new)
+                .unwrap_or_else(|e| panic!("{subject} v{new_v} cannot read v{old_v}: {e}"));
             // apache_avro's checker alone, on everything but decimal fields.
             if !old.contains("decimal") {
                 SchemaCompatibility::can_read(&parse(old), &parse(new)).unwrap();
@@ -36,7 +35,10 @@ fn every_history_is_backward_compatible_step_by_step() {
     compat::can_read(h[1].1, h[0].1).unwrap();
     // A change that drops a required field's default-less addition is caught.
     let mut bad: serde_json::Value = serde_json::from_str(h[1].1).unwrap();
-    bad["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "x", "type": "long"}));
+    bad["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "x", "type": "long"}));
     assert!(compat::can_read(h[1].1, &bad.to_string()).is_err());
 }
 
@@ -49,7 +51,13 @@ fn v1_writer_decodes_with_region_none_single_object() {
     for d in [Decoder::new(), Decoder::new().without_fast_path()] {
         let back: UsageEvent = d.decode(&bytes).unwrap();
         assert_eq!(back.region, None);
-        assert_eq!(back, UsageEvent { region: None, ..e.clone() });
+        assert_eq!(
+            back,
+            UsageEvent {
+                region: None,
+                ..e.clone()
+            }
+        );
     }
 }
 
@@ -71,7 +79,10 @@ fn v2_writer_region_is_decoded_and_v1_readers_ignore_it() {
     e.reported_cost = None;
     let d = Decoder::new();
     let so = encode_single_object(&e);
-    assert_eq!(d.decode::<UsageEvent>(&so).unwrap().region.as_deref(), Some("us-east-1"));
+    assert_eq!(
+        d.decode::<UsageEvent>(&so).unwrap().region.as_deref(),
+        Some("us-east-1")
+    );
     d.register_confluent_schema(2, current_schema_text("llm.usage.v1").unwrap())
         .unwrap();
     let cf = encode_confluent(&e, 2);
@@ -96,9 +107,12 @@ fn unknown_registry_schema_goes_through_resolution() {
     // layout, so the decoder resolves it against the current reader schema.
     let mut future: serde_json::Value =
         serde_json::from_str(current_schema_text("llm.usage.v1").unwrap()).unwrap();
-    future["fields"].as_array_mut().unwrap().push(serde_json::json!(
-        {"name": "future_field", "type": "string", "default": "x"}
-    ));
+    future["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+            {"name": "future_field", "type": "string", "default": "x"}
+        ));
     future["doc"] = "changed".into();
     let text = future.to_string();
     let d = Decoder::new();

@@ -85,8 +85,7 @@ fn json_shape_is_the_contract() {
 #[test]
 fn json_input_is_lenient_where_promised() {
     let d = Decoder::new();
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&encode_json(&sample_usage())).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&encode_json(&sample_usage())).unwrap();
     let o = v.as_object_mut().unwrap();
     o.remove("team_id");
     o.remove("tags");

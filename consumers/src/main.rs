@@ -62,6 +62,17 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Measure produce, raw consume and end-to-end throughput on fresh topics; writes BENCHMARKS.md.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Steady-state phase: events per second (0 skips the phase).
+        #[arg(long, default_value_t = 20_000)]
+        steady_rate: u64,
+        /// Steady-state phase: seconds of production.
+        #[arg(long, default_value_t = 15)]
+        steady_secs: u64,
+    },
 }
 
 /// The demo world's price change: the start of the previous hour, so the
@@ -202,6 +213,9 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 bail!("the pipeline did not catch up within {timeout} s");
             }
             println!("caught up");
+        }
+        Command::Bench { count, steady_rate, steady_secs } => {
+            tally::bench::run(&cfg, &tally::bench::BenchOpts { count, steady_rate, steady_secs }).await?;
         }
     }
     Ok(())

@@ -131,13 +131,12 @@ impl Decoder {
     }
 
     fn decode_avro<T: Event>(&self, writer: &Writer, body: &[u8]) -> Result<T, DecodeError> {
-        let reader = &Registry::get().current(T::SUBJECT).schema;
-        let reader_name = record_name(reader);
-        if writer.name != reader_name {
+        let reader = Registry::get().current(T::SUBJECT);
+        if writer.name != reader.name {
             return Err(DecodeError::SchemaMismatch(format!(
                 "writer record {:?} cannot be read as {:?} ({})",
                 writer.name,
-                reader_name,
+                reader.name,
                 T::SUBJECT
             )));
         }
@@ -151,7 +150,7 @@ impl Decoder {
         decode_with_values::<T>(
             &writer.schema,
             writer.current_of == Some(T::SUBJECT),
-            reader,
+            &reader.schema,
             body,
         )
     }

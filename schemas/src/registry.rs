@@ -190,6 +190,8 @@ pub(crate) struct Bundled {
     pub schema: Schema,
     pub fingerprint: u64,
     pub strict: String,
+    /// Full record name, e.g. `tally.LlmUsage`.
+    pub name: Option<String>,
 }
 
 /// All bundled schemas, parsed once per process.
@@ -214,6 +216,7 @@ impl Registry {
                     version,
                     fingerprint: rabin_fingerprint(&schema),
                     strict: strict_key(&schema),
+                    name: record_name(&schema),
                     schema,
                 });
                 current.insert(subject, b.clone());

@@ -1,1 +1,523 @@
+//! Shared support for tally's integration tests: every test talks to the real
+//! broker, ClickHouse and Postgres started by `deploy/local/up.sh`, and gets its
+//! own Postgres database, ClickHouse database and topics, so tests can run in
+//! parallel and re-run without cleaning up.
 
+use anyhow::{bail, Context};
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+use tally::config::Config;
+use tally_producers::{GenKind, GenMessage, World};
+use tally_schemas::UsageEvent;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+static UP: Once = Once::new();
+
+/// Starts the local services (idempotent, seconds when already running).
+pub fn services_up() {
+    UP.call_once(|| {
+        let status = Command::new("bash")
+            .arg(repo_root().join("deploy/local/up.sh"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("run deploy/local/up.sh");
+        assert!(status.success(), "deploy/local/up.sh failed");
+    });
+}
+
+/// One test's isolated namespace on the shared servers.
+pub struct TestEnv {
+    pub name: String,
+    pub cfg: Config,
+    pub env: Vec<(String, String)>,
+    pub pool: PgPool,
+}
+
+fn admin_pg_url() -> String {
+    std::env::var("TALLY__POSTGRES__URL").unwrap_or_else(|_| "postgres://tally@127.0.0.1:5432/tally".into())
+}
+
+/// Creates fresh databases and topics named after `name` and a unique suffix.
+pub async fn test_env(name: &str, partitions: i32, extra: &[(&str, &str)]) -> anyhow::Result<TestEnv> {
+    services_up();
+    let suffix = format!("{}_{}", std::process::id(), Utc::now().timestamp_millis() % 100_000_000);
+    let db = format!("tally_t_{name}_{suffix}");
+    let admin = PgPool::connect(&admin_pg_url()).await.context("connect admin postgres")?;
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.context("create test database")?;
+    admin.close().await;
+    let base = admin_pg_url();
+    let pg_url = match base.rsplit_once('/') {
+        Some((head, _)) => format!("{head}/{db}"),
+        None => bail!("bad postgres url {base}"),
+    };
+    let topic = format!("t.{name}.{suffix}.usage");
+    let mut env: Vec<(String, String)> = vec![
+        ("TALLY__POSTGRES__URL".into(), pg_url),
+        ("TALLY__CLICKHOUSE__DATABASE".into(), db.clone()),
+        ("TALLY__KAFKA__USAGE_TOPIC".into(), topic.clone()),
+        ("TALLY__KAFKA__DLQ_TOPIC".into(), format!("{topic}.dlq")),
+        ("TALLY__KAFKA__VIOLATION_TOPIC".into(), format!("t.{name}.{suffix}.violations")),
+        ("TALLY__KAFKA__GROUP_ID".into(), format!("g-{name}-{suffix}")),
+        ("TALLY__KAFKA__USAGE_PARTITIONS".into(), partitions.to_string()),
+        ("TALLY__SERVER__LISTEN".into(), String::new()),
+        ("TALLY__PIPELINE__BATCH_LINGER_MS".into(), "200".into()),
+    ];
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    for key in ["TALLY__KAFKA__BROKERS", "TALLY__CLICKHOUSE__URL"] {
+        if let Ok(v) = std::env::var(key) {
+            env.push((key.into(), v));
+        }
+    }
+    let cfg = Config::load_from(None, &env).context("test config")?;
+    let pool = tally::runner::connect_pg(&cfg).await?;
+    tally::migrate::postgres(&pool).await?;
+    tally::migrate::clickhouse(&cfg).await?;
+    tally::migrate::topics(&cfg).await?;
+    Ok(TestEnv { name: name.into(), cfg, env, pool })
+}
+
+impl TestEnv {
+    pub async fn seed(&self, world: &World) -> anyhow::Result<()> {
+        tally::seed::seed(&self.pool, world).await?;
+        Ok(())
+    }
+
+    /// Sum of the offsets of record over all partitions (= messages handled on a fresh topic).
+    pub async fn handled(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2",
+        )
+        .bind(&self.cfg.kafka.group_id)
+        .bind(&self.cfg.kafka.usage_topic)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Waits until `n` messages are handled, no batch is pending and the outbox is empty.
+    pub async fn wait_handled(&self, n: i64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let handled = self.handled().await?;
+            let busy: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM tally.batches WHERE state = 'pending') + \
+                 (SELECT count(*) FROM tally.violations WHERE published_at IS NULL)",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            if handled >= n && busy == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out: handled {handled} of {n}, {busy} pending batches/unpublished violations");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Starts `tally run` as a child process in this test's namespace.
+    pub fn spawn_tally(&self, log_name: &str) -> anyhow::Result<Child> {
+        let bin = tally_binary()?;
+        let log_dir = repo_root().join(".local/logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let log = std::fs::File::create(log_dir.join(format!("{}-{log_name}.log", self.name)))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("run").stdout(Stdio::null()).stderr(log).env("TALLY_LOG", "info");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        Ok(cmd.spawn()?)
+    }
+
+    pub fn ch(&self) -> tally::sink_clickhouse::ClickHouseSink {
+        tally::sink_clickhouse::ClickHouseSink::new(&self.cfg.clickhouse)
+    }
+}
+
+/// The `tally` binary next to the test executable (built by `cargo build`).
+pub fn tally_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("tally");
+    if !bin.exists() {
+        bail!("{} not found: run `cargo build -p tally` first (make test does)", bin.display());
+    }
+    Ok(bin)
+}
+
+pub fn kill9(child: &mut Child) {
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+pub fn terminate(child: &mut Child, within: Duration) -> anyhow::Result<()> {
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("tally run exited with {status} after SIGTERM");
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            kill9(child);
+            bail!("tally run did not stop within {within:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Totals per (tenant, team, provider, model, day), computed without tally's code.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sums {
+    pub requests: i64,
+    pub input: i64,
+    pub cached_input: i64,
+    pub cache_write: i64,
+    pub output: i64,
+    pub reasoning: i64,
+    pub cost: Decimal,
+}
+
+pub type Key = (String, String, String, String, NaiveDate);
+
+pub struct Expected {
+    pub totals: BTreeMap<Key, Sums>,
+    pub events: Vec<UsageEvent>,
+    pub malformed: BTreeMap<&'static str, usize>,
+    pub messages: usize,
+}
+
+/// What tally must end up with, from the generator's own record of what it sent.
+pub fn expected(msgs: &[GenMessage], world: &World) -> Expected {
+    let mut totals: BTreeMap<Key, Sums> = BTreeMap::new();
+    let mut events = Vec::new();
+    let mut malformed: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for m in msgs {
+        match (&m.kind, &m.event) {
+            (GenKind::Malformed { class }, _) => *malformed.entry(*class).or_default() += 1,
+            (_, Some(e)) => {
+                if !seen.insert(e.event_id) {
+                    continue;
+                }
+                let key = (
+                    e.tenant_id.clone(),
+                    e.team_id.clone().unwrap_or_default(),
+                    e.provider.clone(),
+                    e.model.clone(),
+                    e.occurred_at.date_naive(),
+                );
+                let s = totals.entry(key).or_default();
+                s.requests += 1;
+                s.input += e.input_tokens;
+                s.cached_input += e.cached_input_tokens;
+                s.cache_write += e.cache_write_tokens;
+                s.output += e.output_tokens;
+                s.reasoning += e.reasoning_tokens;
+                if let Some(p) = world.price_at(&e.provider, &e.model, e.occurred_at) {
+                    s.cost += p.cost(
+                        e.input_tokens,
+                        e.cached_input_tokens,
+                        e.cache_write_tokens,
+                        e.output_tokens,
+                        e.reasoning_tokens,
+                    );
+                }
+                events.push(e.clone());
+            }
+            _ => {}
+        }
+    }
+    Expected { totals, events, malformed, messages: msgs.len() }
+}
+
+/// Totals from Postgres `spend_daily`.
+pub async fn pg_totals(pool: &PgPool) -> anyhow::Result<BTreeMap<Key, Sums>> {
+    let rows = sqlx::query(
+        "SELECT tenant_id, team_id, provider, model, day, requests, input_tokens, cached_input_tokens, \
+         cache_write_tokens, output_tokens, reasoning_tokens, cost FROM tally.spend_daily",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        out.insert(
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)),
+            Sums {
+                requests: r.get(5),
+                input: r.get(6),
+                cached_input: r.get(7),
+                cache_write: r.get(8),
+                output: r.get(9),
+                reasoning: r.get(10),
+                cost: r.get::<Decimal, _>(11).normalize(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Totals from a ClickHouse table by (tenant, team, provider, model, day).
+/// `usage_events` counts rows; rollups sum `requests`.
+pub async fn ch_totals(env: &TestEnv, table: &str) -> anyhow::Result<BTreeMap<Key, Sums>> {
+    let (time_col, requests) = if table == "usage_events" { ("occurred_at", "count()") } else { ("bucket", "sum(requests)") };
+    let sql = format!(
+        "SELECT tenant_id, team_id, provider, model, toString(toDate({time_col})) AS day, toInt64({requests}) AS requests, \
+         toInt64(sum(input_tokens)) AS i, toInt64(sum(cached_input_tokens)) AS ci, toInt64(sum(cache_write_tokens)) AS cw, \
+         toInt64(sum(output_tokens)) AS o, toInt64(sum(reasoning_tokens)) AS r, toString(sum(cost)) AS cost \
+         FROM {}.{table} GROUP BY tenant_id, team_id, provider, model, day FORMAT TabSeparated",
+        env.cfg.clickhouse.database
+    );
+    let text = ch_query(&env.cfg.clickhouse.url, &sql).await?;
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 12 {
+            bail!("unexpected row {line:?}");
+        }
+        let n = |i: usize| f[i].parse::<i64>().unwrap_or(-1);
+        out.insert(
+            (f[0].into(), f[1].into(), f[2].into(), f[3].into(), NaiveDate::parse_from_str(f[4], "%Y-%m-%d")?),
+            Sums {
+                requests: n(5),
+                input: n(6),
+                cached_input: n(7),
+                cache_write: n(8),
+                output: n(9),
+                reasoning: n(10),
+                cost: f[11].parse::<Decimal>()?.normalize(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Runs one query over ClickHouse's HTTP interface and returns the body.
+pub async fn ch_query(url: &str, sql: &str) -> anyhow::Result<String> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::post(url).body(Full::new(bytes::Bytes::from(sql.to_string())))?;
+    let resp = client.request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).to_string();
+    if !status.is_success() {
+        bail!("clickhouse: {status}: {text}");
+    }
+    Ok(text)
+}
+
+/// Compares two total maps and describes every difference (empty: equal).
+pub fn diff(what: &str, expected: &BTreeMap<Key, Sums>, actual: &BTreeMap<Key, Sums>) -> Vec<String> {
+    let mut out = Vec::new();
+    let norm = |m: &BTreeMap<Key, Sums>| -> BTreeMap<Key, Sums> {
+        m.iter()
+            .map(|(k, v)| (k.clone(), Sums { cost: v.cost.normalize(), ..v.clone() }))
+            .collect()
+    };
+    let (e, a) = (norm(expected), norm(actual));
+    for (k, v) in &e {
+        match a.get(k) {
+            Some(x) if x == v => {}
+            Some(x) => out.push(format!("{what} {k:?}: expected {v:?}, got {x:?}")),
+            None => out.push(format!("{what} {k:?}: missing (expected {v:?})")),
+        }
+    }
+    for k in a.keys().filter(|k| !e.contains_key(*k)) {
+        out.push(format!("{what} {k:?}: unexpected {:?}", a[k]));
+    }
+    out
+}
+
+/// Reads a whole topic (from the beginning until quiet) and returns
+/// (key, payload, headers) per message.
+pub fn read_topic(brokers: &str, topic: &str, expect_at_least: usize, timeout: Duration) -> anyhow::Result<Vec<TopicMessage>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}-{}", std::process::id(), Utc::now().timestamp_micros()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("receive.message.max.bytes", "2147483647")
+        .create()?;
+    c.subscribe(&[topic])?;
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = Instant::now();
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for x in h.iter() {
+                        headers.insert(x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned());
+                    }
+                }
+                out.push(TopicMessage {
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers,
+                });
+            }
+            Some(Err(e)) => bail!("reading {topic}: {e}"),
+            None => {
+                if out.len() >= expect_at_least && quiet_since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub struct TopicMessage {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Budget crossings implied by the expected events: (budget_id, period_start, pct).
+pub fn expected_budget_crossings(exp: &Expected, world: &World) -> BTreeSet<(String, NaiveDate, Decimal)> {
+    use chrono::Datelike;
+    let mut spent: BTreeMap<(String, NaiveDate), Decimal> = BTreeMap::new();
+    for e in &exp.events {
+        let Some(p) = world.price_at(&e.provider, &e.model, e.occurred_at) else { continue };
+        let cost = p.cost(e.input_tokens, e.cached_input_tokens, e.cache_write_tokens, e.output_tokens, e.reasoning_tokens);
+        let day = e.occurred_at.date_naive();
+        for b in &world.budgets {
+            if b.tenant_id != e.tenant_id || (b.team_id.is_some() && b.team_id != e.team_id) {
+                continue;
+            }
+            let start = match b.period {
+                tally_producers::BudgetPeriod::Day => day,
+                tally_producers::BudgetPeriod::Month => {
+                    NaiveDate::from_ymd_opt(day.year(), day.month(), 1).expect("first of month")
+                }
+            };
+            *spent.entry((b.budget_id.clone(), start)).or_default() += cost;
+        }
+    }
+    let mut out = BTreeSet::new();
+    for ((id, start), total) in spent {
+        let b = world.budgets.iter().find(|b| b.budget_id == id).expect("budget");
+        for pct in &b.thresholds_pct {
+            if b.amount * *pct / Decimal::ONE_HUNDRED <= total {
+                out.insert((id.clone(), start, pct.normalize()));
+            }
+        }
+    }
+    out
+}
+
+/// Budget crossings recorded by tally, parsed back from the violations table.
+pub async fn actual_budget_crossings(pool: &PgPool) -> anyhow::Result<Vec<(String, NaiveDate, Decimal)>> {
+    let rows = sqlx::query(
+        "SELECT message, window_start FROM tally.violations WHERE rule = 'budget_threshold'",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        // "budget <id> reached <pct>% of <amount> for the period starting <date>"
+        let msg: String = r.get(0);
+        let start: DateTime<Utc> = r.get(1);
+        let mut words = msg.split_whitespace();
+        let id = words.nth(1).unwrap_or_default().to_string();
+        let pct = words.nth(1).unwrap_or_default().trim_end_matches('%').parse::<Decimal>()?.normalize();
+        out.push((id, start.date_naive(), pct));
+    }
+    Ok(out)
+}
+
+/// A stand-in for a Confluent Schema Registry: answers `GET /schemas/ids/{id}`
+/// for the ids it was given and 404 for any other. Returns its base URL.
+pub async fn registry_stub(schemas: Vec<(u32, String)>) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let schemas: std::sync::Arc<HashMap<u32, String>> = std::sync::Arc::new(schemas.into_iter().collect());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let schemas = schemas.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                // read until the end of the request head
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("");
+                let id = path.strip_prefix("/schemas/ids/").and_then(|s| s.parse::<u32>().ok());
+                let (status, body) = match id.and_then(|i| schemas.get(&i)) {
+                    Some(s) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
+                    None => ("404 Not Found", r#"{"error_code":40403,"message":"Schema not found"}"#.to_string()),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/vnd.schemaregistry.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
+/// Generates a stream, keeping every message (for producing and for expectations).
+pub fn generate(cfg: tally_producers::GenConfig) -> Vec<GenMessage> {
+    tally_producers::Generator::new(cfg).collect()
+}
+
+/// Produces messages (clones) to the test's usage topic, optionally paced.
+pub async fn produce(env: &TestEnv, msgs: &[GenMessage], rate: Option<u64>) -> anyhow::Result<()> {
+    let report = tally_producers::produce(&env.cfg.kafka.brokers, &env.cfg.kafka.usage_topic, msgs.iter().cloned(), rate, false)
+        .await?;
+    if report.sent as usize != msgs.len() {
+        bail!("sent {} of {}", report.sent, msgs.len());
+    }
+    Ok(())
+}
+
+/// Checks every store against the expectation and returns the differences.
+pub async fn check_totals(env: &TestEnv, exp: &Expected) -> anyhow::Result<Vec<String>> {
+    let mut problems = diff("postgres spend_daily", &exp.totals, &pg_totals(&env.pool).await?);
+    for table in ["usage_events", "usage_1m", "usage_1h", "usage_1d"] {
+        problems.extend(diff(&format!("clickhouse {table}"), &exp.totals, &ch_totals(env, table).await?));
+    }
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.dead_letters").fetch_one(&env.pool).await?;
+    let malformed: usize = exp.malformed.values().sum();
+    if dead as usize != malformed {
+        problems.push(format!("dead letters: expected {malformed}, got {dead}"));
+    }
+    Ok(problems)
+}

@@ -1,0 +1,246 @@
+//! Exactly-once under crashes, rebalances and poison, against the real broker,
+//! ClickHouse and Postgres. Totals are compared with what the generator says it
+//! sent, computed without tally's code.
+//!
+//! `make test` runs the short versions; `make test-chaos` runs the long ones
+//! (`--ignored`): 200k events, 12 kills; 4 leave/rejoin cycles.
+
+use chrono::{Duration as ChronoDuration, DurationRound, Utc};
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+use tally_producers::{demo_world, Encoding, GenConfig, World};
+use tally_tests::*;
+
+fn world_and_config(tenants: usize, count: u64, seed: u64) -> (World, GenConfig) {
+    let change = Utc::now().duration_trunc(ChronoDuration::hours(1)).expect("hour") - ChronoDuration::hours(1);
+    let world = demo_world(tenants, change);
+    let mut g = GenConfig::new(world.clone(), count, seed);
+    g.encoding = Encoding::Mixed;
+    g.duplicates = 0.03;
+    g.late = 0.02;
+    g.malformed = 0.004;
+    g.unpriced = 0.003;
+    g.unknown_tenant = 0.002;
+    g.start = change - ChronoDuration::hours(1);
+    g.span = ChronoDuration::hours(2);
+    (world, g)
+}
+
+/// Violations on the topic: every id at most once, and as many as in Postgres.
+async fn check_violation_topic(env: &TestEnv) -> anyhow::Result<Vec<String>> {
+    let in_pg: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.violations").fetch_one(&env.pool).await?;
+    let msgs = read_topic(&env.cfg.kafka.brokers, &env.cfg.kafka.violation_topic, in_pg as usize, Duration::from_secs(60))?;
+    let mut problems = Vec::new();
+    let mut ids = HashSet::new();
+    for m in &msgs {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        let id = v["violation_id"].as_str().unwrap_or_default().to_string();
+        if !ids.insert(id.clone()) {
+            problems.push(format!("violation {id} appears twice on the topic"));
+        }
+    }
+    if msgs.len() as i64 != in_pg {
+        problems.push(format!("violation topic has {} messages, postgres has {in_pg} violations", msgs.len()));
+    }
+    Ok(problems)
+}
+
+async fn check_budgets(env: &TestEnv, exp: &Expected, world: &World) -> anyhow::Result<Vec<String>> {
+    let expected = expected_budget_crossings(exp, world);
+    let actual = actual_budget_crossings(&env.pool).await?;
+    let mut problems = Vec::new();
+    let mut seen = HashSet::new();
+    for a in &actual {
+        if !seen.insert(a.clone()) {
+            problems.push(format!("budget crossing {a:?} recorded twice"));
+        }
+    }
+    let actual: std::collections::BTreeSet<_> = actual.into_iter().collect();
+    for e in expected.difference(&actual) {
+        problems.push(format!("budget crossing {e:?} missing"));
+    }
+    for a in actual.difference(&expected) {
+        problems.push(format!("budget crossing {a:?} not expected"));
+    }
+    if expected.is_empty() {
+        problems.push("test setup: no budget crossings expected; the test would prove nothing".into());
+    }
+    Ok(problems)
+}
+
+/// Produces at `rate` while killing `tally run` with SIGKILL `kills` times at
+/// random moments, then lets a last instance catch up and checks every store.
+async fn crash_run(name: &str, tenants: usize, count: u64, rate: u64, kills: usize, seed: u64) -> anyhow::Result<()> {
+    let env = test_env(name, 4, &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1500")]).await?;
+    let (world, gen) = world_and_config(tenants, count, seed);
+    env.seed(&world).await?;
+    let msgs = generate(gen);
+    let exp = expected(&msgs, &world);
+    let producer = {
+        let (brokers, topic, msgs) = (env.cfg.kafka.brokers.clone(), env.cfg.kafka.usage_topic.clone(), msgs.clone());
+        tokio::spawn(async move { tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await })
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut replays_possible = 0;
+    for i in 0..kills {
+        let mut child = env.spawn_tally(&format!("crash{i}"))?;
+        let before = env.handled().await?;
+        let wait = rng.random_range(1500..7000);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        kill9(&mut child);
+        let after = env.handled().await?;
+        if after > before {
+            replays_possible += 1;
+        }
+        eprintln!("{name}: kill {} of {kills} after {wait} ms (handled {before} -> {after})", i + 1);
+    }
+    producer.await??;
+    let mut last = env.spawn_tally("final")?;
+    let caught_up = env.wait_handled(exp.messages as i64, Duration::from_secs(300)).await;
+    terminate(&mut last, Duration::from_secs(30))?;
+    caught_up?;
+    let replayed: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.batches WHERE state = 'done'")
+        .fetch_one(&env.pool)
+        .await?;
+    let mut problems = check_totals(&env, &exp).await?;
+    problems.extend(check_violation_topic(&env).await?);
+    problems.extend(check_budgets(&env, &exp, &world).await?);
+    eprintln!(
+        "{name}: {} messages, {} unique events, {} malformed, {kills} kills ({replays_possible} while committing), \
+         {replayed} batches, {:.1} s, {} differences",
+        exp.messages,
+        exp.events.len(),
+        exp.malformed.values().sum::<usize>(),
+        started.elapsed().as_secs_f64(),
+        problems.len()
+    );
+    for p in problems.iter().take(30) {
+        eprintln!("  {p}");
+    }
+    assert!(problems.is_empty(), "{} differences (first shown above)", problems.len());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_kill9_three_times_totals_exact() -> anyhow::Result<()> {
+    crash_run("crash", 50, 30_000, 4_000, 3, 7).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: make test-chaos"]
+async fn chaos_crash_200k_events_12_kills() -> anyhow::Result<()> {
+    crash_run("chaos", 60, 200_000, 6_000, 12, 11).await
+}
+
+/// Two instances share the group; one leaves (SIGTERM) and rejoins repeatedly.
+async fn rebalance_run(name: &str, count: u64, rate: u64, cycles: usize) -> anyhow::Result<()> {
+    let env = test_env(name, 4, &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1000")]).await?;
+    let (world, gen) = world_and_config(50, count, 21);
+    env.seed(&world).await?;
+    let msgs = generate(gen);
+    let exp = expected(&msgs, &world);
+    let producer = {
+        let (brokers, topic, msgs) = (env.cfg.kafka.brokers.clone(), env.cfg.kafka.usage_topic.clone(), msgs.clone());
+        tokio::spawn(async move { tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await })
+    };
+    let mut a = env.spawn_tally("a")?;
+    for i in 0..cycles {
+        let mut b = env.spawn_tally(&format!("b{i}"))?;
+        tokio::time::sleep(Duration::from_millis(5000)).await;
+        terminate(&mut b, Duration::from_secs(30))?;
+        eprintln!("{name}: instance b left (cycle {}), handled {}", i + 1, env.handled().await?);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    producer.await??;
+    let caught_up = env.wait_handled(exp.messages as i64, Duration::from_secs(240)).await;
+    terminate(&mut a, Duration::from_secs(30))?;
+    caught_up?;
+    let mut problems = check_totals(&env, &exp).await?;
+    problems.extend(check_violation_topic(&env).await?);
+    for p in problems.iter().take(30) {
+        eprintln!("  {p}");
+    }
+    assert!(problems.is_empty(), "{} differences", problems.len());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_leave_and_rejoin_totals_exact() -> anyhow::Result<()> {
+    rebalance_run("rebalance", 30_000, 2_500, 2).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: make test-chaos"]
+async fn chaos_rebalance_four_cycles() -> anyhow::Result<()> {
+    rebalance_run("chaosreb", 100_000, 4_000, 4).await
+}
+
+/// Every kind of bad message lands in the DLQ with its class and source
+/// coordinates; good messages around them (all three encodings) are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dlq_with_their_class() -> anyhow::Result<()> {
+    let schema = tally_schemas::current_schema_text("llm.usage.v1").expect("schema").to_string();
+    let registry = registry_stub(vec![(7, schema)]).await?;
+    let env = test_env("poison", 2, &[("TALLY__REGISTRY__URL", registry.as_str())]).await?;
+    let (world, mut gen) = world_and_config(20, 6_000, 3);
+    gen.malformed = 0.25;
+    gen.encoding = Encoding::Confluent;
+    gen.confluent_schema_id = 7;
+    env.seed(&world).await?;
+    let mut msgs = generate(gen.clone());
+    // and the other two encodings
+    gen.encoding = Encoding::Mixed;
+    gen.seed = 4;
+    gen.count = 3_000;
+    msgs.extend(generate(gen));
+    let exp = expected(&msgs, &world);
+    assert!(exp.malformed.len() >= 15, "only {} poison classes generated", exp.malformed.len());
+    produce(&env, &msgs, None).await?;
+    let mut child = env.spawn_tally("run")?;
+    let caught_up = env.wait_handled(exp.messages as i64, Duration::from_secs(120)).await;
+    terminate(&mut child, Duration::from_secs(30))?;
+    caught_up?;
+
+    let problems = check_totals(&env, &exp).await?;
+    assert!(problems.is_empty(), "{problems:#?}");
+    let malformed: usize = exp.malformed.values().sum();
+    let dlq = read_topic(&env.cfg.kafka.brokers, &env.cfg.kafka.dlq_topic, malformed, Duration::from_secs(60))?;
+    let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
+    let mut coords = HashSet::new();
+    for m in &dlq {
+        assert_eq!(m.headers.get("tally.source.topic"), Some(&env.cfg.kafka.usage_topic));
+        assert!(!m.headers.get("tally.error.message").map_or(true, String::is_empty), "no error message");
+        let coord = (m.headers["tally.source.partition"].clone(), m.headers["tally.source.offset"].clone());
+        if coords.insert(coord) {
+            *by_class.entry(m.headers["tally.error.class"].clone()).or_default() += 1;
+        }
+    }
+    let expected: BTreeMap<String, usize> = exp.malformed.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    assert_eq!(by_class, expected, "dead letters by class");
+    let pg: Vec<(String, i64)> =
+        sqlx::query_as("SELECT error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 1")
+            .fetch_all(&env.pool)
+            .await?;
+    let pg: BTreeMap<String, usize> = pg.into_iter().map(|(k, v)| (k, v as usize)).collect();
+    assert_eq!(pg, expected, "postgres dead_letters by class");
+    Ok(())
+}
+
+/// A bad configuration stops start-up with a message naming the key.
+#[test]
+fn bad_config_names_the_key() -> anyhow::Result<()> {
+    let bin = tally_binary()?;
+    let out = std::process::Command::new(&bin)
+        .arg("run")
+        .env("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "lots")
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pipeline.batch_max_messages"), "{err}");
+    let out = std::process::Command::new(&bin).arg("run").env("TALLY__KAFKA__BROKERZ", "x").output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kafka.brokerz"));
+    Ok(())
+}

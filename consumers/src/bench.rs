@@ -87,6 +87,13 @@ fn gen_config(count: u64, seed: u64) -> GenConfig {
     g
 }
 
+/// A generator seed unique to this run and phase: event ids come from the
+/// seeded rng and dedup is global, so a fixed seed would make a later run's
+/// events duplicates of an earlier run's.
+fn run_seed(ts: i64, phase: u64) -> u64 {
+    u64::try_from(ts).unwrap_or(0).wrapping_mul(2).wrapping_add(phase)
+}
+
 /// A copy of `cfg` pointed at fresh topics and group `group`.
 fn scoped(cfg: &Config, topic: &str, group: &str) -> Config {
     let mut c = cfg.clone();
@@ -132,7 +139,7 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
     let report = tally_producers::produce(
         &cfg.kafka.brokers,
         &drain_cfg.kafka.usage_topic,
-        Generator::new(gen_config(opts.count, 1)),
+        Generator::new(gen_config(opts.count, run_seed(ts, 0))),
         None,
         true,
     )
@@ -166,7 +173,7 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
         create_topics(&steady_cfg).await?;
         let n = opts.steady_rate.saturating_mul(opts.steady_secs);
         eprintln!("bench: steady state, {} events/s for {} s, topic {}", opts.steady_rate, opts.steady_secs, steady_cfg.kafka.usage_topic);
-        let steady = Steady { brokers: cfg.kafka.brokers.clone(), rate: opts.steady_rate, count: n };
+        let steady = Steady { brokers: cfg.kafka.brokers.clone(), rate: opts.steady_rate, count: n, seed: run_seed(ts, 1) };
         let mut produced_at = Duration::ZERO;
         let child = run_child(&steady_cfg, &pool, n, ts, "steady", Some((&steady, &mut produced_at))).await?;
         // Lag at the end: how long after the last event was produced tally caught up.
@@ -233,6 +240,7 @@ struct Steady {
     brokers: String,
     rate: u64,
     count: u64,
+    seed: u64,
 }
 
 /// Forwards `--config FILE` / `--config=FILE` of this process to the child.
@@ -378,9 +386,9 @@ async fn run_child(
     };
 
     let producer = steady.map(|(s, produced_at)| {
-        let (brokers, topic, rate, count) = (s.brokers.clone(), topic.clone(), s.rate, s.count);
+        let (brokers, topic, rate, count, seed) = (s.brokers.clone(), topic.clone(), s.rate, s.count, s.seed);
         let task = tokio::spawn(async move {
-            let r = tally_producers::produce(&brokers, &topic, Generator::new(gen_config(count, 2)), Some(rate), true).await;
+            let r = tally_producers::produce(&brokers, &topic, Generator::new(gen_config(count, seed)), Some(rate), true).await;
             (r, started.elapsed())
         });
         (task, produced_at)
@@ -531,6 +539,8 @@ fn render(f: &Figures) -> String {
     s
 }
 
+// rates for display, not money
+#[allow(clippy::float_arithmetic)]
 fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let mem_kb = std::fs::read_to_string("/proc/meminfo")

@@ -29,12 +29,14 @@ pub enum ConfigError {
 pub struct KafkaConfig {
     pub brokers: String,
     pub group_id: String,
+    pub instance_id: String,
     pub usage_topic: String,
     pub dlq_topic: String,
     pub violation_topic: String,
     pub usage_partitions: i32,
     pub violation_partitions: i32,
     pub session_timeout_ms: u32,
+    pub max_poll_interval_ms: u32,
     pub receive_message_max_bytes: u32,
     pub commit_interval_ms: u64,
 }

@@ -134,7 +134,11 @@ impl Pipeline {
         let log = Arc::new(RebalanceLog::default());
         let ctx = TallyContext { log: log.clone(), topic: cfg.kafka.usage_topic.clone() };
         let session = cfg.kafka.session_timeout_ms;
-        let consumer: StreamConsumer<TallyContext> = rdkafka::ClientConfig::new()
+        let mut client = rdkafka::ClientConfig::new();
+        if !cfg.kafka.instance_id.is_empty() {
+            client.set("group.instance.id", &cfg.kafka.instance_id);
+        }
+        let consumer: StreamConsumer<TallyContext> = client
             .set("bootstrap.servers", &cfg.kafka.brokers)
             .set("group.id", &cfg.kafka.group_id)
             .set("enable.auto.commit", "false")
@@ -142,6 +146,7 @@ impl Pipeline {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", session.to_string())
             .set("heartbeat.interval.ms", (session / 6).max(100).to_string())
+            .set("max.poll.interval.ms", cfg.kafka.max_poll_interval_ms.max(session).to_string())
             .set("receive.message.max.bytes", cfg.kafka.receive_message_max_bytes.to_string())
             .set("queued.max.messages.kbytes", "65536")
             .create_with_context(ctx)

@@ -71,6 +71,7 @@ pub async fn test_env(name: &str, partitions: i32, extra: &[(&str, &str)]) -> an
         ("TALLY__KAFKA__USAGE_PARTITIONS".into(), partitions.to_string()),
         ("TALLY__SERVER__LISTEN".into(), String::new()),
         ("TALLY__PIPELINE__BATCH_LINGER_MS".into(), "200".into()),
+        ("TALLY__KAFKA__MAX_POLL_INTERVAL_MS".into(), "10000".into()),
     ];
     for (k, v) in extra {
         env.retain(|(key, _)| key != k);

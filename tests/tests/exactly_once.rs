@@ -14,7 +14,12 @@ use tally_tests::*;
 
 fn world_and_config(tenants: usize, count: u64, seed: u64) -> (World, GenConfig) {
     let change = Utc::now().duration_trunc(ChronoDuration::hours(1)).expect("hour") - ChronoDuration::hours(1);
-    let world = demo_world(tenants, change);
+    let mut world = demo_world(tenants, change);
+    // The demo budgets are sized for a 200k-event run: scale them to this one.
+    let scale = rust_decimal::Decimal::from(count) / rust_decimal::Decimal::from(200_000);
+    for b in &mut world.budgets {
+        b.amount = (b.amount * scale).round_dp(6).max(rust_decimal::Decimal::new(1, 2));
+    }
     let mut g = GenConfig::new(world.clone(), count, seed);
     g.encoding = Encoding::Mixed;
     g.duplicates = 0.03;
@@ -72,7 +77,14 @@ async fn check_budgets(env: &TestEnv, exp: &Expected, world: &World) -> anyhow::
 /// Produces at `rate` while killing `tally run` with SIGKILL `kills` times at
 /// random moments, then lets a last instance catch up and checks every store.
 async fn crash_run(name: &str, tenants: usize, count: u64, rate: u64, kills: usize, seed: u64) -> anyhow::Result<()> {
-    let env = test_env(name, 4, &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1500")]).await?;
+    // Static membership: noida-db 0.2.3 never expires a member that died
+    // without leaving, so a restarted instance must come back as the same member.
+    let env = test_env(
+        name,
+        4,
+        &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1500"), ("TALLY__KAFKA__INSTANCE_ID", "crash-instance")],
+    )
+    .await?;
     let (world, gen) = world_and_config(tenants, count, seed);
     env.seed(&world).await?;
     let msgs = generate(gen);

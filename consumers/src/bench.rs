@@ -71,7 +71,9 @@ struct Figures {
 
 /// The demo world's price change: the start of the previous hour (as `tally gen`).
 fn demo_price_change_at() -> DateTime<Utc> {
-    let hour = Utc::now().duration_trunc(ChronoDuration::hours(1)).unwrap_or_else(|_| Utc::now());
+    let hour = Utc::now()
+        .duration_trunc(ChronoDuration::hours(1))
+        .unwrap_or_else(|_| Utc::now());
     hour - ChronoDuration::hours(1)
 }
 
@@ -91,7 +93,10 @@ fn gen_config(count: u64, seed: u64) -> GenConfig {
 /// seeded rng and dedup is global, so a fixed seed would make a later run's
 /// events duplicates of an earlier run's.
 fn run_seed(ts: i64, phase: u64) -> u64 {
-    u64::try_from(ts).unwrap_or(0).wrapping_mul(2).wrapping_add(phase)
+    u64::try_from(ts)
+        .unwrap_or(0)
+        .wrapping_mul(2)
+        .wrapping_add(phase)
 }
 
 /// A copy of `cfg` pointed at fresh topics and group `group`.
@@ -132,8 +137,14 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
 
     let drain_cfg = scoped(cfg, &format!("bench.usage.{ts}"), &format!("bench-{ts}"));
     create_topics(&drain_cfg).await?;
-    let mut fig = Figures { count: opts.count, ..Figures::default() };
-    eprintln!("bench: topic {} group {}", drain_cfg.kafka.usage_topic, drain_cfg.kafka.group_id);
+    let mut fig = Figures {
+        count: opts.count,
+        ..Figures::default()
+    };
+    eprintln!(
+        "bench: topic {} group {}",
+        drain_cfg.kafka.usage_topic, drain_cfg.kafka.group_id
+    );
 
     // 1. produce
     let report = tally_producers::produce(
@@ -146,7 +157,11 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
     .await
     .context("producing bench events")?;
     if report.good != opts.count {
-        bail!("produced {} good events, expected {}", report.good, opts.count);
+        bail!(
+            "produced {} good events, expected {}",
+            report.good,
+            opts.count
+        );
     }
     fig.produce = report.elapsed;
 
@@ -160,7 +175,8 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
     );
     let timeout = child_timeout(n);
     let (raw, raw_first, raw_bytes) =
-        tokio::task::spawn_blocking(move || raw_consume(&brokers, &topic, &group, n, timeout)).await??;
+        tokio::task::spawn_blocking(move || raw_consume(&brokers, &topic, &group, n, timeout))
+            .await??;
     (fig.raw, fig.raw_first, fig.raw_bytes) = (raw, raw_first, raw_bytes);
 
     // 3. tally end to end, draining the backlog
@@ -169,13 +185,33 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
 
     // 4. steady state
     if opts.steady_rate > 0 && opts.steady_secs > 0 {
-        let steady_cfg = scoped(cfg, &format!("bench.steady.{ts}"), &format!("bench-steady-{ts}"));
+        let steady_cfg = scoped(
+            cfg,
+            &format!("bench.steady.{ts}"),
+            &format!("bench-steady-{ts}"),
+        );
         create_topics(&steady_cfg).await?;
         let n = opts.steady_rate.saturating_mul(opts.steady_secs);
-        eprintln!("bench: steady state, {} events/s for {} s, topic {}", opts.steady_rate, opts.steady_secs, steady_cfg.kafka.usage_topic);
-        let steady = Steady { brokers: cfg.kafka.brokers.clone(), rate: opts.steady_rate, count: n, seed: run_seed(ts, 1) };
+        eprintln!(
+            "bench: steady state, {} events/s for {} s, topic {}",
+            opts.steady_rate, opts.steady_secs, steady_cfg.kafka.usage_topic
+        );
+        let steady = Steady {
+            brokers: cfg.kafka.brokers.clone(),
+            rate: opts.steady_rate,
+            count: n,
+            seed: run_seed(ts, 1),
+        };
         let mut produced_at = Duration::ZERO;
-        let child = run_child(&steady_cfg, &pool, n, ts, "steady", Some((&steady, &mut produced_at))).await?;
+        let child = run_child(
+            &steady_cfg,
+            &pool,
+            n,
+            ts,
+            "steady",
+            Some((&steady, &mut produced_at)),
+        )
+        .await?;
         // Lag at the end: how long after the last event was produced tally caught up.
         let tail = child.elapsed.saturating_sub(produced_at);
         fig.steady = Some((opts.steady_rate, opts.steady_secs, child, tail));
@@ -215,11 +251,16 @@ fn raw_consume(
         .set("receive.message.max.bytes", "2147483647")
         .create()
         .context("creating raw consumer")?;
-    consumer.subscribe(&[topic]).context("subscribing raw consumer")?;
+    consumer
+        .subscribe(&[topic])
+        .context("subscribing raw consumer")?;
     let (mut msgs, mut bytes, mut first) = (0u64, 0u64, None);
     while msgs < n {
         if started.elapsed() > timeout {
-            bail!("raw consumer got {msgs} of {n} messages within {} s", timeout.as_secs());
+            bail!(
+                "raw consumer got {msgs} of {n} messages within {} s",
+                timeout.as_secs()
+            );
         }
         match consumer.poll(POLL) {
             Some(Ok(m)) => {
@@ -266,7 +307,13 @@ fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
-        .and_then(|rest| rest.trim_start_matches(':').split_whitespace().next()?.parse().ok())
+        .and_then(|rest| {
+            rest.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 /// utime + stime of a process in clock ticks.
@@ -328,7 +375,11 @@ fn strip_ansi(s: &str) -> String {
 /// The counters of the child's final "tally run stopped" log line.
 fn counters_from_log(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
-    let line = strip_ansi(text.lines().rev().find(|l| l.contains("tally run stopped"))?);
+    let line = strip_ansi(
+        text.lines()
+            .rev()
+            .find(|l| l.contains("tally run stopped"))?,
+    );
     let start = line.find("metrics=")? + "metrics=".len();
     Some(line[start..].trim().trim_matches('"').to_string())
 }
@@ -346,7 +397,8 @@ async fn run_child(
 ) -> anyhow::Result<ChildFigures> {
     let exe = std::env::current_exe().context("locating the tally binary")?;
     let log_path = std::env::temp_dir().join(format!("tally-bench-{ts}-{label}.log"));
-    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     let (group, topic) = (cfg.kafka.group_id.clone(), cfg.kafka.usage_topic.clone());
     let started = Instant::now();
     let mut child = tokio::process::Command::new(&exe)
@@ -368,7 +420,10 @@ async fn run_child(
         .spawn()
         .with_context(|| format!("spawning {} run", exe.display()))?;
     let pid = child.id().context("child has no pid")?;
-    eprintln!("bench: {label}: tally run pid {pid}, log {}", log_path.display());
+    eprintln!(
+        "bench: {label}: tally run pid {pid}, log {}",
+        log_path.display()
+    );
 
     // Sample RSS in the background (VmHWM at the end is the authoritative peak).
     let stop = Arc::new(AtomicBool::new(false));
@@ -386,16 +441,27 @@ async fn run_child(
     };
 
     let producer = steady.map(|(s, produced_at)| {
-        let (brokers, topic, rate, count, seed) = (s.brokers.clone(), topic.clone(), s.rate, s.count, s.seed);
+        let (brokers, topic, rate, count, seed) =
+            (s.brokers.clone(), topic.clone(), s.rate, s.count, s.seed);
         let task = tokio::spawn(async move {
-            let r = tally_producers::produce(&brokers, &topic, Generator::new(gen_config(count, seed)), Some(rate), true).await;
+            let r = tally_producers::produce(
+                &brokers,
+                &topic,
+                Generator::new(gen_config(count, seed)),
+                Some(rate),
+                true,
+            )
+            .await;
             (r, started.elapsed())
         });
         (task, produced_at)
     });
 
     let result = wait_for(pool, &group, &topic, n, started, &mut child, &log_path).await;
-    let mut fig = ChildFigures { events: n, ..ChildFigures::default() };
+    let mut fig = ChildFigures {
+        events: n,
+        ..ChildFigures::default()
+    };
     match result {
         Ok((elapsed, first)) => {
             fig.elapsed = elapsed;
@@ -408,7 +474,9 @@ async fn run_child(
         }
     }
     fig.cpu_ticks = proc_cpu_ticks(pid).unwrap_or(0);
-    fig.peak_rss_kb = proc_status_kb(pid, "VmHWM").unwrap_or(0).max(max_rss.load(Ordering::Relaxed));
+    fig.peak_rss_kb = proc_status_kb(pid, "VmHWM")
+        .unwrap_or(0)
+        .max(max_rss.load(Ordering::Relaxed));
     fig.done_events = done_events(pool, &group, &topic).await?;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.await;
@@ -419,7 +487,9 @@ async fn run_child(
     }
 
     // SIGTERM and wait for the graceful stop (which logs the counters).
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     match tokio::time::timeout(Duration::from_secs(60), child.wait()).await {
         Ok(Ok(status)) if !status.success() => {
             tracing::warn!(%status, "tally run exited unsuccessfully; log tail:\n{}", tail(&log_path, 20));
@@ -432,7 +502,10 @@ async fn run_child(
     }
     fig.counters = counters_from_log(&log_path);
     if u64::try_from(fig.done_events).ok() != Some(n) {
-        eprintln!("bench: WARNING: {label}: done batches hold {} events, expected {n}", fig.done_events);
+        eprintln!(
+            "bench: WARNING: {label}: done batches hold {} events, expected {n}",
+            fig.done_events
+        );
     }
     Ok(fig)
 }
@@ -460,14 +533,24 @@ async fn wait_for(
             return Ok((started.elapsed(), first));
         }
         if let Some(status) = child.try_wait()? {
-            bail!("tally run exited ({status}) at offset {at} of {n}; log tail:\n{}", tail(log_path, 20));
+            bail!(
+                "tally run exited ({status}) at offset {at} of {n}; log tail:\n{}",
+                tail(log_path, 20)
+            );
         }
         if started.elapsed() > timeout {
-            bail!("tally run reached offset {at} of {n} within {} s; log tail:\n{}", timeout.as_secs(), tail(log_path, 20));
+            bail!(
+                "tally run reached offset {at} of {n} within {} s; log tail:\n{}",
+                timeout.as_secs(),
+                tail(log_path, 20)
+            );
         }
         if last_note.elapsed() >= Duration::from_secs(5) {
             last_note = Instant::now();
-            eprintln!("bench: offsets of record {at}/{n} after {:.0?}", started.elapsed());
+            eprintln!(
+                "bench: offsets of record {at}/{n} after {:.0?}",
+                started.elapsed()
+            );
         }
         tokio::time::sleep(POLL).await;
     }
@@ -504,36 +587,108 @@ fn render(f: &Figures) -> String {
     let _ = writeln!(s, "| {:<58} | {:>22} |", "figure", "value");
     let _ = writeln!(s, "|{}|{}|", "-".repeat(60), "-".repeat(24));
     row(&mut s, "events (N)", f.count.to_string());
-    row(&mut s, "produce events/s (Avro, acks=all, idempotent)", format!("{produce:.0} ({:.2} s)", f.produce.as_secs_f64()));
-    row(&mut s, "raw consume events/s (BaseConsumer, from creation)", format!("{raw:.0} ({:.2} s)", f.raw.as_secs_f64()));
+    row(
+        &mut s,
+        "produce events/s (Avro, acks=all, idempotent)",
+        format!("{produce:.0} ({:.2} s)", f.produce.as_secs_f64()),
+    );
+    row(
+        &mut s,
+        "raw consume events/s (BaseConsumer, from creation)",
+        format!("{raw:.0} ({:.2} s)", f.raw.as_secs_f64()),
+    );
     if let Some(first) = f.raw_first {
-        row(&mut s, "raw consume: first message after", format!("{:.2} s", first.as_secs_f64()));
+        row(
+            &mut s,
+            "raw consume: first message after",
+            format!("{:.2} s", first.as_secs_f64()),
+        );
     }
-    row(&mut s, "raw consume MB/s (payload+key)", format!("{:.1}", per_sec(f.raw_bytes, f.raw) / 1e6));
-    row(&mut s, "mean message size, bytes", format!("{:.0}", f.raw_bytes as f64 / f.count.max(1) as f64));
-    row(&mut s, "tally end-to-end events/s (spawn -> offsets of record = N)", format!("{tally:.0} ({:.2} s)", f.drain.elapsed.as_secs_f64()));
+    row(
+        &mut s,
+        "raw consume MB/s (payload+key)",
+        format!("{:.1}", per_sec(f.raw_bytes, f.raw) / 1e6),
+    );
+    row(
+        &mut s,
+        "mean message size, bytes",
+        format!("{:.0}", f.raw_bytes as f64 / f.count.max(1) as f64),
+    );
+    row(
+        &mut s,
+        "tally end-to-end events/s (spawn -> offsets of record = N)",
+        format!("{tally:.0} ({:.2} s)", f.drain.elapsed.as_secs_f64()),
+    );
     if let Some(first) = f.drain.first_progress {
-        row(&mut s, "tally: first committed offset after spawn", format!("{:.2} s", first.as_secs_f64()));
+        row(
+            &mut s,
+            "tally: first committed offset after spawn",
+            format!("{:.2} s", first.as_secs_f64()),
+        );
         let rest = f.drain.elapsed.saturating_sub(first);
         if !rest.is_zero() {
-            row(&mut s, "tally events/s after the first commit (approx.)", format!("{:.0}", per_sec(f.count, rest)));
+            row(
+                &mut s,
+                "tally events/s after the first commit (approx.)",
+                format!("{:.0}", per_sec(f.count, rest)),
+            );
         }
     }
-    row(&mut s, "ratio tally / raw", format!("{:.2}", tally / raw.max(1e-9)));
-    row(&mut s, "tally peak RSS MB (backlog drain, VmHWM)", format!("{:.0}", mb(f.drain.peak_rss_kb)));
-    row(&mut s, "tally CPU s per 1M events (drain, CLK_TCK=100 assumed)", format!("{:.1}", cpu_per_million(f.drain.cpu_ticks, f.count)));
-    row(&mut s, "Postgres done batches: events", f.drain.done_events.to_string());
+    row(
+        &mut s,
+        "ratio tally / raw",
+        format!("{:.2}", tally / raw.max(1e-9)),
+    );
+    row(
+        &mut s,
+        "tally peak RSS MB (backlog drain, VmHWM)",
+        format!("{:.0}", mb(f.drain.peak_rss_kb)),
+    );
+    row(
+        &mut s,
+        "tally CPU s per 1M events (drain, CLK_TCK=100 assumed)",
+        format!("{:.1}", cpu_per_million(f.drain.cpu_ticks, f.count)),
+    );
+    row(
+        &mut s,
+        "Postgres done batches: events",
+        f.drain.done_events.to_string(),
+    );
     if let Some((rate, secs, c, tail)) = &f.steady {
-        row(&mut s, "steady state: offered load", format!("{rate}/s for {secs} s"));
-        row(&mut s, "steady state: tally peak RSS MB (VmHWM)", format!("{:.0}", mb(c.peak_rss_kb)));
-        row(&mut s, "steady state: CPU s per 1M events", format!("{:.1}", cpu_per_million(c.cpu_ticks, c.events)));
-        row(&mut s, "steady state: caught up after last produce", format!("{:.2} s", tail.as_secs_f64()));
-        row(&mut s, "steady state: done batches events", c.done_events.to_string());
+        row(
+            &mut s,
+            "steady state: offered load",
+            format!("{rate}/s for {secs} s"),
+        );
+        row(
+            &mut s,
+            "steady state: tally peak RSS MB (VmHWM)",
+            format!("{:.0}", mb(c.peak_rss_kb)),
+        );
+        row(
+            &mut s,
+            "steady state: CPU s per 1M events",
+            format!("{:.1}", cpu_per_million(c.cpu_ticks, c.events)),
+        );
+        row(
+            &mut s,
+            "steady state: caught up after last produce",
+            format!("{:.2} s", tail.as_secs_f64()),
+        );
+        row(
+            &mut s,
+            "steady state: done batches events",
+            c.done_events.to_string(),
+        );
     }
     if let Some(c) = &f.drain.counters {
         let _ = writeln!(s, "\ntally counters (drain): {c}");
     }
-    if let Some(c) = f.steady.as_ref().and_then(|(_, _, c, _)| c.counters.as_ref()) {
+    if let Some(c) = f
+        .steady
+        .as_ref()
+        .and_then(|(_, _, c, _)| c.counters.as_ref())
+    {
         let _ = writeln!(s, "tally counters (steady): {c}");
     }
     s
@@ -560,17 +715,31 @@ fn machine() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} CPUs (nproc), {:.1} GB RAM, {model}", mb(mem_kb) / 1024.0)
+    format!(
+        "{cpus} CPUs (nproc), {:.1} GB RAM, {model}",
+        mb(mem_kb) / 1024.0
+    )
 }
 
 fn markdown(f: &Figures, table: &str) -> String {
     let mut s = String::new();
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let _ = writeln!(s, "# tally benchmarks\n");
-    let _ = writeln!(s, "Produced by `tally bench --count {}` ({profile} build).\n", f.count);
+    let _ = writeln!(
+        s,
+        "Produced by `tally bench --count {}` ({profile} build).\n",
+        f.count
+    );
     let _ = writeln!(s, "- date: {}", Utc::now().format("%Y-%m-%d %H:%M UTC"));
     let _ = writeln!(s, "- machine: {}", machine());
-    let _ = writeln!(s, "- services on the same machine: noida-db (Kafka protocol), ClickHouse, Postgres");
+    let _ = writeln!(
+        s,
+        "- services on the same machine: noida-db (Kafka protocol), ClickHouse, Postgres"
+    );
     let _ = writeln!(s, "- N = {} Avro single-object events, 4 partitions, no duplicates, late or poison messages\n", f.count);
     let _ = writeln!(s, "## Figures\n");
     s.push_str(table);
@@ -597,7 +766,10 @@ fn repo_root() -> anyhow::Result<PathBuf> {
             return Ok(dir.to_path_buf());
         }
     }
-    bail!("no workspace Cargo.toml above {}; set TALLY_REPO", cwd.display())
+    bail!(
+        "no workspace Cargo.toml above {}; set TALLY_REPO",
+        cwd.display()
+    )
 }
 
 #[cfg(test)]

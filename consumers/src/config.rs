@@ -132,10 +132,18 @@ impl Config {
                 });
             };
             let mut sec = toml::Table::new();
-            sec.insert(key.clone(), env_value(value, defaults_value(&defaults, section, key)));
+            sec.insert(
+                key.clone(),
+                env_value(value, defaults_value(&defaults, section, key)),
+            );
             let mut table = toml::Table::new();
             table.insert(section.clone(), toml::Value::Table(sec));
-            overlay(&mut merged, &defaults, table, &format!("environment variable {name}"))?;
+            overlay(
+                &mut merged,
+                &defaults,
+                table,
+                &format!("environment variable {name}"),
+            )?;
         }
         let config = build(merged)?;
         config.validate()?;
@@ -161,22 +169,41 @@ impl Config {
             }
         }
         if self.kafka.usage_partitions < 1 || self.kafka.violation_partitions < 1 {
-            return Err(invalid("kafka.usage_partitions", "partition counts must be >= 1"));
+            return Err(invalid(
+                "kafka.usage_partitions",
+                "partition counts must be >= 1",
+            ));
         }
-        if !self.postgres.url.starts_with("postgres://") && !self.postgres.url.starts_with("postgresql://") {
-            return Err(invalid("postgres.url", "must start with postgres:// or postgresql://"));
+        if !self.postgres.url.starts_with("postgres://")
+            && !self.postgres.url.starts_with("postgresql://")
+        {
+            return Err(invalid(
+                "postgres.url",
+                "must start with postgres:// or postgresql://",
+            ));
         }
         if self.postgres.max_connections < 2 {
             return Err(invalid("postgres.max_connections", "must be >= 2"));
         }
-        if !self.clickhouse.url.starts_with("http://") && !self.clickhouse.url.starts_with("https://") {
-            return Err(invalid("clickhouse.url", "must start with http:// or https://"));
+        if !self.clickhouse.url.starts_with("http://")
+            && !self.clickhouse.url.starts_with("https://")
+        {
+            return Err(invalid(
+                "clickhouse.url",
+                "must start with http:// or https://",
+            ));
         }
         if !self.registry.url.is_empty() && !self.registry.url.starts_with("http://") {
-            return Err(invalid("registry.url", "must be empty or start with http://"));
+            return Err(invalid(
+                "registry.url",
+                "must be empty or start with http://",
+            ));
         }
         if self.pipeline.batch_max_messages == 0 || self.pipeline.batch_max_messages > 1_000_000 {
-            return Err(invalid("pipeline.batch_max_messages", "must be within 1..=1000000 (one ClickHouse block)"));
+            return Err(invalid(
+                "pipeline.batch_max_messages",
+                "must be within 1..=1000000 (one ClickHouse block)",
+            ));
         }
         if self.pipeline.dedup_lookback_hours < 1 {
             return Err(invalid("pipeline.dedup_lookback_hours", "must be >= 1"));
@@ -193,7 +220,9 @@ impl Config {
                 ))
             }
         }
-        if !self.server.listen.is_empty() && self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+        if !self.server.listen.is_empty()
+            && self.server.listen.parse::<std::net::SocketAddr>().is_err()
+        {
             return Err(invalid("server.listen", "must be empty or host:port"));
         }
         Ok(())
@@ -205,7 +234,11 @@ impl Config {
     }
 }
 
-fn defaults_value<'a>(defaults: &'a toml::Table, section: &str, key: &str) -> Option<&'a toml::Value> {
+fn defaults_value<'a>(
+    defaults: &'a toml::Table,
+    section: &str,
+    key: &str,
+) -> Option<&'a toml::Value> {
     defaults.get(section)?.as_table()?.get(key)
 }
 
@@ -234,7 +267,10 @@ fn overlay(
 ) -> Result<(), ConfigError> {
     for (section, value) in layer {
         let Some(default_section) = defaults.get(&section).and_then(|v| v.as_table()) else {
-            return Err(ConfigError::UnknownKey { key: section, origin: origin.into() });
+            return Err(ConfigError::UnknownKey {
+                key: section,
+                origin: origin.into(),
+            });
         };
         let toml::Value::Table(entries) = value else {
             return Err(ConfigError::Invalid {
@@ -244,7 +280,10 @@ fn overlay(
         };
         for (key, v) in entries {
             if !default_section.contains_key(&key) {
-                return Err(ConfigError::UnknownKey { key: format!("{section}.{key}"), origin: origin.into() });
+                return Err(ConfigError::UnknownKey {
+                    key: format!("{section}.{key}"),
+                    origin: origin.into(),
+                });
             }
             if let Some(toml::Value::Table(target)) = merged.get_mut(&section) {
                 target.insert(key, v);
@@ -256,8 +295,14 @@ fn overlay(
 
 fn build(merged: toml::Table) -> Result<Config, ConfigError> {
     // Deserialize section by section so a type error names `section.key`.
-    fn section<T: serde::de::DeserializeOwned>(merged: &toml::Table, name: &str) -> Result<T, ConfigError> {
-        let value = merged.get(name).cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
+    fn section<T: serde::de::DeserializeOwned>(
+        merged: &toml::Table,
+        name: &str,
+    ) -> Result<T, ConfigError> {
+        let value = merged
+            .get(name)
+            .cloned()
+            .unwrap_or(toml::Value::Table(toml::Table::new()));
         let table = value.as_table().cloned().unwrap_or_default();
         T::deserialize(value).map_err(|e| {
             let message = e.to_string();
@@ -266,7 +311,10 @@ fn build(merged: toml::Table) -> Result<Config, ConfigError> {
                 .find(|k| message.contains(k.as_str()))
                 .map(|k| format!("{name}.{k}"))
                 .unwrap_or_else(|| name.to_string());
-            ConfigError::Invalid { key, message: message.trim().to_string() }
+            ConfigError::Invalid {
+                key,
+                message: message.trim().to_string(),
+            }
         })
     }
     Ok(Config {
@@ -301,11 +349,24 @@ impl fmt::Debug for Config {
             .field("kafka.usage_topic", &self.kafka.usage_topic)
             .field("postgres.url", &redact_url(&self.postgres.url))
             .field("clickhouse.url", &self.clickhouse.url)
-            .field("clickhouse.password", &if self.clickhouse.password.is_empty() { "" } else { "***" })
+            .field(
+                "clickhouse.password",
+                &if self.clickhouse.password.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
             .field("registry.url", &self.registry.url)
-            .field("pipeline.batch_max_messages", &self.pipeline.batch_max_messages)
+            .field(
+                "pipeline.batch_max_messages",
+                &self.pipeline.batch_max_messages,
+            )
             .field("pipeline.batch_linger_ms", &self.pipeline.batch_linger_ms)
-            .field("pipeline.dedup_lookback_hours", &self.pipeline.dedup_lookback_hours)
+            .field(
+                "pipeline.dedup_lookback_hours",
+                &self.pipeline.dedup_lookback_hours,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -315,7 +376,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -329,7 +393,10 @@ mod tests {
     fn env_overrides_and_types() {
         let c = Config::load_from(
             None,
-            &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "123"), ("TALLY__KAFKA__GROUP_ID", "g2")]),
+            &env(&[
+                ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "123"),
+                ("TALLY__KAFKA__GROUP_ID", "g2"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.pipeline.batch_max_messages, 123);
@@ -346,11 +413,23 @@ mod tests {
 
     #[test]
     fn bad_value_is_named() {
-        let err = Config::load_from(None, &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "many")])).unwrap_err();
-        assert!(err.to_string().contains("pipeline.batch_max_messages"), "{err}");
-        let err = Config::load_from(None, &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "0")])).unwrap_err();
-        assert!(err.to_string().contains("pipeline.batch_max_messages"), "{err}");
-        let err = Config::load_from(None, &env(&[("TALLY__POSTGRES__URL", "mysql://x")])).unwrap_err();
+        let err = Config::load_from(
+            None,
+            &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "many")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("pipeline.batch_max_messages"),
+            "{err}"
+        );
+        let err = Config::load_from(None, &env(&[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "0")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("pipeline.batch_max_messages"),
+            "{err}"
+        );
+        let err =
+            Config::load_from(None, &env(&[("TALLY__POSTGRES__URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("postgres.url"), "{err}");
     }
 
@@ -370,7 +449,11 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let c = Config::load_from(None, &env(&[("TALLY__POSTGRES__URL", "postgres://u:hunter2@h/db")])).unwrap();
+        let c = Config::load_from(
+            None,
+            &env(&[("TALLY__POSTGRES__URL", "postgres://u:hunter2@h/db")]),
+        )
+        .unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("u:***@h/db"));

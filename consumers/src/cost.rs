@@ -72,8 +72,15 @@ impl PriceBook {
     }
 
     /// The version in force at `at`: the latest with `effective_from <= at`.
-    pub fn price_at(&self, provider: &str, model: &str, at: DateTime<Utc>) -> Option<&PriceVersion> {
-        let versions = self.by_model.get(&(provider.to_string(), model.to_string()))?;
+    pub fn price_at(
+        &self,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+    ) -> Option<&PriceVersion> {
+        let versions = self
+            .by_model
+            .get(&(provider.to_string(), model.to_string()))?;
         let idx = versions.partition_point(|v| v.effective_from <= at);
         idx.checked_sub(1).map(|i| &versions[i])
     }
@@ -94,7 +101,13 @@ mod tests {
     use proptest::prelude::*;
     use std::str::FromStr;
 
-    fn price(input: &str, cached: &str, write: &str, output: &str, reasoning: &str) -> PriceVersion {
+    fn price(
+        input: &str,
+        cached: &str,
+        write: &str,
+        output: &str,
+        reasoning: &str,
+    ) -> PriceVersion {
         PriceVersion {
             effective_from: Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
             currency: "USD".into(),
@@ -109,17 +122,32 @@ mod tests {
     #[test]
     fn every_class_is_priced_including_cache_writes() {
         let p = price("2.5", "1.25", "3.75", "10", "10");
-        let t = Tokens { input: 1000, cached_input: 2000, cache_write: 400, output: 300, reasoning: 200 };
+        let t = Tokens {
+            input: 1000,
+            cached_input: 2000,
+            cache_write: 400,
+            output: 300,
+            reasoning: 200,
+        };
         // 2500 + 2500 + 1500 + 3000 + 2000 = 11500 / 1e6
         assert_eq!(cost_of(&t, &p), Decimal::from_str("0.0115").unwrap());
-        let only_write = Tokens { cache_write: 1_000_000, ..Tokens::default() };
+        let only_write = Tokens {
+            cache_write: 1_000_000,
+            ..Tokens::default()
+        };
         assert_eq!(cost_of(&only_write, &p), Decimal::from_str("3.75").unwrap());
     }
 
     #[test]
     fn tiny_prices_are_exact() {
         let p = price("0.075", "0.01875", "0", "0.3", "0");
-        let t = Tokens { input: 1, cached_input: 1, cache_write: 0, output: 1, reasoning: 0 };
+        let t = Tokens {
+            input: 1,
+            cached_input: 1,
+            cache_write: 0,
+            output: 1,
+            reasoning: 0,
+        };
         assert_eq!(cost_of(&t, &p), Decimal::from_str("0.00000039375").unwrap());
     }
 
@@ -133,8 +161,18 @@ mod tests {
             ("p".to_string(), "m".to_string(), new.clone()),
             ("p".to_string(), "m".to_string(), old.clone()),
         ]);
-        assert_eq!(book.price_at("p", "m", Utc.with_ymd_and_hms(2019, 1, 1, 0, 0, 0).unwrap()), None);
-        assert_eq!(book.price_at("p", "m", Utc.with_ymd_and_hms(2026, 5, 31, 23, 59, 59).unwrap()), Some(&old));
+        assert_eq!(
+            book.price_at("p", "m", Utc.with_ymd_and_hms(2019, 1, 1, 0, 0, 0).unwrap()),
+            None
+        );
+        assert_eq!(
+            book.price_at(
+                "p",
+                "m",
+                Utc.with_ymd_and_hms(2026, 5, 31, 23, 59, 59).unwrap()
+            ),
+            Some(&old)
+        );
         assert_eq!(book.price_at("p", "m", new.effective_from), Some(&new));
         assert_eq!(book.price_at("p", "x", new.effective_from), None);
     }
@@ -144,20 +182,35 @@ mod tests {
         let tol = Decimal::from_str("0.01").unwrap();
         let c = Decimal::from_str("1.00").unwrap();
         assert!(!is_mismatch(None, c, tol));
-        assert!(!is_mismatch(Some(Decimal::from_str("1.01").unwrap()), c, tol));
-        assert!(is_mismatch(Some(Decimal::from_str("1.02").unwrap()), c, tol));
+        assert!(!is_mismatch(
+            Some(Decimal::from_str("1.01").unwrap()),
+            c,
+            tol
+        ));
+        assert!(is_mismatch(
+            Some(Decimal::from_str("1.02").unwrap()),
+            c,
+            tol
+        ));
     }
 
     fn arb_tokens() -> impl Strategy<Value = Tokens> {
-        (0i64..100_000_000, 0i64..100_000_000, 0i64..100_000_000, 0i64..100_000_000, 0i64..100_000_000).prop_map(
-            |(input, cached_input, cache_write, output, reasoning)| Tokens {
-                input,
-                cached_input,
-                cache_write,
-                output,
-                reasoning,
-            },
+        (
+            0i64..100_000_000,
+            0i64..100_000_000,
+            0i64..100_000_000,
+            0i64..100_000_000,
+            0i64..100_000_000,
         )
+            .prop_map(
+                |(input, cached_input, cache_write, output, reasoning)| Tokens {
+                    input,
+                    cached_input,
+                    cache_write,
+                    output,
+                    reasoning,
+                },
+            )
     }
 
     fn arb_price() -> impl Strategy<Value = PriceVersion> {

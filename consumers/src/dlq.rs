@@ -32,7 +32,8 @@ pub fn producer(brokers: &str, extra: &[(&str, &str)]) -> Result<FutureProducer,
     for (k, v) in extra {
         cfg.set(*k, *v);
     }
-    cfg.create().map_err(|e| StageError::Fatal(format!("kafka producer: {e}")))
+    cfg.create()
+        .map_err(|e| StageError::Fatal(format!("kafka producer: {e}")))
 }
 
 /// Sends the batch's poison messages and waits until every one is acknowledged.
@@ -47,18 +48,37 @@ pub async fn send_all(
         let partition = p.partition.to_string();
         let offset = p.offset.to_string();
         let mut headers = OwnedHeaders::new()
-            .insert(Header { key: "tally.error.class", value: Some(p.class) })
-            .insert(Header { key: "tally.error.message", value: Some(p.message) })
-            .insert(Header { key: "tally.source.topic", value: Some(source_topic) })
-            .insert(Header { key: "tally.source.partition", value: Some(&partition) })
-            .insert(Header { key: "tally.source.offset", value: Some(&offset) });
+            .insert(Header {
+                key: "tally.error.class",
+                value: Some(p.class),
+            })
+            .insert(Header {
+                key: "tally.error.message",
+                value: Some(p.message),
+            })
+            .insert(Header {
+                key: "tally.source.topic",
+                value: Some(source_topic),
+            })
+            .insert(Header {
+                key: "tally.source.partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "tally.source.offset",
+                value: Some(&offset),
+            });
         if let Some(original) = p.headers {
             for h in original.iter() {
-                headers = headers.insert(Header { key: h.key, value: h.value });
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
             }
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(dlq_topic).payload(p.payload).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq_topic)
+            .payload(p.payload)
+            .headers(headers);
         if let Some(k) = p.key {
             record = record.key(k);
         }
@@ -71,8 +91,16 @@ pub async fn send_all(
         match tokio::time::timeout(Duration::from_secs(60), fut).await {
             Ok(Ok(Ok(_))) => {}
             Ok(Ok(Err((e, _)))) => return Err(classify_kafka("dead-letter delivery", &e)),
-            Ok(Err(_)) => return Err(StageError::Retryable("dead-letter delivery cancelled".into())),
-            Err(_) => return Err(StageError::Retryable("dead-letter delivery timed out".into())),
+            Ok(Err(_)) => {
+                return Err(StageError::Retryable(
+                    "dead-letter delivery cancelled".into(),
+                ))
+            }
+            Err(_) => {
+                return Err(StageError::Retryable(
+                    "dead-letter delivery timed out".into(),
+                ))
+            }
         }
     }
     Ok(())

@@ -45,10 +45,14 @@ pub struct Reference {
 
 impl Reference {
     /// Budgets an event of `tenant_id`/`team_id` counts towards.
-    pub fn budgets_for<'a>(&'a self, tenant_id: &'a str, team_id: Option<&'a str>) -> impl Iterator<Item = &'a Budget> {
-        self.budgets
-            .iter()
-            .filter(move |b| b.tenant_id == tenant_id && (b.team_id.is_none() || b.team_id.as_deref() == team_id))
+    pub fn budgets_for<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        team_id: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Budget> {
+        self.budgets.iter().filter(move |b| {
+            b.tenant_id == tenant_id && (b.team_id.is_none() || b.team_id.as_deref() == team_id)
+        })
     }
 }
 
@@ -83,7 +87,13 @@ pub fn tokens_of(e: &UsageEvent) -> Tokens {
 }
 
 /// Price and classify one event against a reference snapshot.
-pub fn enrich(event: UsageEvent, reference: &Reference, tolerance: Decimal, partition: i32, offset: i64) -> Enriched {
+pub fn enrich(
+    event: UsageEvent,
+    reference: &Reference,
+    tolerance: Decimal,
+    partition: i32,
+    offset: i64,
+) -> Enriched {
     let tenant_known = reference.tenants.contains_key(&event.tenant_id);
     let price = reference
         .prices
@@ -115,11 +125,19 @@ pub(crate) mod tests {
     use std::str::FromStr;
 
     /// A test event `secs` seconds after 2026-01-01.
-    pub(crate) fn enriched(tenant: &str, model: &str, secs: i64, input: i64, output: i64, cost: Decimal) -> Enriched {
+    pub(crate) fn enriched(
+        tenant: &str,
+        model: &str,
+        secs: i64,
+        input: i64,
+        output: i64,
+        cost: Decimal,
+    ) -> Enriched {
         let mut event = tally_schemas::sample_usage();
         event.tenant_id = tenant.into();
         event.model = model.into();
-        event.occurred_at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(secs);
+        event.occurred_at =
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(secs);
         event.input_tokens = input;
         event.output_tokens = output;
         event.cached_input_tokens = 0;
@@ -151,13 +169,25 @@ pub(crate) mod tests {
         let mut tenants = HashMap::new();
         tenants.insert(
             "t1".to_string(),
-            TenantInfo { name: "T1".into(), requests_per_minute: Some(10), tokens_per_minute: None },
+            TenantInfo {
+                name: "T1".into(),
+                requests_per_minute: Some(10),
+                tokens_per_minute: None,
+            },
         );
         Reference {
             tenants,
             prices: PriceBook::new([
-                ("openai".into(), "gpt".into(), v(Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(), "1")),
-                ("openai".into(), "gpt".into(), v(Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap(), "2")),
+                (
+                    "openai".into(),
+                    "gpt".into(),
+                    v(Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(), "1"),
+                ),
+                (
+                    "openai".into(),
+                    "gpt".into(),
+                    v(Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap(), "2"),
+                ),
             ]),
             budgets: vec![],
         }

@@ -47,7 +47,11 @@ pub fn classify_pg(context: &str, e: sqlx::Error) -> StageError {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
             // 08 connection, 40 transaction rollback (serialization, deadlock),
             // 53 insufficient resources, 57P0x operator intervention / shutdown.
-            if code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code.starts_with("57P") {
+            if code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+            {
                 StageError::Retryable(msg)
             } else {
                 StageError::Fatal(msg)
@@ -68,7 +72,14 @@ pub fn classify_ch(context: &str, e: clickhouse::error::Error) -> StageError {
             // Codes that will not heal by retrying: syntax, unknown table/column,
             // type mismatch, cannot parse.
             const FATAL: [&str; 8] = [
-                "Code: 62,", "Code: 60,", "Code: 47,", "Code: 53,", "Code: 16,", "Code: 27,", "Code: 33,", "Code: 70,",
+                "Code: 62,",
+                "Code: 60,",
+                "Code: 47,",
+                "Code: 53,",
+                "Code: 16,",
+                "Code: 27,",
+                "Code: 33,",
+                "Code: 70,",
             ];
             if FATAL.iter().any(|c| text.contains(c)) {
                 StageError::Fatal(msg)
@@ -86,9 +97,12 @@ pub fn classify_kafka(context: &str, e: &rdkafka::error::KafkaError) -> StageErr
     use rdkafka::types::RDKafkaErrorCode as C;
     let msg = format!("{context}: {e}");
     match e.rdkafka_error_code() {
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::TopicAuthorizationFailed | C::InvalidTopic) => {
-            StageError::Fatal(msg)
-        }
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::TopicAuthorizationFailed
+            | C::InvalidTopic,
+        ) => StageError::Fatal(msg),
         _ => StageError::Retryable(msg),
     }
 }

@@ -35,9 +35,10 @@ pub async fn serve(
             let (status, body) = match path {
                 "/metrics" => ("200 OK", metrics.render()),
                 "/health" | "/healthz" => match metrics.stalled_for() {
-                    Some(d) if d > stall_after => {
-                        ("503 Service Unavailable", format!("stalled: no progress for {} s\n", d.as_secs()))
-                    }
+                    Some(d) if d > stall_after => (
+                        "503 Service Unavailable",
+                        format!("stalled: no progress for {} s\n", d.as_secs()),
+                    ),
                     _ => ("200 OK", "ok\n".to_string()),
                 },
                 _ => ("404 Not Found", "not found\n".to_string()),

@@ -40,6 +40,17 @@ pub struct DeadLetter {
     pub message: String,
 }
 
+/// Everything the final commit of a batch applies.
+#[derive(Clone, Copy)]
+pub struct CommitInput<'a> {
+    pub events: &'a [Enriched],
+    pub reference: &'a Reference,
+    pub dead: &'a [DeadLetter],
+    /// Newest message timestamp of the batch (bounds dedup pruning).
+    pub newest_message_at: Option<DateTime<Utc>>,
+    pub tolerance: Decimal,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct CommitOutcome {
     pub violations_new: usize,
@@ -59,7 +70,11 @@ fn pg(context: &'static str) -> impl Fn(sqlx::Error) -> StageError {
 
 impl Ledger {
     pub fn new(pool: PgPool, group: &str, topic: &str) -> Self {
-        Self { pool, group: group.into(), topic: topic.into() }
+        Self {
+            pool,
+            group: group.into(),
+            topic: topic.into(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -90,8 +105,15 @@ impl Ledger {
         .fetch_optional(&self.pool)
         .await
         .map_err(pg("read pending batch"))?
-        .map(|r| PendingBatch { batch_id: r.get(0), first: r.get(1), last: r.get(2) });
-        Ok(PartitionState { next_offset, pending })
+        .map(|r| PendingBatch {
+            batch_id: r.get(0),
+            first: r.get(1),
+            last: r.get(2),
+        });
+        Ok(PartitionState {
+            next_offset,
+            pending,
+        })
     }
 
     /// Phase 1: record the batch as pending (or re-open the pending one being
@@ -108,14 +130,17 @@ impl Ledger {
         let mut tx = self.pool.begin().await.map_err(pg("claim begin"))?;
         let batch_id = match replay_of {
             Some(id) => {
-                let state: Option<String> =
-                    sqlx::query_scalar("SELECT state FROM tally.batches WHERE batch_id = $1 FOR UPDATE")
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(pg("claim replay"))?;
+                let state: Option<String> = sqlx::query_scalar(
+                    "SELECT state FROM tally.batches WHERE batch_id = $1 FOR UPDATE",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(pg("claim replay"))?;
                 if state.as_deref() != Some("pending") {
-                    return Err(StageError::LostOwnership(format!("batch {id} is no longer pending")));
+                    return Err(StageError::LostOwnership(format!(
+                        "batch {id} is no longer pending"
+                    )));
                 }
                 id
             }
@@ -173,24 +198,38 @@ impl Ledger {
             }
         };
         let (uuids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = ids.iter().copied().unzip();
-        sqlx::query(
+        let mut owned: Vec<Uuid> = sqlx::query_scalar(
             "INSERT INTO tally.seen_events (event_id, occurred_at, batch_id) \
              SELECT u.id, u.ts, $3 FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, ts) \
-             ON CONFLICT (event_id) DO NOTHING",
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         )
         .bind(&uuids)
         .bind(&times)
         .bind(batch_id)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(pg("claim event ids"))?;
-        let owned: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM tally.seen_events WHERE batch_id = $1")
+        if replay_of.is_some() && owned.len() < uuids.len() {
+            // A replay: ids this very batch claimed before the crash are still ours.
+            let claimed_before: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT event_id FROM tally.seen_events WHERE event_id = ANY($1) AND batch_id = $2",
+            )
+            .bind(&uuids)
             .bind(batch_id)
             .fetch_all(&mut *tx)
             .await
             .map_err(pg("claim read owned ids"))?;
+            owned.extend(claimed_before);
+        }
         tx.commit().await.map_err(pg("claim commit"))?;
-        Ok((PendingBatch { batch_id, first, last }, owned.into_iter().collect()))
+        Ok((
+            PendingBatch {
+                batch_id,
+                first,
+                last,
+            },
+            owned.into_iter().collect(),
+        ))
     }
 
     /// Requests and tokens already counted per (tenant, minute), for flagging
@@ -209,7 +248,10 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await
         .map_err(pg("read quota usage"))?;
-        Ok(rows.into_iter().map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3)))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+            .collect())
     }
 
     /// Phase 3: spend, quotas, budgets, violations, dead letters and the new
@@ -218,12 +260,15 @@ impl Ledger {
         &self,
         partition: i32,
         batch: PendingBatch,
-        events: &[Enriched],
-        reference: &Reference,
-        dead: &[DeadLetter],
-        newest_message_at: Option<DateTime<Utc>>,
-        tolerance: Decimal,
+        input: &CommitInput<'_>,
     ) -> Result<CommitOutcome, StageError> {
+        let CommitInput {
+            events,
+            reference,
+            dead,
+            newest_message_at,
+            tolerance,
+        } = *input;
         let now = Utc::now();
         let mut violations: Vec<ComplianceViolation> = Vec::new();
         for e in events {
@@ -250,7 +295,10 @@ impl Ledger {
         .await
         .map_err(pg("commit fence"))?;
         if done.rows_affected() != 1 {
-            return Err(StageError::LostOwnership(format!("batch {} is no longer pending", batch.batch_id)));
+            return Err(StageError::LostOwnership(format!(
+                "batch {} is no longer pending",
+                batch.batch_id
+            )));
         }
 
         self.apply_spend(&mut tx, events).await?;
@@ -293,23 +341,34 @@ impl Ledger {
         .await
         .map_err(pg("commit offset"))?;
         if moved.rows_affected() != 1 {
-            return Err(StageError::LostOwnership(format!("partition {partition}: offset moved past {}", batch.first)));
+            return Err(StageError::LostOwnership(format!(
+                "partition {partition}: offset moved past {}",
+                batch.first
+            )));
         }
         tx.commit().await.map_err(pg("commit"))?;
-        Ok(CommitOutcome { violations_new, events: events.len() })
+        Ok(CommitOutcome {
+            violations_new,
+            events: events.len(),
+        })
     }
 
     /// Whether a batch is done (used when a commit's outcome is unknown).
     pub async fn batch_done(&self, batch_id: i64) -> Result<bool, StageError> {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM tally.batches WHERE batch_id = $1")
-            .bind(batch_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(pg("read batch state"))?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM tally.batches WHERE batch_id = $1")
+                .bind(batch_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pg("read batch state"))?;
         Ok(state.as_deref() == Some("done"))
     }
 
-    async fn apply_spend(&self, tx: &mut sqlx::PgConnection, events: &[Enriched]) -> Result<(), StageError> {
+    async fn apply_spend(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        events: &[Enriched],
+    ) -> Result<(), StageError> {
         let rows = spend_daily(events);
         if rows.is_empty() {
             return Ok(());
@@ -330,23 +389,25 @@ impl Ledger {
             c.cost.push(t.cost);
             c.unpriced.push(t.unpriced_requests);
         }
-        sqlx::query(include_str!("../../sql/postgres/queries/upsert_spend_daily.sql"))
-            .bind(&c.day)
-            .bind(&c.tenant)
-            .bind(&c.team)
-            .bind(&c.provider)
-            .bind(&c.model)
-            .bind(&c.requests)
-            .bind(&c.input)
-            .bind(&c.cached)
-            .bind(&c.write)
-            .bind(&c.output)
-            .bind(&c.reasoning)
-            .bind(&c.cost)
-            .bind(&c.unpriced)
-            .execute(&mut *tx)
-            .await
-            .map_err(pg("commit spend_daily"))?;
+        sqlx::query(include_str!(
+            "../../sql/postgres/queries/upsert_spend_daily.sql"
+        ))
+        .bind(&c.day)
+        .bind(&c.tenant)
+        .bind(&c.team)
+        .bind(&c.provider)
+        .bind(&c.model)
+        .bind(&c.requests)
+        .bind(&c.input)
+        .bind(&c.cached)
+        .bind(&c.write)
+        .bind(&c.output)
+        .bind(&c.reasoning)
+        .bind(&c.cost)
+        .bind(&c.unpriced)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("commit spend_daily"))?;
         Ok(())
     }
 
@@ -360,12 +421,20 @@ impl Ledger {
         // Events per (tenant, minute) in offset order, only for tenants with quotas.
         let mut groups: BTreeMap<(String, DateTime<Utc>), Vec<&Enriched>> = BTreeMap::new();
         for e in events {
-            let Some(t) = reference.tenants.get(&e.event.tenant_id) else { continue };
+            let Some(t) = reference.tenants.get(&e.event.tenant_id) else {
+                continue;
+            };
             if t.requests_per_minute.is_none() && t.tokens_per_minute.is_none() {
                 continue;
             }
-            let minute = crate::rollup::bucket_start(e.event.occurred_at, crate::rollup::Granularity::Minute);
-            groups.entry((e.event.tenant_id.clone(), minute)).or_default().push(e);
+            let minute = crate::rollup::bucket_start(
+                e.event.occurred_at,
+                crate::rollup::Granularity::Minute,
+            );
+            groups
+                .entry((e.event.tenant_id.clone(), minute))
+                .or_default()
+                .push(e);
         }
         if groups.is_empty() {
             return Ok(Vec::new());
@@ -388,18 +457,37 @@ impl Ledger {
         let (mut d_req, mut d_tok) = (Vec::new(), Vec::new());
         for ((tenant, minute), evs) in &groups {
             let info = &reference.tenants[tenant];
-            let (mut req, mut tok) = current.get(&(tenant.clone(), *minute)).copied().unwrap_or((0, 0));
+            let (mut req, mut tok) = current
+                .get(&(tenant.clone(), *minute))
+                .copied()
+                .unwrap_or((0, 0));
             let (req0, tok0) = (req, tok);
             for e in evs {
                 let (r1, t1) = (req + 1, tok + e.tokens().total());
                 if let Some(limit) = info.requests_per_minute {
                     if rules::quota_exceeded(req, r1, limit) {
-                        out.push(rules::quota_violation(tenant, *minute, QuotaKind::Requests, r1, limit, e, now));
+                        out.push(rules::quota_violation(
+                            tenant,
+                            *minute,
+                            QuotaKind::Requests,
+                            r1,
+                            limit,
+                            e,
+                            now,
+                        ));
                     }
                 }
                 if let Some(limit) = info.tokens_per_minute {
                     if rules::quota_exceeded(tok, t1, limit) {
-                        out.push(rules::quota_violation(tenant, *minute, QuotaKind::Tokens, t1, limit, e, now));
+                        out.push(rules::quota_violation(
+                            tenant,
+                            *minute,
+                            QuotaKind::Tokens,
+                            t1,
+                            limit,
+                            e,
+                            now,
+                        ));
                     }
                 }
                 (req, tok) = (r1, t1);
@@ -446,7 +534,10 @@ impl Ledger {
         if groups.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<String> = groups.keys().map(|(i, _)| reference.budgets[*i].budget_id.clone()).collect();
+        let ids: Vec<String> = groups
+            .keys()
+            .map(|(i, _)| reference.budgets[*i].budget_id.clone())
+            .collect();
         let starts: Vec<NaiveDate> = groups.keys().map(|(_, s)| *s).collect();
         let current: BTreeMap<(String, NaiveDate), Decimal> = sqlx::query(
             "SELECT s.budget_id, s.period_start, s.spent FROM tally.budget_spend s \
@@ -465,7 +556,10 @@ impl Ledger {
         let mut deltas = Vec::new();
         for ((i, start), evs) in &groups {
             let b = &reference.budgets[*i];
-            let before0 = current.get(&(b.budget_id.clone(), *start)).copied().unwrap_or(Decimal::ZERO);
+            let before0 = current
+                .get(&(b.budget_id.clone(), *start))
+                .copied()
+                .unwrap_or(Decimal::ZERO);
             let mut spent = before0;
             for e in evs {
                 let after = spent + e.cost;
@@ -526,29 +620,46 @@ struct SpendColumns {
 }
 
 /// Inserts violations into the outbox; an id seen before is ignored.
-async fn insert_violations(tx: &mut sqlx::PgConnection, vs: &[ComplianceViolation]) -> Result<usize, StageError> {
+async fn insert_violations(
+    tx: &mut sqlx::PgConnection,
+    vs: &[ComplianceViolation],
+) -> Result<usize, StageError> {
     if vs.is_empty() {
         return Ok(0);
     }
     // Within one batch the same id can be derived twice (e.g. two unpriced events).
     let mut seen = HashSet::new();
     let vs: Vec<&ComplianceViolation> = vs.iter().filter(|v| seen.insert(v.violation_id)).collect();
-    let r = sqlx::query(include_str!("../../sql/postgres/queries/insert_violations.sql"))
-        .bind(vs.iter().map(|v| v.violation_id).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.rule.clone()).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.severity.as_str().to_string()).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.tenant_id.clone()).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.subject_type.clone()).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.subject_id.clone()).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.window_start).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.window_end).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.observed).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.threshold).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.evidence_event_ids.join(",")).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.detected_at).collect::<Vec<_>>())
-        .bind(vs.iter().map(|v| v.message.clone()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await
-        .map_err(pg("commit violations"))?;
+    let r = sqlx::query(include_str!(
+        "../../sql/postgres/queries/insert_violations.sql"
+    ))
+    .bind(vs.iter().map(|v| v.violation_id).collect::<Vec<_>>())
+    .bind(vs.iter().map(|v| v.rule.clone()).collect::<Vec<_>>())
+    .bind(
+        vs.iter()
+            .map(|v| v.severity.as_str().to_string())
+            .collect::<Vec<_>>(),
+    )
+    .bind(vs.iter().map(|v| v.tenant_id.clone()).collect::<Vec<_>>())
+    .bind(
+        vs.iter()
+            .map(|v| v.subject_type.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(vs.iter().map(|v| v.subject_id.clone()).collect::<Vec<_>>())
+    .bind(vs.iter().map(|v| v.window_start).collect::<Vec<_>>())
+    .bind(vs.iter().map(|v| v.window_end).collect::<Vec<_>>())
+    .bind(vs.iter().map(|v| v.observed).collect::<Vec<_>>())
+    .bind(vs.iter().map(|v| v.threshold).collect::<Vec<_>>())
+    .bind(
+        vs.iter()
+            .map(|v| v.evidence_event_ids.join(","))
+            .collect::<Vec<_>>(),
+    )
+    .bind(vs.iter().map(|v| v.detected_at).collect::<Vec<_>>())
+    .bind(vs.iter().map(|v| v.message.clone()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await
+    .map_err(pg("commit violations"))?;
     Ok(usize::try_from(r.rows_affected()).unwrap_or(0))
 }

@@ -11,7 +11,11 @@ use tally_producers::{demo_world, Encoding, GenConfig, Generator};
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(name = "tally", version, about = "Exactly-once audit and cost pipeline for LLM platforms")]
+#[command(
+    name = "tally",
+    version,
+    about = "Exactly-once audit and cost pipeline for LLM platforms"
+)]
 struct Cli {
     /// TOML config file (overrides the embedded defaults; TALLY__SECTION__KEY overrides both).
     #[arg(long, global = true, env = "TALLY_CONFIG")]
@@ -78,14 +82,19 @@ enum Command {
 /// The demo world's price change: the start of the previous hour, so the
 /// default generated span (the two hours before the current hour) crosses it.
 fn demo_price_change_at() -> DateTime<Utc> {
-    let hour = Utc::now().duration_trunc(ChronoDuration::hours(1)).unwrap_or_else(|_| Utc::now());
+    let hour = Utc::now()
+        .duration_trunc(ChronoDuration::hours(1))
+        .unwrap_or_else(|_| Utc::now());
     hour - ChronoDuration::hours(1)
 }
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("TALLY_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -96,13 +105,14 @@ fn init_logging() {
 fn shutdown_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -137,10 +147,17 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             let applied = tally::migrate::postgres(&pool).await?;
             println!(
                 "postgres: {}",
-                if applied.is_empty() { "up to date".to_string() } else { format!("applied {}", applied.join(", ")) }
+                if applied.is_empty() {
+                    "up to date".to_string()
+                } else {
+                    format!("applied {}", applied.join(", "))
+                }
             );
             let n = tally::migrate::clickhouse(&cfg).await?;
-            println!("clickhouse: {n} DDL statements applied (all IF NOT EXISTS) to database {}", cfg.clickhouse.database);
+            println!(
+                "clickhouse: {n} DDL statements applied (all IF NOT EXISTS) to database {}",
+                cfg.clickhouse.database
+            );
             let mut attempts = 0;
             let created = loop {
                 match tally::migrate::topics(&cfg).await {
@@ -155,7 +172,11 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             };
             println!(
                 "kafka: {}",
-                if created.is_empty() { "topics exist".to_string() } else { format!("created {}", created.join(", ")) }
+                if created.is_empty() {
+                    "topics exist".to_string()
+                } else {
+                    format!("created {}", created.join(", "))
+                }
             );
         }
         Command::Seed { tenants } => {
@@ -173,8 +194,22 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             let shutdown = shutdown_on_signals();
             tally::runner::run(cfg, shutdown).await?;
         }
-        Command::Gen { count, rate, encoding, duplicates, late, malformed, seed, tenants, topic } => {
-            for (name, v) in [("duplicates", duplicates), ("late", late), ("malformed", malformed)] {
+        Command::Gen {
+            count,
+            rate,
+            encoding,
+            duplicates,
+            late,
+            malformed,
+            seed,
+            tenants,
+            topic,
+        } => {
+            for (name, v) in [
+                ("duplicates", duplicates),
+                ("late", late),
+                ("malformed", malformed),
+            ] {
                 if !(0.0..=1.0).contains(&v) {
                     bail!("--{name} must be a share between 0 and 1, got {v}");
                 }
@@ -191,9 +226,10 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             g.start = change - ChronoDuration::hours(1);
             g.span = ChronoDuration::hours(2);
             let topic = topic.unwrap_or_else(|| cfg.kafka.usage_topic.clone());
-            let report = tally_producers::produce(&cfg.kafka.brokers, &topic, Generator::new(g), rate, true)
-                .await
-                .context("producing generated traffic")?;
+            let report =
+                tally_producers::produce(&cfg.kafka.brokers, &topic, Generator::new(g), rate, true)
+                    .await
+                    .context("producing generated traffic")?;
             println!(
                 "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s",
                 report.sent,
@@ -214,8 +250,20 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             }
             println!("caught up");
         }
-        Command::Bench { count, steady_rate, steady_secs } => {
-            tally::bench::run(&cfg, &tally::bench::BenchOpts { count, steady_rate, steady_secs }).await?;
+        Command::Bench {
+            count,
+            steady_rate,
+            steady_secs,
+        } => {
+            tally::bench::run(
+                &cfg,
+                &tally::bench::BenchOpts {
+                    count,
+                    steady_rate,
+                    steady_secs,
+                },
+            )
+            .await?;
         }
     }
     Ok(())

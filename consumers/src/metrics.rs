@@ -22,6 +22,8 @@ pub struct Metrics {
     pub fairness_deferrals_total: AtomicU64,
     /// Sum of batch processing seconds, in microseconds.
     pub batch_micros_total: AtomicU64,
+    /// Time per stage of a batch, in microseconds (see `STAGES`).
+    pub stage_micros_total: [AtomicU64; 7],
     progress: Mutex<Progress>,
 }
 
@@ -34,11 +36,31 @@ struct Progress {
 
 impl Default for Progress {
     fn default() -> Self {
-        Self { last_progress: Instant::now(), backlog: false }
+        Self {
+            last_progress: Instant::now(),
+            backlog: false,
+        }
     }
 }
 
+/// Stages of a batch, in order, as labels of `tally_stage_seconds_total`.
+pub const STAGES: [&str; 7] = [
+    "decode",
+    "dead_letter",
+    "claim",
+    "enrich",
+    "clickhouse",
+    "commit",
+    "other",
+];
+
 impl Metrics {
+    pub fn stage(&self, i: usize, since: std::time::Instant) {
+        if let Some(c) = self.stage_micros_total.get(i) {
+            c.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn add(&self, c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
@@ -67,23 +89,78 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let counters: [(&str, &AtomicU64, &str); 13] = [
-            ("tally_messages_consumed_total", &self.messages_consumed_total, "Messages read from the usage topic."),
-            ("tally_events_counted_total", &self.events_counted_total, "Usage events counted (after dedup)."),
-            ("tally_events_duplicate_total", &self.events_duplicate_total, "Re-sent events recognised and not counted again."),
-            ("tally_dead_letters_total", &self.dead_letters_total, "Messages sent to the dead-letter topic."),
-            ("tally_batches_committed_total", &self.batches_committed_total, "Batches committed."),
-            ("tally_batches_replayed_total", &self.batches_replayed_total, "Pending batches replayed after a crash or takeover."),
-            ("tally_clickhouse_rows_written_total", &self.clickhouse_rows_written_total, "Rows inserted into ClickHouse."),
-            ("tally_clickhouse_tables_skipped_total", &self.clickhouse_tables_skipped_total, "Tables skipped on replay because they already held the batch."),
-            ("tally_violations_raised_total", &self.violations_raised_total, "New violations recorded."),
-            ("tally_violations_published_total", &self.violations_published_total, "Violations published to the violation topic."),
-            ("tally_retries_total", &self.retries_total, "Retryable errors retried."),
-            ("tally_ownership_lost_total", &self.ownership_lost_total, "Batches abandoned because another instance owns the partition."),
-            ("tally_fairness_deferrals_total", &self.fairness_deferrals_total, "Batches deferred by per-tenant pacing."),
+            (
+                "tally_messages_consumed_total",
+                &self.messages_consumed_total,
+                "Messages read from the usage topic.",
+            ),
+            (
+                "tally_events_counted_total",
+                &self.events_counted_total,
+                "Usage events counted (after dedup).",
+            ),
+            (
+                "tally_events_duplicate_total",
+                &self.events_duplicate_total,
+                "Re-sent events recognised and not counted again.",
+            ),
+            (
+                "tally_dead_letters_total",
+                &self.dead_letters_total,
+                "Messages sent to the dead-letter topic.",
+            ),
+            (
+                "tally_batches_committed_total",
+                &self.batches_committed_total,
+                "Batches committed.",
+            ),
+            (
+                "tally_batches_replayed_total",
+                &self.batches_replayed_total,
+                "Pending batches replayed after a crash or takeover.",
+            ),
+            (
+                "tally_clickhouse_rows_written_total",
+                &self.clickhouse_rows_written_total,
+                "Rows inserted into ClickHouse.",
+            ),
+            (
+                "tally_clickhouse_tables_skipped_total",
+                &self.clickhouse_tables_skipped_total,
+                "Tables skipped on replay because they already held the batch.",
+            ),
+            (
+                "tally_violations_raised_total",
+                &self.violations_raised_total,
+                "New violations recorded.",
+            ),
+            (
+                "tally_violations_published_total",
+                &self.violations_published_total,
+                "Violations published to the violation topic.",
+            ),
+            (
+                "tally_retries_total",
+                &self.retries_total,
+                "Retryable errors retried.",
+            ),
+            (
+                "tally_ownership_lost_total",
+                &self.ownership_lost_total,
+                "Batches abandoned because another instance owns the partition.",
+            ),
+            (
+                "tally_fairness_deferrals_total",
+                &self.fairness_deferrals_total,
+                "Batches deferred by per-tenant pacing.",
+            ),
         ];
         let mut out = String::new();
         for (name, c, help) in counters {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", c.load(Ordering::Relaxed)));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                c.load(Ordering::Relaxed)
+            ));
         }
         let micros = self.batch_micros_total.load(Ordering::Relaxed);
         out.push_str(&format!(
@@ -91,6 +168,15 @@ impl Metrics {
             micros / 1_000_000,
             micros % 1_000_000
         ));
+        out.push_str("# HELP tally_stage_seconds_total Time spent per batch stage.\n# TYPE tally_stage_seconds_total counter\n");
+        for (name, c) in STAGES.iter().zip(&self.stage_micros_total) {
+            let m = c.load(Ordering::Relaxed);
+            out.push_str(&format!(
+                "tally_stage_seconds_total{{stage=\"{name}\"}} {}.{:06}\n",
+                m / 1_000_000,
+                m % 1_000_000
+            ));
+        }
         out
     }
 }

@@ -13,19 +13,45 @@ use std::time::Duration;
 
 /// ClickHouse DDL files, in order; each may hold several `;`-separated statements.
 pub const CLICKHOUSE_DDL: [(&str, &str); 6] = [
-    ("001_database.sql", include_str!("../../sql/clickhouse/001_database.sql")),
-    ("002_usage_events.sql", include_str!("../../sql/clickhouse/002_usage_events.sql")),
-    ("003_usage_1m.sql", include_str!("../../sql/clickhouse/003_usage_1m.sql")),
-    ("004_usage_1h.sql", include_str!("../../sql/clickhouse/004_usage_1h.sql")),
-    ("005_usage_1d.sql", include_str!("../../sql/clickhouse/005_usage_1d.sql")),
-    ("006_policy_audit.sql", include_str!("../../sql/clickhouse/006_policy_audit.sql")),
+    (
+        "001_database.sql",
+        include_str!("../../sql/clickhouse/001_database.sql"),
+    ),
+    (
+        "002_usage_events.sql",
+        include_str!("../../sql/clickhouse/002_usage_events.sql"),
+    ),
+    (
+        "003_usage_1m.sql",
+        include_str!("../../sql/clickhouse/003_usage_1m.sql"),
+    ),
+    (
+        "004_usage_1h.sql",
+        include_str!("../../sql/clickhouse/004_usage_1h.sql"),
+    ),
+    (
+        "005_usage_1d.sql",
+        include_str!("../../sql/clickhouse/005_usage_1d.sql"),
+    ),
+    (
+        "006_policy_audit.sql",
+        include_str!("../../sql/clickhouse/006_policy_audit.sql"),
+    ),
 ];
 
 /// Splits a DDL file into statements (ClickHouse's HTTP interface takes one per request).
 pub fn statements(sql: &str) -> Vec<String> {
-    let without_comments: String =
-        sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
-    without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    let without_comments: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 pub async fn postgres(pool: &PgPool) -> Result<Vec<String>, StageError> {
@@ -34,7 +60,10 @@ pub async fn postgres(pool: &PgPool) -> Result<Vec<String>, StageError> {
         .fetch_all(pool)
         .await
         .unwrap_or_default();
-    migrator.run(pool).await.map_err(|e| StageError::Fatal(format!("postgres migration: {e}")))?;
+    migrator
+        .run(pool)
+        .await
+        .map_err(|e| StageError::Fatal(format!("postgres migration: {e}")))?;
     Ok(migrator
         .iter()
         .filter(|m| !before.contains(&m.version))
@@ -50,10 +79,12 @@ pub async fn clickhouse(cfg: &Config) -> Result<usize, StageError> {
     let mut n = 0;
     for (name, sql) in CLICKHOUSE_DDL {
         for stmt in statements(sql) {
-            let stmt = stmt.replace("tally.", &format!("{}.", cfg.clickhouse.database)).replace(
-                "DATABASE IF NOT EXISTS tally",
-                &format!("DATABASE IF NOT EXISTS {}", cfg.clickhouse.database),
-            );
+            let stmt = stmt
+                .replace("tally.", &format!("{}.", cfg.clickhouse.database))
+                .replace(
+                    "DATABASE IF NOT EXISTS tally",
+                    &format!("DATABASE IF NOT EXISTS {}", cfg.clickhouse.database),
+                );
             sink.execute(&stmt)
                 .await
                 .map_err(|e| StageError::Fatal(format!("clickhouse DDL {name}: {e}")))?;
@@ -75,8 +106,10 @@ pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
         (k.dlq_topic.as_str(), k.usage_partitions),
         (k.violation_topic.as_str(), k.violation_partitions),
     ];
-    let new: Vec<NewTopic<'_>> =
-        wanted.iter().map(|(t, n)| NewTopic::new(t, *n, TopicReplication::Fixed(1))).collect();
+    let new: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|(t, n)| NewTopic::new(t, *n, TopicReplication::Fixed(1)))
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
     let results = admin
         .create_topics(&new, &opts)
@@ -99,7 +132,10 @@ mod tests {
 
     #[test]
     fn ddl_splits_into_statements() {
-        let total: usize = CLICKHOUSE_DDL.iter().map(|(_, s)| statements(s).len()).sum();
+        let total: usize = CLICKHOUSE_DDL
+            .iter()
+            .map(|(_, s)| statements(s).len())
+            .sum();
         assert_eq!(total, 7);
         for (_, sql) in CLICKHOUSE_DDL {
             for s in statements(sql) {

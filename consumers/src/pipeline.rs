@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::dlq::{self, Poison};
 use crate::enrich::{enrich, Enriched};
 use crate::errors::StageError;
-use crate::ledger::{DeadLetter, Ledger, PendingBatch};
+use crate::ledger::{CommitInput, DeadLetter, Ledger, PendingBatch};
 use crate::metrics::Metrics;
 use crate::reference::SharedReference;
 use crate::registry_client::{Lookup, RegistryClient};
@@ -31,7 +31,9 @@ use crate::sink_clickhouse::ClickHouseSink;
 use backon::ExponentialBuilder;
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
@@ -73,8 +75,12 @@ impl ConsumerContext for TallyContext {
 
 impl TallyContext {
     fn push(&self, assigned: bool, tpl: &TopicPartitionList) {
-        let parts: Vec<i32> =
-            tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+        let parts: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
         tracing::info!(assigned, partitions = ?parts, "rebalance");
         if let Ok(mut ev) = self.log.events.lock() {
             ev.push((assigned, parts));
@@ -120,7 +126,10 @@ pub struct Pipeline {
 /// One decoded message of a batch.
 enum Decoded {
     Event(Box<UsageEvent>),
-    Poison { class: &'static str, message: String },
+    Poison {
+        class: &'static str,
+        message: String,
+    },
 }
 
 impl Pipeline {
@@ -132,7 +141,10 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StageError> {
         let log = Arc::new(RebalanceLog::default());
-        let ctx = TallyContext { log: log.clone(), topic: cfg.kafka.usage_topic.clone() };
+        let ctx = TallyContext {
+            log: log.clone(),
+            topic: cfg.kafka.usage_topic.clone(),
+        };
         let session = cfg.kafka.session_timeout_ms;
         let mut client = rdkafka::ClientConfig::new();
         if !cfg.kafka.instance_id.is_empty() {
@@ -146,8 +158,14 @@ impl Pipeline {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", session.to_string())
             .set("heartbeat.interval.ms", (session / 6).max(100).to_string())
-            .set("max.poll.interval.ms", cfg.kafka.max_poll_interval_ms.max(session).to_string())
-            .set("receive.message.max.bytes", cfg.kafka.receive_message_max_bytes.to_string())
+            .set(
+                "max.poll.interval.ms",
+                cfg.kafka.max_poll_interval_ms.max(session).to_string(),
+            )
+            .set(
+                "receive.message.max.bytes",
+                cfg.kafka.receive_message_max_bytes.to_string(),
+            )
             .set("queued.max.messages.kbytes", "65536")
             .create_with_context(ctx)
             .map_err(|e| StageError::Fatal(format!("kafka consumer: {e}")))?;
@@ -155,8 +173,12 @@ impl Pipeline {
             .subscribe(&[&cfg.kafka.usage_topic])
             .map_err(|e| StageError::Fatal(format!("subscribe {}: {e}", cfg.kafka.usage_topic)))?;
         let dlq = dlq::producer(&cfg.kafka.brokers, &[])?;
-        let registry = (!cfg.registry.url.is_empty())
-            .then(|| RegistryClient::new(&cfg.registry.url, Duration::from_millis(cfg.registry.timeout_ms)));
+        let registry = (!cfg.registry.url.is_empty()).then(|| {
+            RegistryClient::new(
+                &cfg.registry.url,
+                Duration::from_millis(cfg.registry.timeout_ms),
+            )
+        });
         let rate = NonZeroU32::new(cfg.pipeline.fairness_events_per_sec).unwrap_or(NonZeroU32::MIN);
         let lock_conn = sqlx::PgConnection::connect_with(&crate::runner::pg_options(&cfg)?)
             .await
@@ -213,7 +235,8 @@ impl Pipeline {
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             self.process_ready(false).await?;
-            self.metrics.set_backlog(self.parts.values().any(|s| !s.buf.is_empty()));
+            self.metrics
+                .set_backlog(self.parts.values().any(|s| !s.buf.is_empty()));
             if last_commit.elapsed() >= Duration::from_millis(self.cfg.kafka.commit_interval_ms) {
                 self.commit_kafka_copy();
                 last_commit = Instant::now();
@@ -233,12 +256,19 @@ impl Pipeline {
     }
 
     fn lock_key(&self, partition: i32) -> String {
-        format!("tally:{}:{}:{partition}", self.cfg.kafka.group_id, self.cfg.kafka.usage_topic)
+        format!(
+            "tally:{}:{}:{partition}",
+            self.cfg.kafka.group_id, self.cfg.kafka.usage_topic
+        )
     }
 
     async fn apply_rebalances(&mut self) -> Result<(), StageError> {
-        let events: Vec<(bool, Vec<i32>)> =
-            self.log.events.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default();
+        let events: Vec<(bool, Vec<i32>)> = self
+            .log
+            .events
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default();
         for (assigned, parts) in events {
             for p in parts {
                 if assigned {
@@ -276,9 +306,10 @@ impl Pipeline {
             Err(e) => {
                 // The lock connection died (Postgres restart): every lock is gone.
                 tracing::warn!(error = %e, "advisory lock connection lost; reconnecting");
-                self.lock_conn = sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?)
-                    .await
-                    .map_err(|e| crate::errors::classify_pg("advisory lock reconnect", e))?;
+                self.lock_conn =
+                    sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?)
+                        .await
+                        .map_err(|e| crate::errors::classify_pg("advisory lock reconnect", e))?;
                 for st in self.parts.values_mut() {
                     *st = PartState::default();
                 }
@@ -298,7 +329,13 @@ impl Pipeline {
         st.buf.clear();
         st.buf_since = None;
         if let Some(b) = state.pending {
-            tracing::info!(partition = p, batch_id = b.batch_id, first = b.first, last = b.last, "replaying pending batch");
+            tracing::info!(
+                partition = p,
+                batch_id = b.batch_id,
+                first = b.first,
+                last = b.last,
+                "replaying pending batch"
+            );
         }
         Ok(true)
     }
@@ -337,7 +374,9 @@ impl Pipeline {
                 return Ok(());
             }
         }
-        let Some(st) = self.parts.get_mut(&p) else { return Ok(()) };
+        let Some(st) = self.parts.get_mut(&p) else {
+            return Ok(());
+        };
         if let Some(exp) = st.expected {
             if m.offset() < exp {
                 return Ok(()); // already counted or before the range
@@ -357,9 +396,12 @@ impl Pipeline {
     }
 
     fn seek(&self, p: i32, offset: i64) {
-        if let Err(e) =
-            self.consumer.seek(&self.cfg.kafka.usage_topic, p, Offset::Offset(offset), Duration::from_secs(5))
-        {
+        if let Err(e) = self.consumer.seek(
+            &self.cfg.kafka.usage_topic,
+            p,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
             tracing::warn!(partition = p, offset, error = %e, "seek failed; will retry on the next message");
         }
     }
@@ -376,14 +418,15 @@ impl Pipeline {
                 Some(b) => s.buf.last().is_some_and(|m| m.offset() >= b.last),
                 None => {
                     s.not_before.is_none_or(|t| Instant::now() >= t)
-                        && (draining || s.buf.len() >= max || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
+                        && (draining
+                            || s.buf.len() >= max
+                            || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
                 }
             })
             .map(|(p, _)| *p)
             .collect();
         for p in ready {
-            loop {
-                let Some(st) = self.parts.get_mut(&p) else { break };
+            while let Some(st) = self.parts.get_mut(&p) {
                 let take = match st.replay {
                     Some(b) => st.buf.iter().take_while(|m| m.offset() <= b.last).count(),
                     None => st.buf.len().min(max),
@@ -397,7 +440,10 @@ impl Pipeline {
                         break;
                     }
                 }
-                let st = self.parts.get_mut(&p).ok_or_else(|| StageError::Fatal("partition vanished".into()))?;
+                let st = self
+                    .parts
+                    .get_mut(&p)
+                    .ok_or_else(|| StageError::Fatal("partition vanished".into()))?;
                 let msgs: Vec<OwnedMessage> = st.buf.drain(..take).collect();
                 let replay = st.replay.take();
                 if st.buf.is_empty() {
@@ -409,7 +455,10 @@ impl Pipeline {
                 let started = Instant::now();
                 match self.process_batch(p, msgs, replay).await {
                     Ok(()) => {
-                        self.metrics.add(&self.metrics.batch_micros_total, started.elapsed().as_micros() as u64);
+                        self.metrics.add(
+                            &self.metrics.batch_micros_total,
+                            started.elapsed().as_micros() as u64,
+                        );
                         self.metrics.progressed();
                     }
                     Err(StageError::LostOwnership(m)) => {
@@ -423,7 +472,10 @@ impl Pipeline {
                     }
                     Err(e) => return Err(e),
                 }
-                let more = self.parts.get(&p).is_some_and(|s| s.buf.len() >= max || (draining && !s.buf.is_empty()));
+                let more = self
+                    .parts
+                    .get(&p)
+                    .is_some_and(|s| s.buf.len() >= max || (draining && !s.buf.is_empty()));
                 if !more {
                     break;
                 }
@@ -442,12 +494,16 @@ impl Pipeline {
         }
         let mut wait = None;
         for (tenant, n) in per_tenant {
-            let Some(n) = NonZeroU32::new(n) else { continue };
+            let Some(n) = NonZeroU32::new(n) else {
+                continue;
+            };
             let key = String::from_utf8_lossy(tenant).into_owned();
             match self.limiter.check_key_n(&key, n) {
                 Ok(Ok(())) => {}
                 Ok(Err(not_until)) => {
-                    let w = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                    let w = not_until.wait_time_from(governor::clock::Clock::now(
+                        &governor::clock::DefaultClock::default(),
+                    ));
                     wait = Some(wait.map_or(w, |x: Duration| x.max(w)));
                 }
                 // More than one second's pace in a single batch: let it through.
@@ -459,7 +515,9 @@ impl Pipeline {
 
     fn defer(&mut self, p: i32, wait: Duration) {
         self.metrics.add(&self.metrics.fairness_deferrals_total, 1);
-        let Some(st) = self.parts.get_mut(&p) else { return };
+        let Some(st) = self.parts.get_mut(&p) else {
+            return;
+        };
         st.not_before = Some(Instant::now() + wait);
         if !st.paused {
             let mut tpl = TopicPartitionList::new();
@@ -471,7 +529,9 @@ impl Pipeline {
     }
 
     fn resume_if_paused(&mut self, p: i32) {
-        let Some(st) = self.parts.get_mut(&p) else { return };
+        let Some(st) = self.parts.get_mut(&p) else {
+            return;
+        };
         st.not_before = None;
         if st.paused {
             let mut tpl = TopicPartitionList::new();
@@ -493,14 +553,20 @@ impl Pipeline {
         let lookback = ChronoDuration::hours(self.cfg.pipeline.dedup_lookback_hours);
 
         // Decode (Confluent ids are resolved through the registry first).
+        let mut t = Instant::now();
         let mut decoded = Vec::with_capacity(msgs.len());
         let mut newest: Option<DateTime<Utc>> = None;
         for m in &msgs {
-            let ts = m.timestamp().to_millis().and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+            let ts = m
+                .timestamp()
+                .to_millis()
+                .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
             newest = newest.max(ts);
             decoded.push(self.decode_one(m, ts, lookback).await?);
         }
 
+        self.metrics.stage(0, t);
+        t = Instant::now();
         // 1. Dead letters, acknowledged before anything commits.
         let poison: Vec<Poison<'_>> = msgs
             .iter()
@@ -528,7 +594,10 @@ impl Pipeline {
             })
             .collect();
         if !poison.is_empty() {
-            let (dlq_topic, src) = (self.cfg.kafka.dlq_topic.clone(), self.cfg.kafka.usage_topic.clone());
+            let (dlq_topic, src) = (
+                self.cfg.kafka.dlq_topic.clone(),
+                self.cfg.kafka.usage_topic.clone(),
+            );
             let producer = self.dlq.clone();
             let mut attempts = 0;
             loop {
@@ -560,17 +629,36 @@ impl Pipeline {
             }
         }
 
+        self.metrics.stage(1, t);
+        t = Instant::now();
         // 2. Claim the range and the event ids.
-        let ids: Vec<(uuid::Uuid, DateTime<Utc>)> = events.iter().map(|(e, _)| (e.event_id, e.occurred_at)).collect();
+        let ids: Vec<(uuid::Uuid, DateTime<Utc>)> = events
+            .iter()
+            .map(|(e, _)| (e.event_id, e.occurred_at))
+            .collect();
         let record_next = self.parts.get(&p).and_then(|s| s.record_next);
         let ledger = self.ledger.clone();
-        let (batch, owned) = retry(&self.metrics, self.cfg.pipeline.max_retries, "claim", || {
+        let (batch, owned) = retry(
+            &self.metrics,
+            self.cfg.pipeline.max_retries,
+            "claim",
+            || {
                 let (ledger, ids) = (ledger.clone(), ids.clone());
                 Box::pin(async move {
-                    ledger.claim(p, first, last, record_next, replay.map(|b| b.batch_id), &ids).await
+                    ledger
+                        .claim(
+                            p,
+                            first,
+                            last,
+                            record_next,
+                            replay.map(|b| b.batch_id),
+                            &ids,
+                        )
+                        .await
                 })
-            })
-            .await?;
+            },
+        )
+        .await?;
         if replay.is_some() {
             self.metrics.add(&self.metrics.batches_replayed_total, 1);
         }
@@ -578,46 +666,78 @@ impl Pipeline {
         events.retain(|(e, _)| owned.contains(&e.event_id));
         let duplicates = dup_in_batch + (before - events.len()) as u64;
 
+        self.metrics.stage(2, t);
+        t = Instant::now();
         // Enrich against one reference snapshot; flag over-quota events.
         let reference = self.reference.get();
-        let mut enriched: Vec<Enriched> =
-            events.into_iter().map(|(e, off)| enrich(e, &reference, self.tolerance, p, off)).collect();
+        let mut enriched: Vec<Enriched> = events
+            .into_iter()
+            .map(|(e, off)| enrich(e, &reference, self.tolerance, p, off))
+            .collect();
         self.flag_over_quota(&mut enriched, &reference).await?;
 
+        self.metrics.stage(3, t);
+        t = Instant::now();
         // 3. ClickHouse, checked first whenever an earlier attempt may have landed.
         let ch = self.ch.clone();
         let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
         let mut attempt = 0u32;
         let events_ref = &enriched;
-        let outcome = retry(&self.metrics, self.cfg.pipeline.max_retries, "clickhouse write", || {
+        let outcome = retry(
+            &self.metrics,
+            self.cfg.pipeline.max_retries,
+            "clickhouse write",
+            || {
                 let verify = replay.is_some() || attempt > 0;
                 attempt += 1;
                 let ch = ch.clone();
                 Box::pin(async move { ch.write_usage_batch(batch_id, events_ref, verify).await })
-            })
-            .await?;
-        self.metrics.add(&self.metrics.clickhouse_rows_written_total, outcome.rows_written);
-        self.metrics.add(&self.metrics.clickhouse_tables_skipped_total, u64::from(outcome.tables_skipped));
+            },
+        )
+        .await?;
+        self.metrics.add(
+            &self.metrics.clickhouse_rows_written_total,
+            outcome.rows_written,
+        );
+        self.metrics.add(
+            &self.metrics.clickhouse_tables_skipped_total,
+            u64::from(outcome.tables_skipped),
+        );
 
+        self.metrics.stage(4, t);
+        t = Instant::now();
         // 4. The single Postgres commit.
-        let tolerance = self.tolerance;
-        let reference_ref = &reference;
-        let dead_ref = &dead;
-        let committed = retry(&self.metrics, self.cfg.pipeline.max_retries, "commit", || {
+        let input = CommitInput {
+            events: &enriched,
+            reference: &reference,
+            dead: &dead,
+            newest_message_at: newest,
+            tolerance: self.tolerance,
+        };
+        let input_ref = &input;
+        let committed = retry(
+            &self.metrics,
+            self.cfg.pipeline.max_retries,
+            "commit",
+            || {
                 let ledger = ledger.clone();
                 Box::pin(async move {
-                    match ledger.commit(p, batch, events_ref, reference_ref, dead_ref, newest, tolerance).await {
+                    match ledger.commit(p, batch, input_ref).await {
                         Ok(o) => Ok(Some(o)),
                         // A commit whose reply was lost may have landed: check.
-                        Err(e @ StageError::Retryable(_)) => match ledger.batch_done(batch.batch_id).await {
-                            Ok(true) => Ok(None),
-                            _ => Err(e),
-                        },
+                        Err(e @ StageError::Retryable(_)) => {
+                            match ledger.batch_done(batch.batch_id).await {
+                                Ok(true) => Ok(None),
+                                _ => Err(e),
+                            }
+                        }
                         Err(e) => Err(e),
                     }
                 })
-            })
-            .await?;
+            },
+        )
+        .await?;
+        self.metrics.stage(5, t);
         let violations = committed.map(|c| c.violations_new).unwrap_or(0);
         if let Some(st) = self.parts.get_mut(&p) {
             st.record_next = Some(last + 1);
@@ -657,11 +777,14 @@ impl Pipeline {
                     loop {
                         match reg.ensure(&self.decoder, schema_id).await {
                             Ok(Lookup::Registered | Lookup::Unknown) => break,
-                            Err(e) if e.is_retryable() && attempts < self.cfg.pipeline.max_retries => {
+                            Err(e)
+                                if e.is_retryable() && attempts < self.cfg.pipeline.max_retries =>
+                            {
                                 attempts += 1;
                                 self.metrics.add(&self.metrics.retries_total, 1);
                                 tracing::warn!(error = %e, schema_id, "schema registry: retrying");
-                                tokio::time::sleep(Duration::from_millis(250 * attempts as u64)).await;
+                                tokio::time::sleep(Duration::from_millis(250 * attempts as u64))
+                                    .await;
                             }
                             Err(e) => return Err(e),
                         }
@@ -686,7 +809,10 @@ impl Pipeline {
                     Decoded::Event(Box::new(e))
                 }
             }
-            Err(e) => Decoded::Poison { class: e.class(), message: e.to_string() },
+            Err(e) => Decoded::Poison {
+                class: e.class(),
+                message: e.to_string(),
+            },
         })
     }
 
@@ -699,8 +825,17 @@ impl Pipeline {
     ) -> Result<(), StageError> {
         let keys: Vec<(String, DateTime<Utc>)> = events
             .iter()
-            .filter(|e| reference.tenants.get(&e.event.tenant_id).is_some_and(|t| t.requests_per_minute.is_some() || t.tokens_per_minute.is_some()))
-            .map(|e| (e.event.tenant_id.clone(), bucket_start(e.event.occurred_at, Granularity::Minute)))
+            .filter(|e| {
+                reference.tenants.get(&e.event.tenant_id).is_some_and(|t| {
+                    t.requests_per_minute.is_some() || t.tokens_per_minute.is_some()
+                })
+            })
+            .map(|e| {
+                (
+                    e.event.tenant_id.clone(),
+                    bucket_start(e.event.occurred_at, Granularity::Minute),
+                )
+            })
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -709,12 +844,18 @@ impl Pipeline {
         }
         let mut counts = self.ledger.quota_usage(&keys).await?;
         for e in events.iter_mut() {
-            let Some(t) = reference.tenants.get(&e.event.tenant_id) else { continue };
-            let key = (e.event.tenant_id.clone(), bucket_start(e.event.occurred_at, Granularity::Minute));
+            let Some(t) = reference.tenants.get(&e.event.tenant_id) else {
+                continue;
+            };
+            let key = (
+                e.event.tenant_id.clone(),
+                bucket_start(e.event.occurred_at, Granularity::Minute),
+            );
             let c = counts.entry(key).or_insert((0, 0));
             c.0 += 1;
             c.1 += e.tokens().total();
-            e.over_quota = t.requests_per_minute.is_some_and(|l| c.0 > l) || t.tokens_per_minute.is_some_and(|l| c.1 > l);
+            e.over_quota = t.requests_per_minute.is_some_and(|l| c.0 > l)
+                || t.tokens_per_minute.is_some_and(|l| c.1 > l);
         }
         Ok(())
     }
@@ -724,7 +865,8 @@ impl Pipeline {
         let mut tpl = TopicPartitionList::new();
         for (p, st) in &self.parts {
             if let (true, Some(n)) = (st.owned, st.record_next) {
-                let _ = tpl.add_partition_offset(&self.cfg.kafka.usage_topic, *p, Offset::Offset(n));
+                let _ =
+                    tpl.add_partition_offset(&self.cfg.kafka.usage_topic, *p, Offset::Offset(n));
             }
         }
         if tpl.count() > 0 {
@@ -746,7 +888,12 @@ fn backoff(max_retries: usize) -> impl Iterator<Item = Duration> {
 
 /// Retries a Retryable step with exponential backoff (backon); anything else,
 /// or running out of retries, is returned (the latter as Fatal).
-async fn retry<T, F, Fut>(metrics: &Metrics, max_retries: usize, what: &'static str, mut f: F) -> Result<T, StageError>
+async fn retry<T, F, Fut>(
+    metrics: &Metrics,
+    max_retries: usize,
+    what: &'static str,
+    mut f: F,
+) -> Result<T, StageError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StageError>>,
@@ -760,7 +907,11 @@ where
                     metrics.add(&metrics.retries_total, 1);
                     tokio::time::sleep(d).await;
                 }
-                None => return Err(StageError::Fatal(format!("{what}: gave up after {max_retries} retries: {e}"))),
+                None => {
+                    return Err(StageError::Fatal(format!(
+                        "{what}: gave up after {max_retries} retries: {e}"
+                    )))
+                }
             },
             other => return other,
         }

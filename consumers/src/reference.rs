@@ -17,18 +17,24 @@ use std::sync::{Arc, RwLock};
 
 pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
     let pg = |c: &'static str| move |e| classify_pg(c, e);
-    let tenants = sqlx::query("SELECT tenant_id, name, requests_per_minute, tokens_per_minute FROM tally.tenants")
-        .fetch_all(pool)
-        .await
-        .map_err(pg("load tenants"))?
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<String, _>(0),
-                TenantInfo { name: r.get(1), requests_per_minute: r.get(2), tokens_per_minute: r.get(3) },
-            )
-        })
-        .collect::<HashMap<_, _>>();
+    let tenants = sqlx::query(
+        "SELECT tenant_id, name, requests_per_minute, tokens_per_minute FROM tally.tenants",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(pg("load tenants"))?
+    .into_iter()
+    .map(|r| {
+        (
+            r.get::<String, _>(0),
+            TenantInfo {
+                name: r.get(1),
+                requests_per_minute: r.get(2),
+                tokens_per_minute: r.get(3),
+            },
+        )
+    })
+    .collect::<HashMap<_, _>>();
     let prices = sqlx::query(
         "SELECT provider, model, effective_from, currency, input_per_m, cached_input_per_m, cache_write_per_m, \
          output_per_m, reasoning_per_m FROM tally.prices",
@@ -73,7 +79,11 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
         }
     })
     .collect();
-    Ok(Reference { tenants, prices: PriceBook::new(prices), budgets })
+    Ok(Reference {
+        tenants,
+        prices: PriceBook::new(prices),
+        budgets,
+    })
 }
 
 /// The current snapshot, shared between the pipeline and the refresher.

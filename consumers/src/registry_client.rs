@@ -28,7 +28,11 @@ pub struct RegistryClient {
 impl RegistryClient {
     pub fn new(base: &str, timeout: Duration) -> Self {
         let http = Client::builder(TokioExecutor::new()).build_http();
-        Self { base: base.trim_end_matches('/').to_string(), timeout, http }
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            timeout,
+            http,
+        }
     }
 
     /// Makes sure `id` is registered in `decoder`, fetching it if needed.
@@ -54,12 +58,16 @@ impl RegistryClient {
             return Ok(Lookup::Unknown);
         }
         if !status.is_success() {
-            return Err(StageError::Retryable(format!("schema registry {url}: HTTP {status}")));
+            return Err(StageError::Retryable(format!(
+                "schema registry {url}: HTTP {status}"
+            )));
         }
         let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| StageError::Retryable(format!("schema registry {url}: bad JSON: {e}")))?;
         let Some(schema) = v.get("schema").and_then(|s| s.as_str()) else {
-            return Err(StageError::Retryable(format!("schema registry {url}: no `schema` field")));
+            return Err(StageError::Retryable(format!(
+                "schema registry {url}: no `schema` field"
+            )));
         };
         match decoder.register_confluent_schema(id, schema) {
             Ok(()) => Ok(Lookup::Registered),

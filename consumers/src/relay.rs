@@ -74,13 +74,16 @@ async fn relay_while_leader(
     // lock is released by Postgres when its connection drops.
     let opts = sqlx::postgres::PgConnectOptions::from_str(&cfg.postgres_url)
         .map_err(|e| StageError::Fatal(format!("config key `postgres.url`: {e}")))?;
-    let mut lock_conn = sqlx::PgConnection::connect_with(&opts).await.map_err(pg("relay lock connect"))?;
+    let mut lock_conn = sqlx::PgConnection::connect_with(&opts)
+        .await
+        .map_err(pg("relay lock connect"))?;
     loop {
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('tally-relay:' || $1))")
-            .bind(&cfg.topic)
-            .fetch_one(&mut lock_conn)
-            .await
-            .map_err(pg("relay lock"))?;
+        let got: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('tally-relay:' || $1))")
+                .bind(&cfg.topic)
+                .fetch_one(&mut lock_conn)
+                .await
+                .map_err(pg("relay lock"))?;
         if got {
             break;
         }
@@ -99,7 +102,10 @@ async fn relay_while_leader(
         metrics.add(&metrics.violations_published_total, sent as u64);
         if sent == 0 {
             // keep the lock connection alive and notice if it died
-            sqlx::query("SELECT 1").execute(&mut lock_conn).await.map_err(pg("relay lock ping"))?;
+            sqlx::query("SELECT 1")
+                .execute(&mut lock_conn)
+                .await
+                .map_err(pg("relay lock ping"))?;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = shutdown.changed() => {}
@@ -128,7 +134,11 @@ fn row_to_violation(r: &sqlx::postgres::PgRow) -> ComplianceViolation {
 }
 
 /// Publishes up to one batch of unpublished violations; returns how many.
-async fn publish_once(cfg: &RelayConfig, pool: &PgPool, producer: &FutureProducer) -> Result<usize, StageError> {
+async fn publish_once(
+    cfg: &RelayConfig,
+    pool: &PgPool,
+    producer: &FutureProducer,
+) -> Result<usize, StageError> {
     let rows = sqlx::query(
         "SELECT * FROM tally.violations WHERE published_at IS NULL ORDER BY detected_at, violation_id LIMIT $1",
     )
@@ -156,10 +166,21 @@ async fn publish_once(cfg: &RelayConfig, pool: &PgPool, producer: &FutureProduce
         let payload = encode_json(v);
         let id = v.violation_id.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "tally.violation_id", value: Some(&id) })
-            .insert(Header { key: "tally.rule", value: Some(&v.rule) });
-        let record = FutureRecord::to(&cfg.topic).key(&v.tenant_id).payload(&payload).headers(headers);
-        let fut = producer.send_result(record).map_err(|(e, _)| classify_kafka("violation enqueue", &e))?;
+            .insert(Header {
+                key: "tally.violation_id",
+                value: Some(&id),
+            })
+            .insert(Header {
+                key: "tally.rule",
+                value: Some(&v.rule),
+            });
+        let record = FutureRecord::to(&cfg.topic)
+            .key(&v.tenant_id)
+            .payload(&payload)
+            .headers(headers);
+        let fut = producer
+            .send_result(record)
+            .map_err(|(e, _)| classify_kafka("violation enqueue", &e))?;
         pending.push(fut);
     }
     for fut in pending {
@@ -187,18 +208,29 @@ async fn publish_once(cfg: &RelayConfig, pool: &PgPool, producer: &FutureProduce
 /// Settles attempts a previous leader left unfinished: ids already on the topic
 /// are marked published; the rest stay in the outbox and go out again.
 async fn reconcile(cfg: &RelayConfig, pool: &PgPool) -> Result<(), StageError> {
-    let attempts = sqlx::query("SELECT attempt_id, end_offsets, violation_ids FROM tally.relay_attempts WHERE topic = $1")
-        .bind(&cfg.topic)
-        .fetch_all(pool)
-        .await
-        .map_err(pg("relay read attempts"))?;
+    let attempts = sqlx::query(
+        "SELECT attempt_id, end_offsets, violation_ids FROM tally.relay_attempts WHERE topic = $1",
+    )
+    .bind(&cfg.topic)
+    .fetch_all(pool)
+    .await
+    .map_err(pg("relay read attempts"))?;
     for a in attempts {
         let attempt_id: i64 = a.get(0);
         let from: Vec<i64> = a.get(1);
         let ids: Vec<Uuid> = a.get(2);
         let on_topic = ids_on_topic(&cfg.brokers, &cfg.topic, &from).await?;
-        let found: Vec<Uuid> = ids.iter().copied().filter(|id| on_topic.contains(id)).collect();
-        tracing::info!(attempt_id, found = found.len(), of = ids.len(), "violation relay: reconciled an unfinished attempt");
+        let found: Vec<Uuid> = ids
+            .iter()
+            .copied()
+            .filter(|id| on_topic.contains(id))
+            .collect();
+        tracing::info!(
+            attempt_id,
+            found = found.len(),
+            of = ids.len(),
+            "violation relay: reconciled an unfinished attempt"
+        );
         let mut tx = pool.begin().await.map_err(pg("relay reconcile begin"))?;
         sqlx::query("UPDATE tally.violations SET published_at = now() WHERE violation_id = ANY($1) AND published_at IS NULL")
             .bind(&found)
@@ -235,9 +267,15 @@ pub async fn end_offsets(brokers: &str, topic: &str) -> Result<Vec<i64>, StageEr
         let md = c
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .map_err(|e| classify_kafka("topic metadata", &e))?;
-        let n = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        let n = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
         if n == 0 {
-            return Err(StageError::Retryable(format!("topic {topic} has no partitions (not created yet?)")));
+            return Err(StageError::Retryable(format!(
+                "topic {topic} has no partitions (not created yet?)"
+            )));
         }
         (0..n)
             .map(|p| {
@@ -253,7 +291,11 @@ pub async fn end_offsets(brokers: &str, topic: &str) -> Result<Vec<i64>, StageEr
 }
 
 /// Violation ids present on `topic` from `from[p]` to the end of each partition.
-async fn ids_on_topic(brokers: &str, topic: &str, from: &[i64]) -> Result<HashSet<Uuid>, StageError> {
+async fn ids_on_topic(
+    brokers: &str,
+    topic: &str,
+    from: &[i64],
+) -> Result<HashSet<Uuid>, StageError> {
     let ends = end_offsets(brokers, topic).await?;
     let brokers = brokers.to_string();
     let topic = topic.to_string();
@@ -266,7 +308,8 @@ async fn ids_on_topic(brokers: &str, topic: &str, from: &[i64]) -> Result<HashSe
             tpl.add_partition_offset(&topic, p, Offset::Offset(*start))
                 .map_err(|e| classify_kafka("relay scan assign", &e))?;
         }
-        c.assign(&tpl).map_err(|e| classify_kafka("relay scan assign", &e))?;
+        c.assign(&tpl)
+            .map_err(|e| classify_kafka("relay scan assign", &e))?;
         let mut found = HashSet::new();
         let mut reached = vec![false; from.len()];
         for (p, (s, e)) in from.iter().zip(ends.iter()).enumerate() {
@@ -278,7 +321,9 @@ async fn ids_on_topic(brokers: &str, topic: &str, from: &[i64]) -> Result<HashSe
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while idle < 4 {
             if std::time::Instant::now() > deadline {
-                return Err(StageError::Retryable(format!("relay scan of {topic} did not reach the end")));
+                return Err(StageError::Retryable(format!(
+                    "relay scan of {topic} did not reach the end"
+                )));
             }
             match c.poll(Duration::from_millis(250)) {
                 Some(Ok(m)) => {

@@ -26,7 +26,10 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
     let ch = ClickHouseSink::new(&cfg.clickhouse);
     let mut out = String::new();
     out.push_str("== Spend by tenant and model (ClickHouse usage_1d, top 15) ==\n");
-    out.push_str(&format!("{:<12} {:<10} {:<18} {:>9} {:>12} {:>16}\n", "tenant", "provider", "model", "requests", "tokens", "cost"));
+    out.push_str(&format!(
+        "{:<12} {:<10} {:<18} {:>9} {:>12} {:>16}\n",
+        "tenant", "provider", "model", "requests", "tokens", "cost"
+    ));
     let sql = format!(
         "SELECT tenant_id, provider, model, sum(requests) AS requests, \
          sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens + reasoning_tokens) AS tokens, \
@@ -34,13 +37,22 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
          ORDER BY sum(cost) DESC, tenant_id, provider, model LIMIT 15",
         cfg.clickhouse.database
     );
-    let rows: Vec<SpendRow> =
-        ch.client().query(&sql).fetch_all().await.map_err(|e| classify_ch("report spend", e))?;
+    let rows: Vec<SpendRow> = ch
+        .client()
+        .query(&sql)
+        .fetch_all()
+        .await
+        .map_err(|e| classify_ch("report spend", e))?;
     for r in rows {
         let cost: Decimal = r.total_cost.parse().unwrap_or_default();
         out.push_str(&format!(
             "{:<12} {:<10} {:<18} {:>9} {:>12} {:>16}\n",
-            r.tenant_id, r.provider, r.model, r.requests, r.tokens, cost.round_dp(6)
+            r.tenant_id,
+            r.provider,
+            r.model,
+            r.requests,
+            r.tokens,
+            cost.round_dp(6)
         ));
     }
     let totals = sqlx::query(
@@ -83,16 +95,28 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
     .map_err(pg("report violations"))?;
     for v in vs {
         let (rule, n, published): (String, i64, i64) = (v.get(0), v.get(1), v.get(2));
-        out.push_str(&format!("{rule:<22} {n:>6} raised, {published:>6} published to {}\n", cfg.kafka.violation_topic));
+        out.push_str(&format!(
+            "{rule:<22} {n:>6} raised, {published:>6} published to {}\n",
+            cfg.kafka.violation_topic
+        ));
     }
-    let dlq = sqlx::query("SELECT error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 2 DESC")
-        .fetch_all(pool)
-        .await
-        .map_err(pg("report dead letters"))?;
+    let dlq = sqlx::query(
+        "SELECT error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 2 DESC",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(pg("report dead letters"))?;
     let total: i64 = dlq.iter().map(|r| r.get::<i64, _>(1)).sum();
-    out.push_str(&format!("\n== Dead letters: {total} messages on {} ==\n", cfg.kafka.dlq_topic));
+    out.push_str(&format!(
+        "\n== Dead letters: {total} messages on {} ==\n",
+        cfg.kafka.dlq_topic
+    ));
     for r in dlq {
-        out.push_str(&format!("{:<24} {:>6}\n", r.get::<String, _>(0), r.get::<i64, _>(1)));
+        out.push_str(&format!(
+            "{:<24} {:>6}\n",
+            r.get::<String, _>(0),
+            r.get::<i64, _>(1)
+        ));
     }
     Ok(out)
 }
@@ -114,7 +138,10 @@ pub async fn wait_idle(cfg: &Config, pool: &PgPool, timeout: Duration) -> Result
         .await
         .map_err(pg("wait offsets"))?;
         let caught_up = ends.iter().enumerate().all(|(p, end)| {
-            *end == 0 || offsets.iter().any(|(q, n)| usize::try_from(*q).ok() == Some(p) && n >= end)
+            *end == 0
+                || offsets
+                    .iter()
+                    .any(|(q, n)| usize::try_from(*q).ok() == Some(p) && n >= end)
         });
         let busy: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM tally.batches WHERE state = 'pending') + \

@@ -133,9 +133,18 @@ mod tests {
     #[test]
     fn buckets() {
         let ts = Utc.with_ymd_and_hms(2026, 3, 4, 5, 6, 7).unwrap();
-        assert_eq!(bucket_start(ts, Granularity::Minute), Utc.with_ymd_and_hms(2026, 3, 4, 5, 6, 0).unwrap());
-        assert_eq!(bucket_start(ts, Granularity::Hour), Utc.with_ymd_and_hms(2026, 3, 4, 5, 0, 0).unwrap());
-        assert_eq!(bucket_start(ts, Granularity::Day), Utc.with_ymd_and_hms(2026, 3, 4, 0, 0, 0).unwrap());
+        assert_eq!(
+            bucket_start(ts, Granularity::Minute),
+            Utc.with_ymd_and_hms(2026, 3, 4, 5, 6, 0).unwrap()
+        );
+        assert_eq!(
+            bucket_start(ts, Granularity::Hour),
+            Utc.with_ymd_and_hms(2026, 3, 4, 5, 0, 0).unwrap()
+        );
+        assert_eq!(
+            bucket_start(ts, Granularity::Day),
+            Utc.with_ymd_and_hms(2026, 3, 4, 0, 0, 0).unwrap()
+        );
     }
 
     proptest! {

@@ -29,7 +29,11 @@ pub fn period_bounds(day: NaiveDate, period: BudgetPeriod) -> (NaiveDate, NaiveD
         BudgetPeriod::Day => (day, day + Duration::days(1)),
         BudgetPeriod::Month => {
             let start = NaiveDate::from_ymd_opt(day.year(), day.month(), 1).unwrap_or(day);
-            let (y, m) = if day.month() == 12 { (day.year() + 1, 1) } else { (day.year(), day.month() + 1) };
+            let (y, m) = if day.month() == 12 {
+                (day.year() + 1, 1)
+            } else {
+                (day.year(), day.month() + 1)
+            };
             (start, NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(day))
         }
     }
@@ -86,7 +90,10 @@ pub fn budget_violation(
         None => ("tenant", budget.tenant_id.clone()),
     };
     ComplianceViolation {
-        violation_id: violation_id("budget_threshold", &[&budget.budget_id, &start.to_string(), &pct_s]),
+        violation_id: violation_id(
+            "budget_threshold",
+            &[&budget.budget_id, &start.to_string(), &pct_s],
+        ),
         rule: "budget_threshold".into(),
         severity: severity_for_pct(pct),
         tenant_id: budget.tenant_id.clone(),
@@ -133,7 +140,10 @@ pub fn quota_violation(
     detected_at: DateTime<Utc>,
 ) -> ComplianceViolation {
     ComplianceViolation {
-        violation_id: violation_id("rate_limit_exceeded", &[tenant_id, &minute.to_rfc3339(), kind.as_str()]),
+        violation_id: violation_id(
+            "rate_limit_exceeded",
+            &[tenant_id, &minute.to_rfc3339(), kind.as_str()],
+        ),
         rule: "rate_limit_exceeded".into(),
         severity: Severity::Medium,
         tenant_id: tenant_id.into(),
@@ -145,7 +155,10 @@ pub fn quota_violation(
         threshold: Decimal::from(limit),
         evidence_event_ids: vec![evidence.event.event_id.to_string()],
         detected_at,
-        message: format!("tenant {tenant_id} exceeded {} ({observed} > {limit}) in minute {minute}", kind.as_str()),
+        message: format!(
+            "tenant {tenant_id} exceeded {} ({observed} > {limit}) in minute {minute}",
+            kind.as_str()
+        ),
     }
 }
 
@@ -176,7 +189,10 @@ pub fn unpriced_model_violation(e: &Enriched, detected_at: DateTime<Utc>) -> Com
     let ev = &e.event;
     let subject = format!("{}/{}", ev.provider, ev.model);
     ComplianceViolation {
-        violation_id: violation_id("unpriced_model", &[&ev.tenant_id, &subject, &day.to_string()]),
+        violation_id: violation_id(
+            "unpriced_model",
+            &[&ev.tenant_id, &subject, &day.to_string()],
+        ),
         rule: "unpriced_model".into(),
         severity: Severity::Low,
         tenant_id: ev.tenant_id.clone(),
@@ -188,12 +204,19 @@ pub fn unpriced_model_violation(e: &Enriched, detected_at: DateTime<Utc>) -> Com
         threshold: Decimal::ZERO,
         evidence_event_ids: vec![ev.event_id.to_string()],
         detected_at,
-        message: format!("no {} price in force for {subject} on {day}; tokens counted, cost 0", ev.currency),
+        message: format!(
+            "no {} price in force for {subject} on {day}; tokens counted, cost 0",
+            ev.currency
+        ),
     }
 }
 
 /// Once per event: the emitter's reported cost differs from tally's beyond the tolerance.
-pub fn cost_mismatch_violation(e: &Enriched, tolerance: Decimal, detected_at: DateTime<Utc>) -> ComplianceViolation {
+pub fn cost_mismatch_violation(
+    e: &Enriched,
+    tolerance: Decimal,
+    detected_at: DateTime<Utc>,
+) -> ComplianceViolation {
     let ev = &e.event;
     let reported = ev.reported_cost.unwrap_or_default();
     ComplianceViolation {
@@ -236,7 +259,10 @@ mod tests {
 
     #[test]
     fn ids_are_deterministic_and_distinct() {
-        assert_eq!(violation_id("r", &["a", "b"]), violation_id("r", &["a", "b"]));
+        assert_eq!(
+            violation_id("r", &["a", "b"]),
+            violation_id("r", &["a", "b"])
+        );
         assert_ne!(violation_id("r", &["a", "b"]), violation_id("r", &["ab"]));
         assert_ne!(violation_id("r", &["a"]), violation_id("s", &["a"]));
     }
@@ -246,16 +272,25 @@ mod tests {
         let d = NaiveDate::from_ymd_opt(2026, 12, 15).unwrap();
         assert_eq!(
             period_bounds(d, BudgetPeriod::Month),
-            (NaiveDate::from_ymd_opt(2026, 12, 1).unwrap(), NaiveDate::from_ymd_opt(2027, 1, 1).unwrap())
+            (
+                NaiveDate::from_ymd_opt(2026, 12, 1).unwrap(),
+                NaiveDate::from_ymd_opt(2027, 1, 1).unwrap()
+            )
         );
     }
 
     #[test]
     fn crossing_exactly_at_the_threshold_counts_once() {
         let b = budget(100);
-        assert_eq!(budget_crossings(Decimal::ZERO, Decimal::from(50), &b), vec![Decimal::from(50)]);
+        assert_eq!(
+            budget_crossings(Decimal::ZERO, Decimal::from(50), &b),
+            vec![Decimal::from(50)]
+        );
         assert!(budget_crossings(Decimal::from(50), Decimal::from(60), &b).is_empty());
-        assert_eq!(budget_crossings(Decimal::from(10), Decimal::from(500), &b).len(), 3);
+        assert_eq!(
+            budget_crossings(Decimal::from(10), Decimal::from(500), &b).len(),
+            3
+        );
     }
 
     proptest! {

@@ -48,8 +48,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
 
     let mut tasks = Vec::new();
     {
-        let (pool, reference, every) =
-            (pool.clone(), reference.clone(), Duration::from_millis(cfg.pipeline.reference_refresh_ms));
+        let (pool, reference, every) = (
+            pool.clone(),
+            reference.clone(),
+            Duration::from_millis(cfg.pipeline.reference_refresh_ms),
+        );
         let mut stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -65,7 +68,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
         }));
     }
     {
-        let (ledger, lookback) = (ledger.clone(), chrono::Duration::hours(cfg.pipeline.dedup_lookback_hours));
+        let (ledger, lookback) = (
+            ledger.clone(),
+            chrono::Duration::hours(cfg.pipeline.dedup_lookback_hours),
+        );
         let mut stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -74,15 +80,20 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
                     _ = stop.changed() => return,
                 }
                 match ledger.prune_seen(lookback).await {
-                    Ok(n) => tracing::info!(pruned = n, "pruned event ids beyond the dedup look-back"),
+                    Ok(n) => {
+                        tracing::info!(pruned = n, "pruned event ids beyond the dedup look-back")
+                    }
                     Err(e) => tracing::warn!(error = %e, "pruning seen events failed"),
                 }
             }
         }));
     }
     if !cfg.server.listen.is_empty() {
-        let (listen, m, stall) =
-            (cfg.server.listen.clone(), metrics.clone(), Duration::from_millis(cfg.server.stall_after_ms));
+        let (listen, m, stall) = (
+            cfg.server.listen.clone(),
+            metrics.clone(),
+            Duration::from_millis(cfg.server.stall_after_ms),
+        );
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::health::serve(listen, m, stall, stop).await {
@@ -97,7 +108,12 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
             postgres_url: cfg.postgres.url.clone(),
             batch: 1000,
         };
-        tokio::spawn(relay::run(rc, pool.clone(), metrics.clone(), shutdown.clone()))
+        tokio::spawn(relay::run(
+            rc,
+            pool.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ))
     };
 
     let pipeline = Pipeline::new(cfg, ledger, ch, reference, metrics.clone()).await?;

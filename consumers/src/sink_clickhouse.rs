@@ -170,7 +170,10 @@ impl ClickHouseSink {
             .with_database(&cfg.database)
             // 18.16 lacks RowBinaryWithNamesAndTypes.
             .with_validation(false);
-        Self { client, database: cfg.database.clone() }
+        Self {
+            client,
+            database: cfg.database.clone(),
+        }
     }
 
     pub fn client(&self) -> &clickhouse::Client {
@@ -179,12 +182,19 @@ impl ClickHouseSink {
 
     /// Runs one statement (DDL, maintenance).
     pub async fn execute(&self, sql: &str) -> Result<(), StageError> {
-        self.client.query(sql).execute().await.map_err(|e| classify_ch("clickhouse statement", e))
+        self.client
+            .query(sql)
+            .execute()
+            .await
+            .map_err(|e| classify_ch("clickhouse statement", e))
     }
 
     /// Rows of `table` written by `batch_id`.
     pub async fn batch_rows(&self, table: &str, batch_id: u64) -> Result<u64, StageError> {
-        let sql = format!("SELECT count() AS n FROM {}.{} WHERE batch_id = ?", self.database, table);
+        let sql = format!(
+            "SELECT count() AS n FROM {}.{} WHERE batch_id = ?",
+            self.database, table
+        );
         let row: CountRow = self
             .client
             .query(&sql)
@@ -208,14 +218,18 @@ impl ClickHouseSink {
             return Ok(outcome);
         }
         let now = Utc::now();
-        for table in USAGE_TABLES {
+        // The four inserts are independent (each is checked on its own), so
+        // they run concurrently.
+        let write = |table: &'static str| async move {
             if verify_first && self.batch_rows(table, batch_id).await? > 0 {
-                outcome.tables_skipped += 1;
-                continue;
+                return Ok::<_, StageError>(None);
             }
             let rows = match table {
                 "usage_events" => {
-                    let rows: Vec<UsageRow> = events.iter().map(|e| UsageRow::new(e, batch_id, now)).collect();
+                    let rows: Vec<UsageRow> = events
+                        .iter()
+                        .map(|e| UsageRow::new(e, batch_id, now))
+                        .collect();
                     self.insert(table, &rows).await?;
                     rows.len()
                 }
@@ -230,8 +244,17 @@ impl ClickHouseSink {
                     rows.len()
                 }
             };
-            outcome.rows_written += rows as u64;
-            outcome.tables_written += 1;
+            Ok(Some(rows))
+        };
+        let results = futures::future::join_all(USAGE_TABLES.map(write)).await;
+        for r in results {
+            match r? {
+                Some(rows) => {
+                    outcome.rows_written += rows as u64;
+                    outcome.tables_written += 1;
+                }
+                None => outcome.tables_skipped += 1,
+            }
         }
         Ok(outcome)
     }
@@ -246,9 +269,15 @@ impl ClickHouseSink {
             .await
             .map_err(|e| classify_ch("clickhouse insert", e))?;
         for row in rows {
-            insert.write(row).await.map_err(|e| classify_ch("clickhouse insert", e))?;
+            insert
+                .write(row)
+                .await
+                .map_err(|e| classify_ch("clickhouse insert", e))?;
         }
-        insert.end().await.map_err(|e| classify_ch("clickhouse insert", e))
+        insert
+            .end()
+            .await
+            .map_err(|e| classify_ch("clickhouse insert", e))
     }
 }
 
@@ -266,8 +295,14 @@ mod tests {
 
     #[test]
     fn decimal_scaling_is_exact() {
-        assert_eq!(decimal_38_12(Decimal::from_str("1.5").unwrap()), 1_500_000_000_000);
-        assert_eq!(decimal_38_12(Decimal::from_str("0.000000000001").unwrap()), 1);
+        assert_eq!(
+            decimal_38_12(Decimal::from_str("1.5").unwrap()),
+            1_500_000_000_000
+        );
+        assert_eq!(
+            decimal_38_12(Decimal::from_str("0.000000000001").unwrap()),
+            1
+        );
         assert_eq!(decimal_38_12(Decimal::ZERO), 0);
     }
 }

@@ -18,7 +18,10 @@ use tally_producers::{GenKind, GenMessage, World};
 use tally_schemas::UsageEvent;
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 static UP: Once = Once::new();
@@ -44,16 +47,30 @@ pub struct TestEnv {
 }
 
 fn admin_pg_url() -> String {
-    std::env::var("TALLY__POSTGRES__URL").unwrap_or_else(|_| "postgres://tally@127.0.0.1:5432/tally".into())
+    std::env::var("TALLY__POSTGRES__URL")
+        .unwrap_or_else(|_| "postgres://tally@127.0.0.1:5432/tally".into())
 }
 
 /// Creates fresh databases and topics named after `name` and a unique suffix.
-pub async fn test_env(name: &str, partitions: i32, extra: &[(&str, &str)]) -> anyhow::Result<TestEnv> {
+pub async fn test_env(
+    name: &str,
+    partitions: i32,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<TestEnv> {
     services_up();
-    let suffix = format!("{}_{}", std::process::id(), Utc::now().timestamp_millis() % 100_000_000);
+    let suffix = format!(
+        "{}_{}",
+        std::process::id(),
+        Utc::now().timestamp_millis() % 100_000_000
+    );
     let db = format!("tally_t_{name}_{suffix}");
-    let admin = PgPool::connect(&admin_pg_url()).await.context("connect admin postgres")?;
-    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.context("create test database")?;
+    let admin = PgPool::connect(&admin_pg_url())
+        .await
+        .context("connect admin postgres")?;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await
+        .context("create test database")?;
     admin.close().await;
     let base = admin_pg_url();
     let pg_url = match base.rsplit_once('/') {
@@ -66,9 +83,18 @@ pub async fn test_env(name: &str, partitions: i32, extra: &[(&str, &str)]) -> an
         ("TALLY__CLICKHOUSE__DATABASE".into(), db.clone()),
         ("TALLY__KAFKA__USAGE_TOPIC".into(), topic.clone()),
         ("TALLY__KAFKA__DLQ_TOPIC".into(), format!("{topic}.dlq")),
-        ("TALLY__KAFKA__VIOLATION_TOPIC".into(), format!("t.{name}.{suffix}.violations")),
-        ("TALLY__KAFKA__GROUP_ID".into(), format!("g-{name}-{suffix}")),
-        ("TALLY__KAFKA__USAGE_PARTITIONS".into(), partitions.to_string()),
+        (
+            "TALLY__KAFKA__VIOLATION_TOPIC".into(),
+            format!("t.{name}.{suffix}.violations"),
+        ),
+        (
+            "TALLY__KAFKA__GROUP_ID".into(),
+            format!("g-{name}-{suffix}"),
+        ),
+        (
+            "TALLY__KAFKA__USAGE_PARTITIONS".into(),
+            partitions.to_string(),
+        ),
         ("TALLY__SERVER__LISTEN".into(), String::new()),
         ("TALLY__PIPELINE__BATCH_LINGER_MS".into(), "200".into()),
         ("TALLY__KAFKA__MAX_POLL_INTERVAL_MS".into(), "10000".into()),
@@ -87,7 +113,12 @@ pub async fn test_env(name: &str, partitions: i32, extra: &[(&str, &str)]) -> an
     tally::migrate::postgres(&pool).await?;
     tally::migrate::clickhouse(&cfg).await?;
     tally::migrate::topics(&cfg).await?;
-    Ok(TestEnv { name: name.into(), cfg, env, pool })
+    Ok(TestEnv {
+        name: name.into(),
+        cfg,
+        env,
+        pool,
+    })
 }
 
 impl TestEnv {
@@ -135,7 +166,10 @@ impl TestEnv {
         std::fs::create_dir_all(&log_dir)?;
         let log = std::fs::File::create(log_dir.join(format!("{}-{log_name}.log", self.name)))?;
         let mut cmd = Command::new(bin);
-        cmd.arg("run").stdout(Stdio::null()).stderr(log).env("TALLY_LOG", "info");
+        cmd.arg("run")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("TALLY_LOG", "info");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -156,7 +190,10 @@ pub fn tally_binary() -> anyhow::Result<PathBuf> {
     }
     let bin = dir.join("tally");
     if !bin.exists() {
-        bail!("{} not found: run `cargo build -p tally` first (make test does)", bin.display());
+        bail!(
+            "{} not found: run `cargo build -p tally` first (make test does)",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -167,7 +204,10 @@ pub fn kill9(child: &mut Child) {
 }
 
 pub fn terminate(child: &mut Child, within: Duration) -> anyhow::Result<()> {
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()?;
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -246,7 +286,12 @@ pub fn expected(msgs: &[GenMessage], world: &World) -> Expected {
             _ => {}
         }
     }
-    Expected { totals, events, malformed, messages: msgs.len() }
+    Expected {
+        totals,
+        events,
+        malformed,
+        messages: msgs.len(),
+    }
 }
 
 /// Totals from Postgres `spend_daily`.
@@ -278,7 +323,11 @@ pub async fn pg_totals(pool: &PgPool) -> anyhow::Result<BTreeMap<Key, Sums>> {
 /// Totals from a ClickHouse table by (tenant, team, provider, model, day).
 /// `usage_events` counts rows; rollups sum `requests`.
 pub async fn ch_totals(env: &TestEnv, table: &str) -> anyhow::Result<BTreeMap<Key, Sums>> {
-    let (time_col, requests) = if table == "usage_events" { ("occurred_at", "count()") } else { ("bucket", "sum(requests)") };
+    let (time_col, requests) = if table == "usage_events" {
+        ("occurred_at", "count()")
+    } else {
+        ("bucket", "sum(requests)")
+    };
     let sql = format!(
         "SELECT tenant_id, team_id, provider, model, toString(toDate({time_col})) AS day, toInt64({requests}) AS requests, \
          toInt64(sum(input_tokens)) AS i, toInt64(sum(cached_input_tokens)) AS ci, toInt64(sum(cache_write_tokens)) AS cw, \
@@ -295,7 +344,13 @@ pub async fn ch_totals(env: &TestEnv, table: &str) -> anyhow::Result<BTreeMap<Ke
         }
         let n = |i: usize| f[i].parse::<i64>().unwrap_or(-1);
         out.insert(
-            (f[0].into(), f[1].into(), f[2].into(), f[3].into(), NaiveDate::parse_from_str(f[4], "%Y-%m-%d")?),
+            (
+                f[0].into(),
+                f[1].into(),
+                f[2].into(),
+                f[3].into(),
+                NaiveDate::parse_from_str(f[4], "%Y-%m-%d")?,
+            ),
             Sums {
                 requests: n(5),
                 input: n(6),
@@ -328,11 +383,23 @@ pub async fn ch_query(url: &str, sql: &str) -> anyhow::Result<String> {
 }
 
 /// Compares two total maps and describes every difference (empty: equal).
-pub fn diff(what: &str, expected: &BTreeMap<Key, Sums>, actual: &BTreeMap<Key, Sums>) -> Vec<String> {
+pub fn diff(
+    what: &str,
+    expected: &BTreeMap<Key, Sums>,
+    actual: &BTreeMap<Key, Sums>,
+) -> Vec<String> {
     let mut out = Vec::new();
     let norm = |m: &BTreeMap<Key, Sums>| -> BTreeMap<Key, Sums> {
         m.iter()
-            .map(|(k, v)| (k.clone(), Sums { cost: v.cost.normalize(), ..v.clone() }))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Sums {
+                        cost: v.cost.normalize(),
+                        ..v.clone()
+                    },
+                )
+            })
             .collect()
     };
     let (e, a) = (norm(expected), norm(actual));
@@ -351,13 +418,25 @@ pub fn diff(what: &str, expected: &BTreeMap<Key, Sums>, actual: &BTreeMap<Key, S
 
 /// Reads a whole topic (from the beginning until quiet) and returns
 /// (key, payload, headers) per message.
-pub fn read_topic(brokers: &str, topic: &str, expect_at_least: usize, timeout: Duration) -> anyhow::Result<Vec<TopicMessage>> {
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expect_at_least: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<TopicMessage>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Headers;
     use rdkafka::Message;
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{}-{}", std::process::id(), Utc::now().timestamp_micros()))
+        .set(
+            "group.id",
+            format!(
+                "reader-{}-{}",
+                std::process::id(),
+                Utc::now().timestamp_micros()
+            ),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("receive.message.max.bytes", "2147483647")
@@ -373,7 +452,10 @@ pub fn read_topic(brokers: &str, topic: &str, expect_at_least: usize, timeout: D
                 let mut headers = HashMap::new();
                 if let Some(h) = m.headers() {
                     for x in h.iter() {
-                        headers.insert(x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned());
+                        headers.insert(
+                            x.key.to_string(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        );
                     }
                 }
                 out.push(TopicMessage {
@@ -400,12 +482,23 @@ pub struct TopicMessage {
 }
 
 /// Budget crossings implied by the expected events: (budget_id, period_start, pct).
-pub fn expected_budget_crossings(exp: &Expected, world: &World) -> BTreeSet<(String, NaiveDate, Decimal)> {
+pub fn expected_budget_crossings(
+    exp: &Expected,
+    world: &World,
+) -> BTreeSet<(String, NaiveDate, Decimal)> {
     use chrono::Datelike;
     let mut spent: BTreeMap<(String, NaiveDate), Decimal> = BTreeMap::new();
     for e in &exp.events {
-        let Some(p) = world.price_at(&e.provider, &e.model, e.occurred_at) else { continue };
-        let cost = p.cost(e.input_tokens, e.cached_input_tokens, e.cache_write_tokens, e.output_tokens, e.reasoning_tokens);
+        let Some(p) = world.price_at(&e.provider, &e.model, e.occurred_at) else {
+            continue;
+        };
+        let cost = p.cost(
+            e.input_tokens,
+            e.cached_input_tokens,
+            e.cache_write_tokens,
+            e.output_tokens,
+            e.reasoning_tokens,
+        );
         let day = e.occurred_at.date_naive();
         for b in &world.budgets {
             if b.tenant_id != e.tenant_id || (b.team_id.is_some() && b.team_id != e.team_id) {
@@ -422,7 +515,11 @@ pub fn expected_budget_crossings(exp: &Expected, world: &World) -> BTreeSet<(Str
     }
     let mut out = BTreeSet::new();
     for ((id, start), total) in spent {
-        let b = world.budgets.iter().find(|b| b.budget_id == id).expect("budget");
+        let b = world
+            .budgets
+            .iter()
+            .find(|b| b.budget_id == id)
+            .expect("budget");
         for pct in &b.thresholds_pct {
             if b.amount * *pct / Decimal::ONE_HUNDRED <= total {
                 out.insert((id.clone(), start, pct.normalize()));
@@ -433,7 +530,9 @@ pub fn expected_budget_crossings(exp: &Expected, world: &World) -> BTreeSet<(Str
 }
 
 /// Budget crossings recorded by tally, parsed back from the violations table.
-pub async fn actual_budget_crossings(pool: &PgPool) -> anyhow::Result<Vec<(String, NaiveDate, Decimal)>> {
+pub async fn actual_budget_crossings(
+    pool: &PgPool,
+) -> anyhow::Result<Vec<(String, NaiveDate, Decimal)>> {
     let rows = sqlx::query(
         "SELECT message, window_start FROM tally.violations WHERE rule = 'budget_threshold'",
     )
@@ -446,7 +545,12 @@ pub async fn actual_budget_crossings(pool: &PgPool) -> anyhow::Result<Vec<(Strin
         let start: DateTime<Utc> = r.get(1);
         let mut words = msg.split_whitespace();
         let id = words.nth(1).unwrap_or_default().to_string();
-        let pct = words.nth(1).unwrap_or_default().trim_end_matches('%').parse::<Decimal>()?.normalize();
+        let pct = words
+            .nth(1)
+            .unwrap_or_default()
+            .trim_end_matches('%')
+            .parse::<Decimal>()?
+            .normalize();
         out.push((id, start.date_naive(), pct));
     }
     Ok(out)
@@ -458,10 +562,13 @@ pub async fn registry_stub(schemas: Vec<(u32, String)>) -> anyhow::Result<String
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let schemas: std::sync::Arc<HashMap<u32, String>> = std::sync::Arc::new(schemas.into_iter().collect());
+    let schemas: std::sync::Arc<HashMap<u32, String>> =
+        std::sync::Arc::new(schemas.into_iter().collect());
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let schemas = schemas.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
@@ -478,10 +585,15 @@ pub async fn registry_stub(schemas: Vec<(u32, String)>) -> anyhow::Result<String
                 }
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("");
-                let id = path.strip_prefix("/schemas/ids/").and_then(|s| s.parse::<u32>().ok());
+                let id = path
+                    .strip_prefix("/schemas/ids/")
+                    .and_then(|s| s.parse::<u32>().ok());
                 let (status, body) = match id.and_then(|i| schemas.get(&i)) {
                     Some(s) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
-                    None => ("404 Not Found", r#"{"error_code":40403,"message":"Schema not found"}"#.to_string()),
+                    None => (
+                        "404 Not Found",
+                        r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
+                    ),
                 };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: application/vnd.schemaregistry.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -501,8 +613,14 @@ pub fn generate(cfg: tally_producers::GenConfig) -> Vec<GenMessage> {
 
 /// Produces messages (clones) to the test's usage topic, optionally paced.
 pub async fn produce(env: &TestEnv, msgs: &[GenMessage], rate: Option<u64>) -> anyhow::Result<()> {
-    let report = tally_producers::produce(&env.cfg.kafka.brokers, &env.cfg.kafka.usage_topic, msgs.iter().cloned(), rate, false)
-        .await?;
+    let report = tally_producers::produce(
+        &env.cfg.kafka.brokers,
+        &env.cfg.kafka.usage_topic,
+        msgs.iter().cloned(),
+        rate,
+        false,
+    )
+    .await?;
     if report.sent as usize != msgs.len() {
         bail!("sent {} of {}", report.sent, msgs.len());
     }
@@ -511,11 +629,21 @@ pub async fn produce(env: &TestEnv, msgs: &[GenMessage], rate: Option<u64>) -> a
 
 /// Checks every store against the expectation and returns the differences.
 pub async fn check_totals(env: &TestEnv, exp: &Expected) -> anyhow::Result<Vec<String>> {
-    let mut problems = diff("postgres spend_daily", &exp.totals, &pg_totals(&env.pool).await?);
+    let mut problems = diff(
+        "postgres spend_daily",
+        &exp.totals,
+        &pg_totals(&env.pool).await?,
+    );
     for table in ["usage_events", "usage_1m", "usage_1h", "usage_1d"] {
-        problems.extend(diff(&format!("clickhouse {table}"), &exp.totals, &ch_totals(env, table).await?));
+        problems.extend(diff(
+            &format!("clickhouse {table}"),
+            &exp.totals,
+            &ch_totals(env, table).await?,
+        ));
     }
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.dead_letters").fetch_one(&env.pool).await?;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.dead_letters")
+        .fetch_one(&env.pool)
+        .await?;
     let malformed: usize = exp.malformed.values().sum();
     if dead as usize != malformed {
         problems.push(format!("dead letters: expected {malformed}, got {dead}"));

@@ -13,12 +13,17 @@ use tally_producers::{demo_world, Encoding, GenConfig, World};
 use tally_tests::*;
 
 fn world_and_config(tenants: usize, count: u64, seed: u64) -> (World, GenConfig) {
-    let change = Utc::now().duration_trunc(ChronoDuration::hours(1)).expect("hour") - ChronoDuration::hours(1);
+    let change = Utc::now()
+        .duration_trunc(ChronoDuration::hours(1))
+        .expect("hour")
+        - ChronoDuration::hours(1);
     let mut world = demo_world(tenants, change);
     // The demo budgets are sized for a 200k-event run: scale them to this one.
     let scale = rust_decimal::Decimal::from(count) / rust_decimal::Decimal::from(200_000);
     for b in &mut world.budgets {
-        b.amount = (b.amount * scale).round_dp(6).max(rust_decimal::Decimal::new(1, 2));
+        b.amount = (b.amount * scale)
+            .round_dp(6)
+            .max(rust_decimal::Decimal::new(1, 2));
     }
     let mut g = GenConfig::new(world.clone(), count, seed);
     g.encoding = Encoding::Mixed;
@@ -34,8 +39,15 @@ fn world_and_config(tenants: usize, count: u64, seed: u64) -> (World, GenConfig)
 
 /// Violations on the topic: every id at most once, and as many as in Postgres.
 async fn check_violation_topic(env: &TestEnv) -> anyhow::Result<Vec<String>> {
-    let in_pg: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.violations").fetch_one(&env.pool).await?;
-    let msgs = read_topic(&env.cfg.kafka.brokers, &env.cfg.kafka.violation_topic, in_pg as usize, Duration::from_secs(60))?;
+    let in_pg: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.violations")
+        .fetch_one(&env.pool)
+        .await?;
+    let msgs = read_topic(
+        &env.cfg.kafka.brokers,
+        &env.cfg.kafka.violation_topic,
+        in_pg as usize,
+        Duration::from_secs(60),
+    )?;
     let mut problems = Vec::new();
     let mut ids = HashSet::new();
     for m in &msgs {
@@ -46,12 +58,19 @@ async fn check_violation_topic(env: &TestEnv) -> anyhow::Result<Vec<String>> {
         }
     }
     if msgs.len() as i64 != in_pg {
-        problems.push(format!("violation topic has {} messages, postgres has {in_pg} violations", msgs.len()));
+        problems.push(format!(
+            "violation topic has {} messages, postgres has {in_pg} violations",
+            msgs.len()
+        ));
     }
     Ok(problems)
 }
 
-async fn check_budgets(env: &TestEnv, exp: &Expected, world: &World) -> anyhow::Result<Vec<String>> {
+async fn check_budgets(
+    env: &TestEnv,
+    exp: &Expected,
+    world: &World,
+) -> anyhow::Result<Vec<String>> {
     let expected = expected_budget_crossings(exp, world);
     let actual = actual_budget_crossings(&env.pool).await?;
     let mut problems = Vec::new();
@@ -69,20 +88,31 @@ async fn check_budgets(env: &TestEnv, exp: &Expected, world: &World) -> anyhow::
         problems.push(format!("budget crossing {a:?} not expected"));
     }
     if expected.is_empty() {
-        problems.push("test setup: no budget crossings expected; the test would prove nothing".into());
+        problems
+            .push("test setup: no budget crossings expected; the test would prove nothing".into());
     }
     Ok(problems)
 }
 
 /// Produces at `rate` while killing `tally run` with SIGKILL `kills` times at
 /// random moments, then lets a last instance catch up and checks every store.
-async fn crash_run(name: &str, tenants: usize, count: u64, rate: u64, kills: usize, seed: u64) -> anyhow::Result<()> {
+async fn crash_run(
+    name: &str,
+    tenants: usize,
+    count: u64,
+    rate: u64,
+    kills: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     // Static membership: noida-db 0.2.3 never expires a member that died
     // without leaving, so a restarted instance must come back as the same member.
     let env = test_env(
         name,
         4,
-        &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1500"), ("TALLY__KAFKA__INSTANCE_ID", "crash-instance")],
+        &[
+            ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1500"),
+            ("TALLY__KAFKA__INSTANCE_ID", "crash-instance"),
+        ],
     )
     .await?;
     let (world, gen) = world_and_config(tenants, count, seed);
@@ -90,8 +120,14 @@ async fn crash_run(name: &str, tenants: usize, count: u64, rate: u64, kills: usi
     let msgs = generate(gen);
     let exp = expected(&msgs, &world);
     let producer = {
-        let (brokers, topic, msgs) = (env.cfg.kafka.brokers.clone(), env.cfg.kafka.usage_topic.clone(), msgs.clone());
-        tokio::spawn(async move { tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await })
+        let (brokers, topic, msgs) = (
+            env.cfg.kafka.brokers.clone(),
+            env.cfg.kafka.usage_topic.clone(),
+            msgs.clone(),
+        );
+        tokio::spawn(async move {
+            tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await
+        })
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let started = Instant::now();
@@ -106,16 +142,22 @@ async fn crash_run(name: &str, tenants: usize, count: u64, rate: u64, kills: usi
         if after > before {
             replays_possible += 1;
         }
-        eprintln!("{name}: kill {} of {kills} after {wait} ms (handled {before} -> {after})", i + 1);
+        eprintln!(
+            "{name}: kill {} of {kills} after {wait} ms (handled {before} -> {after})",
+            i + 1
+        );
     }
     producer.await??;
     let mut last = env.spawn_tally("final")?;
-    let caught_up = env.wait_handled(exp.messages as i64, Duration::from_secs(300)).await;
+    let caught_up = env
+        .wait_handled(exp.messages as i64, Duration::from_secs(300))
+        .await;
     terminate(&mut last, Duration::from_secs(30))?;
     caught_up?;
-    let replayed: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.batches WHERE state = 'done'")
-        .fetch_one(&env.pool)
-        .await?;
+    let replayed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tally.batches WHERE state = 'done'")
+            .fetch_one(&env.pool)
+            .await?;
     let mut problems = check_totals(&env, &exp).await?;
     problems.extend(check_violation_topic(&env).await?);
     problems.extend(check_budgets(&env, &exp, &world).await?);
@@ -131,7 +173,11 @@ async fn crash_run(name: &str, tenants: usize, count: u64, rate: u64, kills: usi
     for p in problems.iter().take(30) {
         eprintln!("  {p}");
     }
-    assert!(problems.is_empty(), "{} differences (first shown above)", problems.len());
+    assert!(
+        problems.is_empty(),
+        "{} differences (first shown above)",
+        problems.len()
+    );
     Ok(())
 }
 
@@ -154,19 +200,31 @@ async fn rebalance_run(name: &str, count: u64, rate: u64, cycles: usize) -> anyh
     let msgs = generate(gen);
     let exp = expected(&msgs, &world);
     let producer = {
-        let (brokers, topic, msgs) = (env.cfg.kafka.brokers.clone(), env.cfg.kafka.usage_topic.clone(), msgs.clone());
-        tokio::spawn(async move { tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await })
+        let (brokers, topic, msgs) = (
+            env.cfg.kafka.brokers.clone(),
+            env.cfg.kafka.usage_topic.clone(),
+            msgs.clone(),
+        );
+        tokio::spawn(async move {
+            tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await
+        })
     };
     let mut a = env.spawn_tally("a")?;
     for i in 0..cycles {
         let mut b = env.spawn_tally(&format!("b{i}"))?;
         tokio::time::sleep(Duration::from_millis(5000)).await;
         terminate(&mut b, Duration::from_secs(30))?;
-        eprintln!("{name}: instance b left (cycle {}), handled {}", i + 1, env.handled().await?);
+        eprintln!(
+            "{name}: instance b left (cycle {}), handled {}",
+            i + 1,
+            env.handled().await?
+        );
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     producer.await??;
-    let caught_up = env.wait_handled(exp.messages as i64, Duration::from_secs(240)).await;
+    let caught_up = env
+        .wait_handled(exp.messages as i64, Duration::from_secs(240))
+        .await;
     terminate(&mut a, Duration::from_secs(30))?;
     caught_up?;
     let mut problems = check_totals(&env, &exp).await?;
@@ -193,7 +251,9 @@ async fn chaos_rebalance_four_cycles() -> anyhow::Result<()> {
 /// coordinates; good messages around them (all three encodings) are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_go_to_the_dlq_with_their_class() -> anyhow::Result<()> {
-    let schema = tally_schemas::current_schema_text("llm.usage.v1").expect("schema").to_string();
+    let schema = tally_schemas::current_schema_text("llm.usage.v1")
+        .expect("schema")
+        .to_string();
     let registry = registry_stub(vec![(7, schema)]).await?;
     let env = test_env("poison", 2, &[("TALLY__REGISTRY__URL", registry.as_str())]).await?;
     let (world, mut gen) = world_and_config(20, 6_000, 3);
@@ -208,33 +268,62 @@ async fn poison_messages_go_to_the_dlq_with_their_class() -> anyhow::Result<()> 
     gen.count = 3_000;
     msgs.extend(generate(gen));
     let exp = expected(&msgs, &world);
-    assert!(exp.malformed.len() >= 15, "only {} poison classes generated", exp.malformed.len());
+    assert!(
+        exp.malformed.len() >= 15,
+        "only {} poison classes generated",
+        exp.malformed.len()
+    );
     produce(&env, &msgs, None).await?;
     let mut child = env.spawn_tally("run")?;
-    let caught_up = env.wait_handled(exp.messages as i64, Duration::from_secs(120)).await;
+    let caught_up = env
+        .wait_handled(exp.messages as i64, Duration::from_secs(120))
+        .await;
     terminate(&mut child, Duration::from_secs(30))?;
     caught_up?;
 
     let problems = check_totals(&env, &exp).await?;
     assert!(problems.is_empty(), "{problems:#?}");
     let malformed: usize = exp.malformed.values().sum();
-    let dlq = read_topic(&env.cfg.kafka.brokers, &env.cfg.kafka.dlq_topic, malformed, Duration::from_secs(60))?;
+    let dlq = read_topic(
+        &env.cfg.kafka.brokers,
+        &env.cfg.kafka.dlq_topic,
+        malformed,
+        Duration::from_secs(60),
+    )?;
     let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
     let mut coords = HashSet::new();
     for m in &dlq {
-        assert_eq!(m.headers.get("tally.source.topic"), Some(&env.cfg.kafka.usage_topic));
-        assert!(!m.headers.get("tally.error.message").map_or(true, String::is_empty), "no error message");
-        let coord = (m.headers["tally.source.partition"].clone(), m.headers["tally.source.offset"].clone());
+        assert_eq!(
+            m.headers.get("tally.source.topic"),
+            Some(&env.cfg.kafka.usage_topic)
+        );
+        assert!(
+            m.headers
+                .get("tally.error.message")
+                .is_some_and(|s| !s.is_empty()),
+            "no error message"
+        );
+        let coord = (
+            m.headers["tally.source.partition"].clone(),
+            m.headers["tally.source.offset"].clone(),
+        );
         if coords.insert(coord) {
-            *by_class.entry(m.headers["tally.error.class"].clone()).or_default() += 1;
+            *by_class
+                .entry(m.headers["tally.error.class"].clone())
+                .or_default() += 1;
         }
     }
-    let expected: BTreeMap<String, usize> = exp.malformed.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let expected: BTreeMap<String, usize> = exp
+        .malformed
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
     assert_eq!(by_class, expected, "dead letters by class");
-    let pg: Vec<(String, i64)> =
-        sqlx::query_as("SELECT error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 1")
-            .fetch_all(&env.pool)
-            .await?;
+    let pg: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await?;
     let pg: BTreeMap<String, usize> = pg.into_iter().map(|(k, v)| (k, v as usize)).collect();
     assert_eq!(pg, expected, "postgres dead_letters by class");
     Ok(())
@@ -251,7 +340,10 @@ fn bad_config_names_the_key() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pipeline.batch_max_messages"), "{err}");
-    let out = std::process::Command::new(&bin).arg("run").env("TALLY__KAFKA__BROKERZ", "x").output()?;
+    let out = std::process::Command::new(&bin)
+        .arg("run")
+        .env("TALLY__KAFKA__BROKERZ", "x")
+        .output()?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("kafka.brokerz"));
     Ok(())

@@ -51,8 +51,9 @@ enum Command {
         late: f64,
         #[arg(long, default_value_t = 0.0)]
         malformed: f64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        /// Random seed (default: from the clock, so every run sends new event ids).
+        #[arg(long)]
+        seed: Option<u64>,
         #[arg(long, default_value_t = 60)]
         tenants: usize,
         /// Topic (default: kafka.usage_topic).
@@ -218,6 +219,9 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 bail!("--encoding confluent needs a schema registry (registry.url / TALLY__REGISTRY__URL)");
             }
             let change = demo_price_change_at();
+            let seed = seed.unwrap_or_else(|| {
+                u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default()).unwrap_or_default()
+            });
             let mut g = GenConfig::new(demo_world(tenants, change), count, seed);
             g.encoding = encoding;
             g.duplicates = duplicates;

@@ -42,7 +42,8 @@ log "tally seed"
 
 log "starting tally run in the background (log: $RUN_LOG)"
 : >"$RUN_LOG"
-"$TALLY_BIN" run >>"$RUN_LOG" 2>&1 &
+# Static membership: a restart after a crash takes the partitions back at once.
+TALLY__KAFKA__INSTANCE_ID="${TALLY__KAFKA__INSTANCE_ID:-demo-1}" "$TALLY_BIN" run >>"$RUN_LOG" 2>&1 &
 run_pid=$!
 sleep 1
 kill -0 "$run_pid" 2>/dev/null || { tail -n 30 "$RUN_LOG" >&2; die "tally run exited at once"; }

@@ -125,11 +125,41 @@ async fn create_topics(cfg: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// The benchmark writes to its own, freshly emptied databases (`tally_bench` in
+/// Postgres and ClickHouse) so it neither disturbs nor is disturbed by real data.
+async fn bench_databases(cfg: &Config) -> anyhow::Result<Config> {
+    const DB: &str = "tally_bench";
+    let admin = crate::runner::connect_pg(cfg).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
+        .execute(&admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {DB}"))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let mut out = cfg.clone();
+    let (head, _) = cfg
+        .postgres
+        .url
+        .rsplit_once('/')
+        .context("postgres.url has no database part")?;
+    out.postgres.url = format!("{head}/{DB}");
+    out.clickhouse.database = DB.into();
+    let mut ch_cfg = cfg.clickhouse.clone();
+    ch_cfg.database = "default".into();
+    crate::sink_clickhouse::ClickHouseSink::new(&ch_cfg)
+        .execute(&format!("DROP DATABASE IF EXISTS {DB}"))
+        .await?;
+    Ok(out)
+}
+
 pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
     if opts.count == 0 {
         bail!("--count must be > 0");
     }
     let ts = Utc::now().timestamp();
+    let bench_cfg = bench_databases(cfg).await?;
+    let cfg = &bench_cfg;
     let pool = crate::runner::connect_pg(cfg).await?;
     crate::migrate::postgres(&pool).await?;
     crate::migrate::clickhouse(cfg).await?;
@@ -408,6 +438,8 @@ async fn run_child(
         .env("TALLY__KAFKA__DLQ_TOPIC", &cfg.kafka.dlq_topic)
         .env("TALLY__KAFKA__VIOLATION_TOPIC", &cfg.kafka.violation_topic)
         .env("TALLY__KAFKA__GROUP_ID", &group)
+        .env("TALLY__POSTGRES__URL", &cfg.postgres.url)
+        .env("TALLY__CLICKHOUSE__DATABASE", &cfg.clickhouse.database)
         .env("TALLY__SERVER__LISTEN", "")
         // warn, plus the runner's start/stop lines (the stop line carries the counters)
         .env("TALLY_LOG", "warn,tally::runner=info")

@@ -32,6 +32,9 @@ enum Command {
     Seed {
         #[arg(long, default_value_t = 60)]
         tenants: usize,
+        /// Scale budgets and per-minute quotas (sized for 200k events over 2 h) to a smaller run, e.g. 0.3.
+        #[arg(long, default_value = "1")]
+        scale: rust_decimal::Decimal,
     },
     /// Run the pipeline until SIGTERM/SIGINT.
     Run,
@@ -180,9 +183,29 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 }
             );
         }
-        Command::Seed { tenants } => {
+        Command::Seed { tenants, scale } => {
+            if scale <= rust_decimal::Decimal::ZERO {
+                bail!("--scale must be > 0");
+            }
             let pool = tally::runner::connect_pg(&cfg).await?;
-            let world = demo_world(tenants, demo_price_change_at());
+            let mut world = demo_world(tenants, demo_price_change_at());
+            for b in &mut world.budgets {
+                b.amount = (b.amount * scale)
+                    .round_dp(6)
+                    .max(rust_decimal::Decimal::new(1, 2));
+            }
+            let scaled = |q: i64| {
+                use rust_decimal::prelude::ToPrimitive;
+                (rust_decimal::Decimal::from(q) * scale)
+                    .round()
+                    .to_i64()
+                    .unwrap_or(q)
+                    .max(1)
+            };
+            for t in &mut world.tenants {
+                t.requests_per_minute = scaled(t.requests_per_minute);
+                t.tokens_per_minute = scaled(t.tokens_per_minute);
+            }
             tally::seed::seed(&pool, &world).await?;
             println!(
                 "seeded {} tenants, {} prices, {} budgets",
@@ -220,7 +243,8 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             }
             let change = demo_price_change_at();
             let seed = seed.unwrap_or_else(|| {
-                u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default()).unwrap_or_default()
+                u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default())
+                    .unwrap_or_default()
             });
             let mut g = GenConfig::new(demo_world(tenants, change), count, seed);
             g.encoding = encoding;

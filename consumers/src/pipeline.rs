@@ -123,6 +123,14 @@ pub struct Pipeline {
     tolerance: Decimal,
 }
 
+/// A batch cut from a partition's buffer, ready to process.
+struct BatchWork {
+    partition: i32,
+    msgs: Vec<OwnedMessage>,
+    replay: Option<PendingBatch>,
+    record_next: Option<i64>,
+}
+
 /// One decoded message of a batch.
 enum Decoded {
     Event(Box<UsageEvent>),
@@ -407,59 +415,52 @@ impl Pipeline {
     }
 
     /// Processes every partition whose batch is ready (or all, when draining).
+    /// Processes every partition whose batch is ready (or all, when draining).
+    /// Partitions are independent, so one batch per partition runs concurrently;
+    /// batches of one partition stay strictly in order.
     async fn process_ready(&mut self, draining: bool) -> Result<(), StageError> {
         let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
         let max = self.cfg.pipeline.batch_max_messages;
-        let ready: Vec<i32> = self
-            .parts
-            .iter()
-            .filter(|(_, s)| !s.buf.is_empty() && s.owned)
-            .filter(|(_, s)| match s.replay {
-                Some(b) => s.buf.last().is_some_and(|m| m.offset() >= b.last),
-                None => {
-                    s.not_before.is_none_or(|t| Instant::now() >= t)
-                        && (draining
-                            || s.buf.len() >= max
-                            || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
-                }
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for p in ready {
-            while let Some(st) = self.parts.get_mut(&p) {
-                let take = match st.replay {
-                    Some(b) => st.buf.iter().take_while(|m| m.offset() <= b.last).count(),
-                    None => st.buf.len().min(max),
-                };
-                if take == 0 {
-                    break;
-                }
-                if st.replay.is_none() && !draining {
-                    if let Some(wait) = self.fairness_wait(p, take) {
-                        self.defer(p, wait);
-                        break;
+        loop {
+            let ready: Vec<i32> = self
+                .parts
+                .iter()
+                .filter(|(_, s)| !s.buf.is_empty() && s.owned)
+                .filter(|(_, s)| match s.replay {
+                    Some(b) => s.buf.last().is_some_and(|m| m.offset() >= b.last),
+                    None => {
+                        s.not_before.is_none_or(|t| Instant::now() >= t)
+                            && (draining
+                                || s.buf.len() >= max
+                                || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
                     }
+                })
+                .map(|(p, _)| *p)
+                .collect();
+            let mut work = Vec::new();
+            for p in ready {
+                if let Some(w) = self.take_batch(p, draining) {
+                    work.push(w);
                 }
-                let st = self
-                    .parts
-                    .get_mut(&p)
-                    .ok_or_else(|| StageError::Fatal("partition vanished".into()))?;
-                let msgs: Vec<OwnedMessage> = st.buf.drain(..take).collect();
-                let replay = st.replay.take();
-                if st.buf.is_empty() {
-                    st.buf_since = None;
-                } else {
-                    st.buf_since = Some(Instant::now());
-                }
-                self.resume_if_paused(p);
+            }
+            if work.is_empty() {
+                return Ok(());
+            }
+            let this = &*self;
+            let results = futures::future::join_all(work.into_iter().map(|w| async move {
                 let started = Instant::now();
-                match self.process_batch(p, msgs, replay).await {
-                    Ok(()) => {
-                        self.metrics.add(
-                            &self.metrics.batch_micros_total,
-                            started.elapsed().as_micros() as u64,
-                        );
+                let r = this.process_batch(w.partition, w.msgs, w.replay, w.record_next).await;
+                (w.partition, started, r)
+            }))
+            .await;
+            for (p, started, r) in results {
+                match r {
+                    Ok(next) => {
+                        self.metrics.add(&self.metrics.batch_micros_total, started.elapsed().as_micros() as u64);
                         self.metrics.progressed();
+                        if let Some(st) = self.parts.get_mut(&p) {
+                            st.record_next = Some(next);
+                        }
                     }
                     Err(StageError::LostOwnership(m)) => {
                         tracing::warn!(partition = p, reason = %m, "lost ownership; re-reading partition state");
@@ -468,20 +469,45 @@ impl Pipeline {
                             self.unlock(p).await?;
                         }
                         self.parts.insert(p, PartState::default());
-                        break;
                     }
                     Err(e) => return Err(e),
                 }
-                let more = self
-                    .parts
-                    .get(&p)
-                    .is_some_and(|s| s.buf.len() >= max || (draining && !s.buf.is_empty()));
-                if !more {
-                    break;
-                }
+            }
+            let more = self
+                .parts
+                .values()
+                .any(|s| s.owned && (s.buf.len() >= max || (draining && !s.buf.is_empty())));
+            if !more {
+                return Ok(());
             }
         }
-        Ok(())
+    }
+
+    /// Cuts the next batch of partition `p` out of its buffer (None: nothing to
+    /// do now, or deferred by per-tenant pacing).
+    fn take_batch(&mut self, p: i32, draining: bool) -> Option<BatchWork> {
+        let max = self.cfg.pipeline.batch_max_messages;
+        let st = self.parts.get(&p)?;
+        let take = match st.replay {
+            Some(b) => st.buf.iter().take_while(|m| m.offset() <= b.last).count(),
+            None => st.buf.len().min(max),
+        };
+        if take == 0 {
+            return None;
+        }
+        if st.replay.is_none() && !draining {
+            if let Some(wait) = self.fairness_wait(p, take) {
+                self.defer(p, wait);
+                return None;
+            }
+        }
+        let st = self.parts.get_mut(&p)?;
+        let msgs: Vec<OwnedMessage> = st.buf.drain(..take).collect();
+        let replay = st.replay.take();
+        let record_next = st.record_next;
+        st.buf_since = if st.buf.is_empty() { None } else { Some(Instant::now()) };
+        self.resume_if_paused(p);
+        Some(BatchWork { partition: p, msgs, replay, record_next })
     }
 
     /// Operational fairness: how long to wait before a tenant's share of this
@@ -542,12 +568,14 @@ impl Pipeline {
         }
     }
 
+    /// Runs one batch through the state machine; returns the new offset of record.
     async fn process_batch(
-        &mut self,
+        &self,
         p: i32,
         msgs: Vec<OwnedMessage>,
         replay: Option<PendingBatch>,
-    ) -> Result<(), StageError> {
+        record_next: Option<i64>,
+    ) -> Result<i64, StageError> {
         let first = replay.map_or_else(|| msgs[0].offset(), |b| b.first);
         let last = replay.map_or_else(|| msgs[msgs.len() - 1].offset(), |b| b.last);
         let lookback = ChronoDuration::hours(self.cfg.pipeline.dedup_lookback_hours);
@@ -636,7 +664,6 @@ impl Pipeline {
             .iter()
             .map(|(e, _)| (e.event_id, e.occurred_at))
             .collect();
-        let record_next = self.parts.get(&p).and_then(|s| s.record_next);
         let ledger = self.ledger.clone();
         let (batch, owned) = retry(
             &self.metrics,
@@ -739,9 +766,6 @@ impl Pipeline {
         .await?;
         self.metrics.stage(5, t);
         let violations = committed.map(|c| c.violations_new).unwrap_or(0);
-        if let Some(st) = self.parts.get_mut(&p) {
-            st.record_next = Some(last + 1);
-        }
         let m = &self.metrics;
         m.add(&m.batches_committed_total, 1);
         m.add(&m.events_counted_total, enriched.len() as u64);
@@ -760,7 +784,7 @@ impl Pipeline {
             replay = replay.is_some(),
             "batch committed"
         );
-        Ok(())
+        Ok(last + 1)
     }
 
     async fn decode_one(

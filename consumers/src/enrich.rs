@@ -41,18 +41,47 @@ pub struct Reference {
     pub tenants: HashMap<String, TenantInfo>,
     pub prices: PriceBook,
     pub budgets: Vec<Budget>,
+    /// Indexes into `budgets` by tenant id.
+    budgets_by_tenant: HashMap<String, Vec<usize>>,
 }
 
 impl Reference {
-    /// Budgets an event of `tenant_id`/`team_id` counts towards.
+    pub fn new(
+        tenants: HashMap<String, TenantInfo>,
+        prices: PriceBook,
+        budgets: Vec<Budget>,
+    ) -> Self {
+        let mut budgets_by_tenant: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, b) in budgets.iter().enumerate() {
+            budgets_by_tenant
+                .entry(b.tenant_id.clone())
+                .or_default()
+                .push(i);
+        }
+        Self {
+            tenants,
+            prices,
+            budgets,
+            budgets_by_tenant,
+        }
+    }
+
+    /// Indexes (into `budgets`) of the budgets an event of `tenant_id`/`team_id` counts towards.
     pub fn budgets_for<'a>(
         &'a self,
-        tenant_id: &'a str,
+        tenant_id: &str,
         team_id: Option<&'a str>,
-    ) -> impl Iterator<Item = &'a Budget> {
-        self.budgets.iter().filter(move |b| {
-            b.tenant_id == tenant_id && (b.team_id.is_none() || b.team_id.as_deref() == team_id)
-        })
+    ) -> impl Iterator<Item = usize> + 'a {
+        self.budgets_by_tenant
+            .get(tenant_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .filter(move |i| {
+                let b = &self.budgets[*i];
+                b.team_id.is_none() || b.team_id.as_deref() == team_id
+            })
     }
 }
 
@@ -175,9 +204,9 @@ pub(crate) mod tests {
                 tokens_per_minute: None,
             },
         );
-        Reference {
+        Reference::new(
             tenants,
-            prices: PriceBook::new([
+            PriceBook::new([
                 (
                     "openai".into(),
                     "gpt".into(),
@@ -189,8 +218,8 @@ pub(crate) mod tests {
                     v(Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap(), "2"),
                 ),
             ]),
-            budgets: vec![],
-        }
+            vec![],
+        )
     }
 
     #[test]

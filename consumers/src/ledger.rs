@@ -376,10 +376,10 @@ impl Ledger {
         let mut c = SpendColumns::default();
         for (k, t) in rows {
             c.day.push(k.day);
-            c.tenant.push(k.tenant_id);
-            c.team.push(k.team_id);
-            c.provider.push(k.provider);
-            c.model.push(k.model);
+            c.tenant.push(k.tenant_id.to_string());
+            c.team.push(k.team_id.to_string());
+            c.provider.push(k.provider.to_string());
+            c.model.push(k.model.to_string());
             c.requests.push(t.requests);
             c.input.push(t.tokens.input);
             c.cached.push(t.tokens.cached_input);
@@ -522,13 +522,9 @@ impl Ledger {
         let mut groups: BTreeMap<(usize, NaiveDate), Vec<&Enriched>> = BTreeMap::new();
         for e in events.iter().filter(|e| e.cost > Decimal::ZERO) {
             let day = e.event.occurred_at.date_naive();
-            for (i, b) in reference.budgets.iter().enumerate() {
-                if b.tenant_id == e.event.tenant_id
-                    && (b.team_id.is_none() || b.team_id.as_deref() == e.event.team_id.as_deref())
-                {
-                    let (start, _) = rules::period_bounds(day, b.period);
-                    groups.entry((i, start)).or_default().push(e);
-                }
+            for i in reference.budgets_for(&e.event.tenant_id, e.event.team_id.as_deref()) {
+                let (start, _) = rules::period_bounds(day, reference.budgets[i].period);
+                groups.entry((i, start)).or_default().push(e);
             }
         }
         if groups.is_empty() {

@@ -79,11 +79,7 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
         }
     })
     .collect();
-    Ok(Reference {
-        tenants,
-        prices: PriceBook::new(prices),
-        budgets,
-    })
+    Ok(Reference::new(tenants, PriceBook::new(prices), budgets))
 }
 
 /// The current snapshot, shared between the pipeline and the refresher.

@@ -8,7 +8,7 @@ use crate::cost::Tokens;
 use crate::enrich::Enriched;
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Timelike, Utc};
 use rust_decimal::Decimal;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Granularity {
@@ -42,14 +42,15 @@ pub fn bucket_start(ts: DateTime<Utc>, g: Granularity) -> DateTime<Utc> {
         .unwrap_or(ts)
 }
 
+/// Key of a rollup row; borrows from the events (empty string = none).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RollupKey {
+pub struct RollupKey<'a> {
     pub bucket: DateTime<Utc>,
-    pub tenant_id: String,
-    pub team_id: String,
-    pub project_id: String,
-    pub provider: String,
-    pub model: String,
+    pub tenant_id: &'a str,
+    pub team_id: &'a str,
+    pub project_id: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
     pub status: &'static str,
 }
 
@@ -78,50 +79,54 @@ impl Totals {
     }
 }
 
-/// Rollup rows of one granularity for a batch of events.
-pub fn rollup(events: &[Enriched], g: Granularity) -> BTreeMap<RollupKey, Totals> {
-    let mut out: BTreeMap<RollupKey, Totals> = BTreeMap::new();
+/// Rollup rows of one granularity for a batch of events, sorted by key.
+pub fn rollup(events: &[Enriched], g: Granularity) -> Vec<(RollupKey<'_>, Totals)> {
+    let mut out: HashMap<RollupKey<'_>, Totals> = HashMap::new();
     for e in events {
         let ev = &e.event;
         let key = RollupKey {
             bucket: bucket_start(ev.occurred_at, g),
-            tenant_id: ev.tenant_id.clone(),
-            team_id: ev.team_id.clone().unwrap_or_default(),
-            project_id: ev.project_id.clone().unwrap_or_default(),
-            provider: ev.provider.clone(),
-            model: ev.model.clone(),
+            tenant_id: &ev.tenant_id,
+            team_id: ev.team_id.as_deref().unwrap_or_default(),
+            project_id: ev.project_id.as_deref().unwrap_or_default(),
+            provider: &ev.provider,
+            model: &ev.model,
             status: ev.status.as_str(),
         };
         out.entry(key).or_default().add(e);
     }
-    out
+    let mut rows: Vec<(RollupKey<'_>, Totals)> = out.into_iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rows
 }
 
 /// Key of Postgres `spend_daily`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SpendKey {
+pub struct SpendKey<'a> {
     pub day: NaiveDate,
-    pub tenant_id: String,
-    pub team_id: String,
-    pub provider: String,
-    pub model: String,
+    pub tenant_id: &'a str,
+    pub team_id: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
 }
 
-/// Daily spend rows for a batch of events.
-pub fn spend_daily(events: &[Enriched]) -> BTreeMap<SpendKey, Totals> {
-    let mut out: BTreeMap<SpendKey, Totals> = BTreeMap::new();
+/// Daily spend rows for a batch of events, sorted by key (a stable lock order).
+pub fn spend_daily(events: &[Enriched]) -> Vec<(SpendKey<'_>, Totals)> {
+    let mut out: HashMap<SpendKey<'_>, Totals> = HashMap::new();
     for e in events {
         let ev = &e.event;
         let key = SpendKey {
             day: ev.occurred_at.date_naive(),
-            tenant_id: ev.tenant_id.clone(),
-            team_id: ev.team_id.clone().unwrap_or_default(),
-            provider: ev.provider.clone(),
-            model: ev.model.clone(),
+            tenant_id: &ev.tenant_id,
+            team_id: ev.team_id.as_deref().unwrap_or_default(),
+            provider: &ev.provider,
+            model: &ev.model,
         };
         out.entry(key).or_default().add(e);
     }
-    out
+    let mut rows: Vec<(SpendKey<'_>, Totals)> = out.into_iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rows
 }
 
 #[cfg(test)]
@@ -180,7 +185,7 @@ mod tests {
                 }
             }
             let daily = spend_daily(&events);
-            let total: i64 = daily.values().map(|t| t.requests).sum();
+            let total: i64 = daily.iter().map(|(_, t)| t.requests).sum();
             prop_assert_eq!(total, expected.requests);
         }
     }

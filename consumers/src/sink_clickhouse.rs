@@ -128,11 +128,11 @@ pub fn rollup_rows(events: &[Enriched], g: Granularity, batch_id: u64) -> Vec<Ro
         .into_iter()
         .map(|(k, t)| RollupRow {
             bucket: epoch(k.bucket),
-            tenant_id: k.tenant_id,
-            team_id: k.team_id,
-            project_id: k.project_id,
-            provider: k.provider,
-            model: k.model,
+            tenant_id: k.tenant_id.to_string(),
+            team_id: k.team_id.to_string(),
+            project_id: k.project_id.to_string(),
+            provider: k.provider.to_string(),
+            model: k.model.to_string(),
             status: k.status,
             requests: non_negative(t.requests),
             input_tokens: non_negative(t.tokens.input),

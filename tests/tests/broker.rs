@@ -316,7 +316,7 @@ fn violations() -> Vec<ComplianceViolation> {
                 1 => {
                     e.severity = Severity::Low;
                     e.evidence_event_ids.clear();
-                    e.observed = Decimal::new(1, 12);
+                    e.observed = Decimal::new(1, 9);
                 }
                 _ => {
                     e.evidence_event_ids = (0..5).map(|k| format!("ev-{k}")).collect();
@@ -692,15 +692,23 @@ async fn group_resumes_at_committed_offsets_after_close() -> anyhow::Result<()> 
             tpl.add_partition_offset(&t, *p, Offset::Offset(*o))?;
         }
         c.commit(&tpl, CommitMode::Sync)?;
-        let back = c.committed(Duration::from_secs(10))?;
+        // Closes the consumer (leaves the group). Note: on noida-db 0.2.3 a close
+        // hangs for good if this member called `committed()` (OffsetFetch) while
+        // in the group, so the commit is checked below by a client outside it.
+        drop(c);
+        // The group's committed offsets, read by a client that never joins it.
+        let probe = group_consumer(&g)?;
+        let mut ask = TopicPartitionList::new();
+        ask.add_partition(&t, 0);
+        ask.add_partition(&t, 1);
+        let back = probe.committed_offsets(ask, Duration::from_secs(10))?;
         for (p, o) in &next {
             let got = back.find_partition(&t, *p).map(|e| e.offset());
             if got != Some(Offset::Offset(*o)) {
-                bail!("partition {p}: committed() says {got:?}, we committed {o}");
+                bail!("partition {p}: the group's committed offset is {got:?}, we committed {o}");
             }
         }
-        c.unsubscribe();
-        drop(c); // closes the consumer: leaves the group
+        drop(probe);
         Ok((first, next))
     })
     .await??;

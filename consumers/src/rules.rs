@@ -14,6 +14,12 @@ use uuid::Uuid;
 /// Namespace of tally's deterministic (v5) violation ids.
 const VIOLATION_NS: Uuid = Uuid::from_u128(0x7a11_7c0e_5eed_4a4c_9d1f_6b2e_0c0f_fee1);
 
+/// Amounts in a violation are evidence for people and alerting, carried at the
+/// schema's scale of 9 decimals; the exact money stays in spend tables.
+fn evidence_amount(d: Decimal) -> Decimal {
+    d.round_dp(9).normalize()
+}
+
 pub fn violation_id(rule: &str, parts: &[&str]) -> Uuid {
     let mut name = String::from(rule);
     for p in parts {
@@ -101,8 +107,8 @@ pub fn budget_violation(
         subject_id,
         window_start: midnight(start),
         window_end: midnight(end),
-        observed: observed.normalize(),
-        threshold: threshold_amount(budget.amount, pct),
+        observed: evidence_amount(observed),
+        threshold: evidence_amount(threshold_amount(budget.amount, pct)),
         evidence_event_ids: vec![evidence.event.event_id.to_string()],
         detected_at,
         message: format!(
@@ -228,8 +234,8 @@ pub fn cost_mismatch_violation(
         subject_id: ev.event_id.to_string(),
         window_start: ev.occurred_at,
         window_end: ev.occurred_at,
-        observed: reported.normalize(),
-        threshold: e.cost.normalize(),
+        observed: evidence_amount(reported),
+        threshold: evidence_amount(e.cost),
         evidence_event_ids: vec![ev.event_id.to_string()],
         detected_at,
         message: format!(

@@ -67,6 +67,20 @@ pub async fn test_env(
     let admin = PgPool::connect(&admin_pg_url())
         .await
         .context("connect admin postgres")?;
+    // Drop what earlier runs of this test left behind (Postgres and ClickHouse).
+    let old: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("tally_t_{name}_%").replace('_', "\\_"))
+            .fetch_all(&admin)
+            .await?;
+    let ch_url =
+        std::env::var("TALLY__CLICKHOUSE__URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    for stale in old {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {stale} WITH (FORCE)"))
+            .execute(&admin)
+            .await?;
+        ch_query(&ch_url, &format!("DROP DATABASE IF EXISTS {stale}")).await?;
+    }
     sqlx::query(&format!("CREATE DATABASE {db}"))
         .execute(&admin)
         .await

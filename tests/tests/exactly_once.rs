@@ -189,7 +189,7 @@ async fn crash_kill9_three_times_totals_exact() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: make test-chaos"]
 async fn chaos_crash_200k_events_12_kills() -> anyhow::Result<()> {
-    crash_run("chaos", 60, 200_000, 6_000, 12, 11).await
+    crash_run("chaos", 60, 200_000, 3_500, 12, 11).await
 }
 
 /// Two instances share the group; one leaves (SIGTERM) and rejoins repeatedly.
@@ -255,7 +255,19 @@ async fn poison_messages_go_to_the_dlq_with_their_class() -> anyhow::Result<()> 
         .expect("schema")
         .to_string();
     let registry = registry_stub(vec![(7, schema)]).await?;
-    let env = test_env("poison", 2, &[("TALLY__REGISTRY__URL", registry.as_str())]).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = test_env(
+        "poison",
+        2,
+        &[
+            ("TALLY__REGISTRY__URL", registry.as_str()),
+            ("TALLY__SERVER__LISTEN", listen.as_str()),
+        ],
+    )
+    .await?;
     let (world, mut gen) = world_and_config(20, 6_000, 3);
     gen.malformed = 0.25;
     gen.encoding = Encoding::Confluent;
@@ -278,12 +290,30 @@ async fn poison_messages_go_to_the_dlq_with_their_class() -> anyhow::Result<()> 
     let caught_up = env
         .wait_handled(exp.messages as i64, Duration::from_secs(120))
         .await;
+    let health = http_get(&listen, "/health");
+    let metrics = http_get(&listen, "/metrics");
     terminate(&mut child, Duration::from_secs(30))?;
     caught_up?;
+    let malformed: usize = exp.malformed.values().sum();
+    let (status, _) = health?;
+    assert_eq!(status, 200, "/health of a caught-up pipeline");
+    let (status, body) = metrics?;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!("tally_dead_letters_total {malformed}\n")),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("tally_messages_consumed_total {}\n", exp.messages)),
+        "{body}"
+    );
+    assert!(
+        body.contains("tally_stage_seconds_total{stage=\"clickhouse\"}"),
+        "{body}"
+    );
 
     let problems = check_totals(&env, &exp).await?;
     assert!(problems.is_empty(), "{problems:#?}");
-    let malformed: usize = exp.malformed.values().sum();
     let dlq = read_topic(
         &env.cfg.kafka.brokers,
         &env.cfg.kafka.dlq_topic,
@@ -347,4 +377,23 @@ fn bad_config_names_the_key() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("kafka.brokerz"));
     Ok(())
+}
+
+/// A minimal HTTP GET against the health server: (status, body).
+fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        sock,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    sock.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }

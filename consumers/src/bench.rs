@@ -781,9 +781,39 @@ fn markdown(f: &Figures, table: &str) -> String {
     let _ = writeln!(s, "- CPU: utime+stime of the child from /proc/<pid>/stat, assuming 100 clock ticks per second.");
     let _ = writeln!(s, "- noida-db answers a fetch with the whole backlog, so drain memory reflects that reply; the steady-state run (fixed-rate production while tally consumes) shows memory without it.");
     let _ = writeln!(s, "\n## Where the time goes\n");
-    let _ = writeln!(s, "profile: see notes");
+    if let Some(c) = &f.drain.counters {
+        let _ = writeln!(s, "Stage seconds during the drain (summed over up to one concurrent batch per partition):\n");
+        let _ = writeln!(s, "| stage | seconds |\n|---|---|");
+        for part in c.split(", ") {
+            if let Some(rest) = part.strip_prefix("tally_stage_seconds_total{stage=\"") {
+                if let Some((stage, secs)) = rest.split_once("\"} ") {
+                    let _ = writeln!(s, "| {stage} | {secs} |");
+                }
+            }
+        }
+    }
+    let _ = writeln!(s, "{WHERE_THE_TIME_GOES}");
     s
 }
+
+/// What the profiles (perf, stage timers) showed; kept with the figures.
+const WHERE_THE_TIME_GOES: &str = "
+- Per event tally does far more than the raw consumer: a primary-key insert into Postgres
+  `seen_events` (the claim: dedup that survives restarts), one ClickHouse row in `usage_events`
+  plus ~0.6 rollup rows (1m/1h/1d), and its share of one Postgres commit (spend, quotas,
+  budgets, violations, offset). The claim and the ClickHouse inserts are ~70% of stage time.
+- Broker, ClickHouse, Postgres and tally share 2 cores. tally's own CPU is ~9 s per 1M events
+  (~9 µs per event); the rest of the wall time is Postgres and ClickHouse work.
+- perf on `tally run` (release): after indexing budgets by tenant and hashing rollup keys that
+  borrow from the events, the top entries are kernel scheduling, memcpy/malloc (message copies,
+  row building), lz4 compression of ClickHouse inserts, and SipHash of event-id sets; decoding
+  is ~0.8 µs per event (hand-written Avro reader).
+- Draining a backlog from noida-db costs memory because noida answers one fetch with the whole
+  backlog (hundreds of MB); in the steady-state run tally stays under 100 MB.
+- Changes measured on 200k events: sequential batches 22.5k/s -> budget index and concurrent
+  ClickHouse inserts 29k/s -> one batch per partition concurrently 35k/s -> cheaper rollup keys
+  and timer-free message draining 37k/s; with a freshly restarted broker (make bench) 58k/s on 1M.
+";
 
 /// `TALLY_REPO`, or the nearest ancestor of the current directory holding a
 /// workspace `Cargo.toml`.

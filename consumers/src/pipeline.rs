@@ -214,6 +214,8 @@ impl Pipeline {
         let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
         let mut last_commit = Instant::now();
         let mut last_retain = Instant::now();
+        let mut last_lag_check = Instant::now();
+        let mut lagging = false;
         loop {
             self.apply_rebalances().await?;
             let now = Instant::now();
@@ -259,8 +261,12 @@ impl Pipeline {
             }
             self.apply_rebalances().await?;
             self.process_ready(false).await?;
+            if last_lag_check.elapsed() >= Duration::from_secs(2) {
+                lagging = self.lagging();
+                last_lag_check = Instant::now();
+            }
             self.metrics
-                .set_backlog(self.parts.values().any(|s| !s.buf.is_empty()));
+                .set_backlog(lagging || self.parts.values().any(|s| !s.buf.is_empty()));
             if last_commit.elapsed() >= Duration::from_millis(self.cfg.kafka.commit_interval_ms) {
                 self.commit_kafka_copy();
                 last_commit = Instant::now();
@@ -912,6 +918,22 @@ impl Pipeline {
                 || t.tokens_per_minute.is_some_and(|l| c.1 > l);
         }
         Ok(())
+    }
+
+    /// Whether an owned partition has messages beyond its offset of record
+    /// (a short watermark request per owned partition, every few seconds). It
+    /// feeds `/health`: lag that makes no progress is a stall, even when nothing
+    /// arrives any more (e.g. a partition left paused).
+    fn lagging(&self) -> bool {
+        tokio::task::block_in_place(|| {
+            self.parts.iter().any(|(p, st)| {
+                st.owned
+                    && self
+                        .consumer
+                        .fetch_watermarks(&self.cfg.kafka.usage_topic, *p, Duration::from_millis(500))
+                        .is_ok_and(|(_, high)| high > st.record_next.unwrap_or(0))
+            })
+        })
     }
 
     /// Copies the offsets of record to Kafka for lag tooling (never read back).

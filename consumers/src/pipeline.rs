@@ -930,7 +930,11 @@ impl Pipeline {
                 st.owned
                     && self
                         .consumer
-                        .fetch_watermarks(&self.cfg.kafka.usage_topic, *p, Duration::from_millis(500))
+                        .fetch_watermarks(
+                            &self.cfg.kafka.usage_topic,
+                            *p,
+                            Duration::from_millis(500),
+                        )
                         .is_ok_and(|(_, high)| high > st.record_next.unwrap_or(0))
             })
         })

@@ -24,69 +24,25 @@ use crate::enrich::{enrich, Enriched};
 use crate::errors::StageError;
 use crate::ledger::{CommitInput, DeadLetter, Ledger, PendingBatch};
 use crate::metrics::Metrics;
+use crate::rebalance::{RebalanceLog, TallyContext};
 use crate::reference::SharedReference;
 use crate::registry_client::{Lookup, RegistryClient};
+use crate::retry::{backoff, retry};
 use crate::rollup::{bucket_start, Granularity};
 use crate::sink_clickhouse::ClickHouseSink;
-use backon::ExponentialBuilder;
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use sqlx::Connection;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_schemas::{Decoder, UsageEvent, WireFormat};
 use tokio::sync::watch;
-
-/// Rebalance notifications, handed from librdkafka's callback to the loop.
-#[derive(Default)]
-pub struct RebalanceLog {
-    events: Mutex<Vec<(bool, Vec<i32>)>>,
-}
-
-pub struct TallyContext {
-    log: Arc<RebalanceLog>,
-    topic: String,
-}
-
-impl ClientContext for TallyContext {}
-
-impl ConsumerContext for TallyContext {
-    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = r {
-            self.push(false, tpl);
-        }
-    }
-
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = r {
-            self.push(true, tpl);
-        }
-    }
-}
-
-impl TallyContext {
-    fn push(&self, assigned: bool, tpl: &TopicPartitionList) {
-        let parts: Vec<i32> = tpl
-            .elements()
-            .iter()
-            .filter(|e| e.topic() == self.topic)
-            .map(|e| e.partition())
-            .collect();
-        tracing::info!(assigned, partitions = ?parts, "rebalance");
-        if let Ok(mut ev) = self.log.events.lock() {
-            ev.push((assigned, parts));
-        }
-    }
-}
 
 /// Per-partition state of this instance.
 #[derive(Default)]
@@ -293,12 +249,7 @@ impl Pipeline {
     }
 
     async fn apply_rebalances(&mut self) -> Result<(), StageError> {
-        let events: Vec<(bool, Vec<i32>)> = self
-            .log
-            .events
-            .lock()
-            .map(|mut e| std::mem::take(&mut *e))
-            .unwrap_or_default();
+        let events = self.log.take();
         for (assigned, parts) in events {
             for p in parts {
                 if assigned {
@@ -953,47 +904,6 @@ impl Pipeline {
             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                 tracing::debug!(error = %e, "kafka offset copy failed (harmless)");
             }
-        }
-    }
-}
-
-fn backoff(max_retries: usize) -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder;
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(max_retries)
-        .build()
-}
-
-/// Retries a Retryable step with exponential backoff (backon); anything else,
-/// or running out of retries, is returned (the latter as Fatal).
-async fn retry<T, F, Fut>(
-    metrics: &Metrics,
-    max_retries: usize,
-    what: &'static str,
-    mut f: F,
-) -> Result<T, StageError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StageError>>,
-{
-    let mut delays = backoff(max_retries);
-    loop {
-        match f().await {
-            Err(e) if e.is_retryable() => match delays.next() {
-                Some(d) => {
-                    tracing::warn!(step = what, error = %e, delay_ms = d.as_millis() as u64, "retrying");
-                    metrics.add(&metrics.retries_total, 1);
-                    tokio::time::sleep(d).await;
-                }
-                None => {
-                    return Err(StageError::Fatal(format!(
-                        "{what}: gave up after {max_retries} retries: {e}"
-                    )))
-                }
-            },
-            other => return other,
         }
     }
 }

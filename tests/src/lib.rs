@@ -664,3 +664,19 @@ pub async fn check_totals(env: &TestEnv, exp: &Expected) -> anyhow::Result<Vec<S
     }
     Ok(problems)
 }
+
+/// Produces `msgs` to the test's usage topic in the background at `rate` msgs/s.
+pub fn spawn_producer(
+    env: &TestEnv,
+    msgs: &[GenMessage],
+    rate: u64,
+) -> tokio::task::JoinHandle<anyhow::Result<tally_producers::ProduceReport>> {
+    let (brokers, topic, msgs) = (
+        env.cfg.kafka.brokers.clone(),
+        env.cfg.kafka.usage_topic.clone(),
+        msgs.to_vec(),
+    );
+    tokio::spawn(async move {
+        tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await
+    })
+}

@@ -119,16 +119,7 @@ async fn crash_run(
     env.seed(&world).await?;
     let msgs = generate(gen);
     let exp = expected(&msgs, &world);
-    let producer = {
-        let (brokers, topic, msgs) = (
-            env.cfg.kafka.brokers.clone(),
-            env.cfg.kafka.usage_topic.clone(),
-            msgs.clone(),
-        );
-        tokio::spawn(async move {
-            tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await
-        })
-    };
+    let producer = spawn_producer(&env, &msgs, rate);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let started = Instant::now();
     let mut replays_possible = 0;
@@ -199,16 +190,7 @@ async fn rebalance_run(name: &str, count: u64, rate: u64, cycles: usize) -> anyh
     env.seed(&world).await?;
     let msgs = generate(gen);
     let exp = expected(&msgs, &world);
-    let producer = {
-        let (brokers, topic, msgs) = (
-            env.cfg.kafka.brokers.clone(),
-            env.cfg.kafka.usage_topic.clone(),
-            msgs.clone(),
-        );
-        tokio::spawn(async move {
-            tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await
-        })
-    };
+    let producer = spawn_producer(&env, &msgs, rate);
     let mut a = env.spawn_tally("a")?;
     for i in 0..cycles {
         let mut b = env.spawn_tally(&format!("b{i}"))?;

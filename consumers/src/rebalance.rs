@@ -1,0 +1,60 @@
+//! Consumer-group rebalance notifications, handed from librdkafka's callbacks
+//! (which must not block) to the pipeline loop, which applies them between
+//! batches. Guarantee: no batch is ever in flight when a revoke is applied,
+//! because batches run to completion between polls.
+
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, TopicPartitionList};
+use std::sync::{Arc, Mutex};
+
+/// Rebalance notifications, handed from librdkafka's callback to the loop.
+#[derive(Default)]
+pub struct RebalanceLog {
+    events: Mutex<Vec<(bool, Vec<i32>)>>,
+}
+
+pub struct TallyContext {
+    pub log: Arc<RebalanceLog>,
+    pub topic: String,
+}
+
+impl ClientContext for TallyContext {}
+
+impl ConsumerContext for TallyContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = r {
+            self.push(false, tpl);
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = r {
+            self.push(true, tpl);
+        }
+    }
+}
+
+impl RebalanceLog {
+    /// Takes the notifications recorded so far: (assigned?, partitions).
+    pub fn take(&self) -> Vec<(bool, Vec<i32>)> {
+        self.events
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
+    }
+}
+
+impl TallyContext {
+    fn push(&self, assigned: bool, tpl: &TopicPartitionList) {
+        let parts: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        tracing::info!(assigned, partitions = ?parts, "rebalance");
+        if let Ok(mut ev) = self.log.events.lock() {
+            ev.push((assigned, parts));
+        }
+    }
+}

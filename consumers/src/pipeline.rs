@@ -265,13 +265,70 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Releases partition `p`'s lock. If the lock connection is gone, so is the
+    /// lock (Postgres released it); `locks_alive` reconnects before the next batch.
     async fn unlock(&mut self, p: i32) -> Result<(), StageError> {
         let key = self.lock_key(p);
-        sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+        if let Err(e) = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
             .bind(key)
             .execute(&mut self.lock_conn)
             .await
-            .map_err(|e| crate::errors::classify_pg("advisory unlock", e))?;
+        {
+            tracing::warn!(partition = p, error = %e, "advisory unlock failed; the lock connection is gone and the lock with it");
+        }
+        Ok(())
+    }
+
+    /// Checks that the connection holding the partition locks is alive. If it
+    /// died (a Postgres restart), every lock died with it: reconnect, forget all
+    /// ownership and buffered work, and take partitions again as messages arrive.
+    async fn locks_alive(&mut self) -> Result<bool, StageError> {
+        if sqlx::query("SELECT 1")
+            .execute(&mut self.lock_conn)
+            .await
+            .is_ok()
+        {
+            return Ok(true);
+        }
+        tracing::warn!("advisory lock connection lost; reconnecting and re-taking partitions");
+        let mut delays = backoff(self.cfg.pipeline.max_retries);
+        loop {
+            match sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?).await {
+                Ok(c) => {
+                    self.lock_conn = c;
+                    break;
+                }
+                Err(e) => match delays.next() {
+                    Some(d) => {
+                        tracing::warn!(error = %e, "advisory lock reconnect: retrying");
+                        self.metrics.add(&self.metrics.retries_total, 1);
+                        tokio::time::sleep(d).await;
+                    }
+                    None => return Err(crate::errors::classify_pg("advisory lock reconnect", e)),
+                },
+            }
+        }
+        let parts: Vec<i32> = self.parts.keys().copied().collect();
+        for p in parts {
+            self.retake(p).await?;
+        }
+        Ok(false)
+    }
+
+    /// Forgets partition `p`'s buffered work and ownership, then takes it again
+    /// at once and seeks to its offset of record (messages that were buffered
+    /// are read again even if nothing new arrives).
+    async fn retake(&mut self, p: i32) -> Result<(), StageError> {
+        self.resume_if_paused(p);
+        self.parts.insert(p, PartState::default());
+        if self.take_ownership(p).await? {
+            if let Some(at) = self.parts.get(&p).and_then(|s| s.expected) {
+                let seeked = self.seek(p, at);
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.seeked = seeked;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -291,8 +348,10 @@ impl Pipeline {
                     sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?)
                         .await
                         .map_err(|e| crate::errors::classify_pg("advisory lock reconnect", e))?;
-                for st in self.parts.values_mut() {
-                    *st = PartState::default();
+                let parts: Vec<i32> = self.parts.keys().copied().collect();
+                for q in parts {
+                    self.resume_if_paused(q);
+                    self.parts.insert(q, PartState::default());
                 }
                 return Ok(false);
             }
@@ -351,7 +410,7 @@ impl Pipeline {
                 if let Some(st) = self.parts.get_mut(&p) {
                     st.retry_lock_at = Some(Instant::now() + Duration::from_millis(500));
                 }
-                self.seek(p, m.offset());
+                let _ = self.seek(p, m.offset());
                 return Ok(());
             }
         }
@@ -363,8 +422,11 @@ impl Pipeline {
                 return Ok(()); // already counted or before the range
             }
             if m.offset() > exp && !st.seeked {
-                st.seeked = true;
-                self.seek(p, exp);
+                // Only a successful seek makes a later gap acceptable.
+                let seeked = self.seek(p, exp);
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.seeked = seeked;
+                }
                 return Ok(());
             }
         }
@@ -376,18 +438,22 @@ impl Pipeline {
         Ok(())
     }
 
-    fn seek(&self, p: i32, offset: i64) {
-        if let Err(e) = self.consumer.seek(
+    /// Seeks partition `p`; librdkafka discards anything fetched before the seek.
+    fn seek(&self, p: i32, offset: i64) -> bool {
+        match self.consumer.seek(
             &self.cfg.kafka.usage_topic,
             p,
             Offset::Offset(offset),
             Duration::from_secs(5),
         ) {
-            tracing::warn!(partition = p, offset, error = %e, "seek failed; will retry on the next message");
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(partition = p, offset, error = %e, "seek failed; will retry on the next message");
+                false
+            }
         }
     }
 
-    /// Processes every partition whose batch is ready (or all, when draining).
     /// Processes every partition whose batch is ready (or all, when draining).
     /// Partitions are independent, so one batch per partition runs concurrently;
     /// batches of one partition stay strictly in order.
@@ -410,6 +476,9 @@ impl Pipeline {
                 })
                 .map(|(p, _)| *p)
                 .collect();
+            if ready.is_empty() || !self.locks_alive().await? {
+                return Ok(());
+            }
             let mut work = Vec::new();
             for p in ready {
                 if let Some(w) = self.take_batch(p, draining) {
@@ -446,7 +515,7 @@ impl Pipeline {
                         if self.parts.get(&p).is_some_and(|s| s.owned) {
                             self.unlock(p).await?;
                         }
-                        self.parts.insert(p, PartState::default());
+                        self.retake(p).await?;
                     }
                     Err(e) => return Err(e),
                 }

@@ -1,0 +1,102 @@
+//! Infrastructure restarts mid-run: ClickHouse, PostgreSQL and the broker are
+//! each restarted while tally works; afterwards every total is still exact.
+//!
+//! This file holds a single test on purpose: cargo runs test binaries one after
+//! another, so no other test sees the servers go away.
+
+use chrono::{Duration as ChronoDuration, DurationRound, Utc};
+use std::process::Command;
+use std::time::Duration;
+use tally_producers::{demo_world, Encoding, GenConfig};
+use tally_tests::*;
+
+fn local(script: &str, action: &str) -> anyhow::Result<()> {
+    let status = Command::new("bash")
+        .arg(repo_root().join("deploy/local").join(script))
+        .arg(action)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "{script} {action} failed");
+    Ok(())
+}
+
+/// Restarts the machine's PostgreSQL cluster (pg_ctlcluster), if it has one.
+fn restart_postgres() -> anyhow::Result<bool> {
+    let Ok(out) = Command::new("pg_lsclusters").arg("-h").output() else {
+        return Ok(false);
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let Some(line) = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("5432"))
+    else {
+        return Ok(false);
+    };
+    let mut f = line.split_whitespace();
+    let (version, cluster) = (f.next().unwrap_or_default(), f.next().unwrap_or_default());
+    let status = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", version, cluster, "restart"])
+        .status()?;
+    anyhow::ensure!(status.success(), "pg_ctlcluster restart failed");
+    Ok(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::Result<()> {
+    let env = test_env(
+        "restarts",
+        4,
+        &[
+            ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1000"),
+            ("TALLY__KAFKA__INSTANCE_ID", "restarts-1"),
+        ],
+    )
+    .await?;
+    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
+    let world = demo_world(30, change);
+    env.seed(&world).await?;
+    let mut gen = GenConfig::new(world.clone(), 30_000, 5);
+    gen.encoding = Encoding::Mixed;
+    gen.malformed = 0.002;
+    gen.start = change - ChronoDuration::hours(1);
+    let msgs = generate(gen);
+    let exp = expected(&msgs, &world);
+    // The second half goes out after the broker restart.
+    let half = msgs.len() / 2;
+    let producer = spawn_producer(&env, &msgs[..half], 1_000);
+    let mut tally = env.spawn_tally("run")?;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    eprintln!("restarting ClickHouse (handled {})", env.handled().await?);
+    // A crash, not a polite stop (18.16 can take a minute to shut down).
+    let pid = std::fs::read_to_string(repo_root().join(".local/run/clickhouse.pid"))?;
+    Command::new("kill").args(["-KILL", pid.trim()]).status()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    local("clickhouse.sh", "up")?;
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    eprintln!("restarting PostgreSQL (handled {})", env.handled().await?);
+    let pg_restarted = restart_postgres()?;
+    eprintln!("postgres restarted: {pg_restarted}");
+
+    producer.await??;
+    eprintln!("restarting the broker (handled {})", env.handled().await?);
+    local("broker.sh", "down")?;
+    local("broker.sh", "up")?;
+    spawn_producer(&env, &msgs[half..], 2_000).await??;
+    let caught_up = env
+        .wait_handled(exp.messages as i64, Duration::from_secs(240))
+        .await;
+    terminate(&mut tally, Duration::from_secs(30))?;
+    caught_up?;
+    let problems = check_totals(&env, &exp).await?;
+    for p in problems.iter().take(20) {
+        eprintln!("  {p}");
+    }
+    assert!(
+        problems.is_empty(),
+        "{} differences after restarts",
+        problems.len()
+    );
+    Ok(())
+}

@@ -254,6 +254,56 @@ impl Ledger {
             .collect())
     }
 
+    /// Marks events past their tenant's per-minute quota. Informational: the
+    /// quota violation itself is decided exactly in the commit.
+    pub async fn flag_over_quota(
+        &self,
+        events: &mut [Enriched],
+        reference: &crate::enrich::Reference,
+    ) -> Result<(), StageError> {
+        let keys: Vec<(String, DateTime<Utc>)> = events
+            .iter()
+            .filter(|e| {
+                reference.tenants.get(&e.event.tenant_id).is_some_and(|t| {
+                    t.requests_per_minute.is_some() || t.tokens_per_minute.is_some()
+                })
+            })
+            .map(|e| {
+                (
+                    e.event.tenant_id.clone(),
+                    crate::rollup::bucket_start(
+                        e.event.occurred_at,
+                        crate::rollup::Granularity::Minute,
+                    ),
+                )
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut counts = self.quota_usage(&keys).await?;
+        for e in events.iter_mut() {
+            let Some(t) = reference.tenants.get(&e.event.tenant_id) else {
+                continue;
+            };
+            let key = (
+                e.event.tenant_id.clone(),
+                crate::rollup::bucket_start(
+                    e.event.occurred_at,
+                    crate::rollup::Granularity::Minute,
+                ),
+            );
+            let c = counts.entry(key).or_insert((0, 0));
+            c.0 += 1;
+            c.1 += e.tokens().total();
+            e.over_quota = t.requests_per_minute.is_some_and(|l| c.0 > l)
+                || t.tokens_per_minute.is_some_and(|l| c.1 > l);
+        }
+        Ok(())
+    }
+
     /// Phase 3: spend, quotas, budgets, violations, dead letters and the new
     /// offset, in one transaction fenced by the pending batch.
     pub async fn commit(

@@ -6,9 +6,11 @@
 pub mod bench;
 pub mod config;
 pub mod cost;
+pub mod decode;
 pub mod dlq;
 pub mod enrich;
 pub mod errors;
+pub mod fairness;
 pub mod health;
 pub mod ledger;
 pub mod metrics;

@@ -19,29 +19,27 @@
 //! partition at once, even mid-rebalance.
 
 use crate::config::Config;
+use crate::decode::{Decoded, UsageDecoding};
 use crate::dlq::{self, Poison};
 use crate::enrich::{enrich, Enriched};
 use crate::errors::StageError;
+use crate::fairness::Fairness;
 use crate::ledger::{CommitInput, DeadLetter, Ledger, PendingBatch};
 use crate::metrics::Metrics;
 use crate::rebalance::{RebalanceLog, TallyContext};
 use crate::reference::SharedReference;
-use crate::registry_client::{Lookup, RegistryClient};
 use crate::retry::{backoff, retry};
-use crate::rollup::{bucket_start, Granularity};
 use crate::sink_clickhouse::ClickHouseSink;
-use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use sqlx::Connection;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::num::NonZeroU32;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_schemas::{Decoder, UsageEvent, WireFormat};
+use tally_schemas::UsageEvent;
 use tokio::sync::watch;
 
 /// Per-partition state of this instance.
@@ -69,11 +67,10 @@ pub struct Pipeline {
     ledger: Ledger,
     ch: ClickHouseSink,
     dlq: rdkafka::producer::FutureProducer,
-    decoder: Arc<Decoder>,
-    registry: Option<RegistryClient>,
+    decoding: UsageDecoding,
     reference: SharedReference,
     metrics: Arc<Metrics>,
-    limiter: DefaultKeyedRateLimiter<String>,
+    fairness: Fairness,
     lock_conn: sqlx::PgConnection,
     parts: BTreeMap<i32, PartState>,
     tolerance: Decimal,
@@ -85,15 +82,6 @@ struct BatchWork {
     msgs: Vec<OwnedMessage>,
     replay: Option<PendingBatch>,
     record_next: Option<i64>,
-}
-
-/// One decoded message of a batch.
-enum Decoded {
-    Event(Box<UsageEvent>),
-    Poison {
-        class: &'static str,
-        message: String,
-    },
 }
 
 impl Pipeline {
@@ -137,13 +125,6 @@ impl Pipeline {
             .subscribe(&[&cfg.kafka.usage_topic])
             .map_err(|e| StageError::Fatal(format!("subscribe {}: {e}", cfg.kafka.usage_topic)))?;
         let dlq = dlq::producer(&cfg.kafka.brokers, &[])?;
-        let registry = (!cfg.registry.url.is_empty()).then(|| {
-            RegistryClient::new(
-                &cfg.registry.url,
-                Duration::from_millis(cfg.registry.timeout_ms),
-            )
-        });
-        let rate = NonZeroU32::new(cfg.pipeline.fairness_events_per_sec).unwrap_or(NonZeroU32::MIN);
         let lock_conn = sqlx::PgConnection::connect_with(&crate::runner::pg_options(&cfg)?)
             .await
             .map_err(|e| crate::errors::classify_pg("advisory lock connection", e))?;
@@ -154,11 +135,10 @@ impl Pipeline {
             ledger,
             ch,
             dlq,
-            decoder: Arc::new(Decoder::new()),
-            registry,
+            decoding: UsageDecoding::new(&cfg),
             reference,
             metrics,
-            limiter: RateLimiter::keyed(Quota::per_second(rate)),
+            fairness: Fairness::new(cfg.pipeline.fairness_events_per_sec),
             lock_conn,
             parts: BTreeMap::new(),
             cfg,
@@ -228,8 +208,7 @@ impl Pipeline {
                 last_commit = Instant::now();
             }
             if last_retain.elapsed() >= Duration::from_secs(60) {
-                self.limiter.retain_recent();
-                self.limiter.shrink_to_fit();
+                self.fairness.evict_idle();
                 last_retain = Instant::now();
             }
         }
@@ -568,31 +547,10 @@ impl Pipeline {
 
     /// Operational fairness: how long to wait before a tenant's share of this
     /// batch fits its pace. Changes timing only, never results.
-    fn fairness_wait(&mut self, p: i32, take: usize) -> Option<Duration> {
+    fn fairness_wait(&self, p: i32, take: usize) -> Option<Duration> {
         let st = self.parts.get(&p)?;
-        let mut per_tenant: HashMap<&[u8], u32> = HashMap::new();
-        for m in &st.buf[..take] {
-            *per_tenant.entry(m.key().unwrap_or_default()).or_default() += 1;
-        }
-        let mut wait = None;
-        for (tenant, n) in per_tenant {
-            let Some(n) = NonZeroU32::new(n) else {
-                continue;
-            };
-            let key = String::from_utf8_lossy(tenant).into_owned();
-            match self.limiter.check_key_n(&key, n) {
-                Ok(Ok(())) => {}
-                Ok(Err(not_until)) => {
-                    let w = not_until.wait_time_from(governor::clock::Clock::now(
-                        &governor::clock::DefaultClock::default(),
-                    ));
-                    wait = Some(wait.map_or(w, |x: Duration| x.max(w)));
-                }
-                // More than one second's pace in a single batch: let it through.
-                Err(_) => {}
-            }
-        }
-        wait
+        self.fairness
+            .wait_for(st.buf[..take].iter().map(|m| m.key().unwrap_or_default()))
     }
 
     fn defer(&mut self, p: i32, wait: Duration) {
@@ -634,7 +592,6 @@ impl Pipeline {
     ) -> Result<i64, StageError> {
         let first = replay.map_or_else(|| msgs[0].offset(), |b| b.first);
         let last = replay.map_or_else(|| msgs[msgs.len() - 1].offset(), |b| b.last);
-        let lookback = ChronoDuration::hours(self.cfg.pipeline.dedup_lookback_hours);
 
         // Decode (Confluent ids are resolved through the registry first).
         let mut t = Instant::now();
@@ -646,7 +603,11 @@ impl Pipeline {
                 .to_millis()
                 .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
             newest = newest.max(ts);
-            decoded.push(self.decode_one(m, ts, lookback).await?);
+            decoded.push(
+                self.decoding
+                    .decode(m.payload().unwrap_or_default(), ts, &self.metrics)
+                    .await?,
+            );
         }
 
         self.metrics.stage(0, t);
@@ -757,7 +718,9 @@ impl Pipeline {
             .into_iter()
             .map(|(e, off)| enrich(e, &reference, self.tolerance, p, off))
             .collect();
-        self.flag_over_quota(&mut enriched, &reference).await?;
+        self.ledger
+            .flag_over_quota(&mut enriched, &reference)
+            .await?;
 
         self.metrics.stage(3, t);
         t = Instant::now();
@@ -841,103 +804,6 @@ impl Pipeline {
             "batch committed"
         );
         Ok(last + 1)
-    }
-
-    async fn decode_one(
-        &self,
-        m: &OwnedMessage,
-        ts: Option<DateTime<Utc>>,
-        lookback: ChronoDuration,
-    ) -> Result<Decoded, StageError> {
-        let payload = m.payload().unwrap_or_default();
-        if let Ok(WireFormat::Confluent { schema_id }) = tally_schemas::detect(payload) {
-            if !self.decoder.has_confluent_schema(schema_id) {
-                if let Some(reg) = &self.registry {
-                    let mut attempts = 0;
-                    loop {
-                        match reg.ensure(&self.decoder, schema_id).await {
-                            Ok(Lookup::Registered | Lookup::Unknown) => break,
-                            Err(e)
-                                if e.is_retryable() && attempts < self.cfg.pipeline.max_retries =>
-                            {
-                                attempts += 1;
-                                self.metrics.add(&self.metrics.retries_total, 1);
-                                tracing::warn!(error = %e, schema_id, "schema registry: retrying");
-                                tokio::time::sleep(Duration::from_millis(250 * attempts as u64))
-                                    .await;
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
-            }
-        }
-        Ok(match self.decoder.decode::<UsageEvent>(payload) {
-            Ok(e) => {
-                let reference_time = ts.unwrap_or_else(Utc::now);
-                if e.occurred_at < reference_time - lookback {
-                    Decoded::Poison {
-                        class: "beyond_dedup_horizon",
-                        message: format!(
-                            "occurred_at {} is older than the dedup look-back ({} h) before the message time {}",
-                            e.occurred_at.to_rfc3339(),
-                            lookback.num_hours(),
-                            reference_time.to_rfc3339()
-                        ),
-                    }
-                } else {
-                    Decoded::Event(Box::new(e))
-                }
-            }
-            Err(e) => Decoded::Poison {
-                class: e.class(),
-                message: e.to_string(),
-            },
-        })
-    }
-
-    /// Marks events past their tenant's per-minute quota. Informational: the
-    /// quota violation itself is decided exactly in the commit.
-    async fn flag_over_quota(
-        &self,
-        events: &mut [Enriched],
-        reference: &crate::enrich::Reference,
-    ) -> Result<(), StageError> {
-        let keys: Vec<(String, DateTime<Utc>)> = events
-            .iter()
-            .filter(|e| {
-                reference.tenants.get(&e.event.tenant_id).is_some_and(|t| {
-                    t.requests_per_minute.is_some() || t.tokens_per_minute.is_some()
-                })
-            })
-            .map(|e| {
-                (
-                    e.event.tenant_id.clone(),
-                    bucket_start(e.event.occurred_at, Granularity::Minute),
-                )
-            })
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut counts = self.ledger.quota_usage(&keys).await?;
-        for e in events.iter_mut() {
-            let Some(t) = reference.tenants.get(&e.event.tenant_id) else {
-                continue;
-            };
-            let key = (
-                e.event.tenant_id.clone(),
-                bucket_start(e.event.occurred_at, Granularity::Minute),
-            );
-            let c = counts.entry(key).or_insert((0, 0));
-            c.0 += 1;
-            c.1 += e.tokens().total();
-            e.over_quota = t.requests_per_minute.is_some_and(|l| c.0 > l)
-                || t.tokens_per_minute.is_some_and(|l| c.1 > l);
-        }
-        Ok(())
     }
 
     /// Whether an owned partition has messages beyond its offset of record

@@ -16,6 +16,11 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use std::time::Duration;
 use tally_schemas::{Decoder, UsageEvent, WireFormat};
 
+/// An event may claim to occur at most this long after its message was
+/// written (clock skew); later than that it would open future rollup buckets
+/// and budget periods, so it is dead-lettered instead.
+const FUTURE_TOLERANCE_HOURS: i64 = 24;
+
 /// One decoded message of a batch.
 pub enum Decoded {
     Event(Box<UsageEvent>),
@@ -50,7 +55,8 @@ impl UsageDecoding {
 
     /// Decodes one payload. `message_time` is the Kafka timestamp: an event
     /// older than it minus the dedup look-back cannot be checked for re-sends
-    /// and is poison (`beyond_dedup_horizon`) rather than a possible double count.
+    /// and is poison (`beyond_dedup_horizon`) rather than a possible double
+    /// count; one more than a day after it is poison too (`future_timestamp`).
     pub async fn decode(
         &self,
         payload: &[u8],
@@ -71,7 +77,16 @@ impl UsageDecoding {
         Ok(match self.decoder.decode::<UsageEvent>(payload) {
             Ok(e) => {
                 let reference_time = message_time.unwrap_or_else(Utc::now);
-                if e.occurred_at < reference_time - self.lookback {
+                if e.occurred_at > reference_time + ChronoDuration::hours(FUTURE_TOLERANCE_HOURS) {
+                    Decoded::Poison {
+                        class: "future_timestamp",
+                        message: format!(
+                            "occurred_at {} is more than {FUTURE_TOLERANCE_HOURS} h after the message time {}",
+                            e.occurred_at.to_rfc3339(),
+                            reference_time.to_rfc3339()
+                        ),
+                    }
+                } else if e.occurred_at < reference_time - self.lookback {
                     Decoded::Poison {
                         class: "beyond_dedup_horizon",
                         message: format!(
@@ -90,5 +105,59 @@ impl UsageDecoding {
                 message: e.to_string(),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class_of(d: &Decoded) -> &'static str {
+        match d {
+            Decoded::Event(_) => "event",
+            Decoded::Poison { class, .. } => class,
+        }
+    }
+
+    #[tokio::test]
+    async fn event_time_must_be_near_the_message_time() {
+        let cfg = Config::load_from(None, &[]).expect("defaults");
+        let decoding = UsageDecoding::new(&cfg);
+        let metrics = Metrics::default();
+        let now = Utc::now();
+        let mut e = tally_schemas::sample_usage();
+        let mut verdict = |at: DateTime<Utc>| {
+            e.occurred_at = at;
+            let payload = tally_schemas::encode_json(&e);
+            let decoding = &decoding;
+            let metrics = &metrics;
+            async move {
+                class_of(
+                    &decoding
+                        .decode(&payload, Some(now), metrics)
+                        .await
+                        .expect("decode"),
+                )
+            }
+        };
+        assert_eq!(verdict(now - ChronoDuration::hours(3)).await, "event");
+        assert_eq!(
+            verdict(now + ChronoDuration::hours(2)).await,
+            "event",
+            "clock skew is tolerated"
+        );
+        assert_eq!(
+            verdict(now + ChronoDuration::days(3)).await,
+            "future_timestamp"
+        );
+        assert_eq!(
+            verdict(now - ChronoDuration::days(30)).await,
+            "beyond_dedup_horizon"
+        );
+        let garbage = decoding
+            .decode(b"{not json", Some(now), &metrics)
+            .await
+            .expect("decode");
+        assert_eq!(class_of(&garbage), "invalid_json");
     }
 }

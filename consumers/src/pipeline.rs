@@ -18,29 +18,27 @@
 //! while holding its Postgres advisory lock, so two instances never work on one
 //! partition at once, even mid-rebalance.
 
+use crate::batch::BatchRunner;
 use crate::config::Config;
-use crate::decode::{Decoded, UsageDecoding};
-use crate::dlq::{self, Poison};
-use crate::enrich::{enrich, Enriched};
+use crate::decode::UsageDecoding;
+use crate::dlq;
 use crate::errors::StageError;
 use crate::fairness::Fairness;
-use crate::ledger::{CommitInput, DeadLetter, Ledger, PendingBatch};
+use crate::ledger::{Ledger, PendingBatch};
 use crate::metrics::Metrics;
 use crate::rebalance::{RebalanceLog, TallyContext};
 use crate::reference::SharedReference;
-use crate::retry::{backoff, retry};
+use crate::retry::backoff;
 use crate::sink_clickhouse::ClickHouseSink;
-use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use rust_decimal::Decimal;
 use sqlx::Connection;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_schemas::UsageEvent;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// Per-partition state of this instance.
 #[derive(Default)]
@@ -58,23 +56,27 @@ struct PartState {
     buf_since: Option<Instant>,
     not_before: Option<Instant>,
     paused: bool,
+    /// A batch of this partition is running as a task.
+    in_flight: bool,
+    /// Revoked while a batch was in flight: release it once that batch ends.
+    revoked: bool,
 }
 
 pub struct Pipeline {
     cfg: Config,
     consumer: StreamConsumer<TallyContext>,
     log: Arc<RebalanceLog>,
-    ledger: Ledger,
-    ch: ClickHouseSink,
-    dlq: rdkafka::producer::FutureProducer,
-    decoding: UsageDecoding,
-    reference: SharedReference,
+    runner: Arc<BatchRunner>,
+    in_flight: JoinSet<BatchDone>,
+    lock_conn_dead: bool,
     metrics: Arc<Metrics>,
     fairness: Fairness,
     lock_conn: sqlx::PgConnection,
     parts: BTreeMap<i32, PartState>,
-    tolerance: Decimal,
 }
+
+/// What a finished batch task reports: partition, start, new offset of record.
+type BatchDone = (i32, Instant, Result<i64, StageError>);
 
 /// A batch cut from a partition's buffer, ready to process.
 struct BatchWork {
@@ -128,15 +130,22 @@ impl Pipeline {
         let lock_conn = sqlx::PgConnection::connect_with(&crate::runner::pg_options(&cfg)?)
             .await
             .map_err(|e| crate::errors::classify_pg("advisory lock connection", e))?;
-        Ok(Self {
-            tolerance: cfg.cost_mismatch_tolerance(),
-            consumer,
-            log,
+        let runner = Arc::new(BatchRunner {
+            cfg: cfg.clone(),
             ledger,
             ch,
             dlq,
             decoding: UsageDecoding::new(&cfg),
             reference,
+            metrics: metrics.clone(),
+            tolerance: cfg.cost_mismatch_tolerance(),
+        });
+        Ok(Self {
+            consumer,
+            log,
+            runner,
+            in_flight: JoinSet::new(),
+            lock_conn_dead: false,
             metrics,
             fairness: Fairness::new(cfg.pipeline.fairness_events_per_sec),
             lock_conn,
@@ -154,6 +163,9 @@ impl Pipeline {
         let mut lagging = false;
         loop {
             self.apply_rebalances().await?;
+            if self.lock_conn_dead {
+                self.recover_locks().await?;
+            }
             let now = Instant::now();
             let wake = self
                 .parts
@@ -193,6 +205,9 @@ impl Pipeline {
                     }
                     Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
                 },
+                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                    self.on_batch_done(done).await?;
+                }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             self.apply_rebalances().await?;
@@ -213,8 +228,14 @@ impl Pipeline {
             }
         }
         tracing::info!("shutdown: draining buffered batches");
-        self.apply_rebalances().await?;
-        self.process_ready(true).await?;
+        loop {
+            self.apply_rebalances().await?;
+            self.process_ready(true).await?;
+            match self.in_flight.join_next().await {
+                Some(done) => self.on_batch_done(done).await?,
+                None => break,
+            }
+        }
         self.commit_kafka_copy();
         tracing::info!("shutdown: done");
         Ok(())
@@ -232,9 +253,16 @@ impl Pipeline {
         for (assigned, parts) in events {
             for p in parts {
                 if assigned {
-                    self.parts.entry(p).or_default();
+                    let st = self.parts.entry(p).or_default();
+                    st.revoked = false;
+                } else if self.parts.get(&p).is_some_and(|s| s.in_flight) {
+                    // Keep the lock until the running batch ends (on_batch_done).
+                    if let Some(st) = self.parts.get_mut(&p) {
+                        st.revoked = true;
+                        st.buf.clear();
+                        st.buf_since = None;
+                    }
                 } else if let Some(st) = self.parts.remove(&p) {
-                    // Nothing is in flight here: batches run to completion between polls.
                     if st.owned {
                         self.unlock(p).await?;
                     }
@@ -258,23 +286,34 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Checks that the connection holding the partition locks is alive. If it
-    /// died (a Postgres restart), every lock died with it: reconnect, forget all
-    /// ownership and buffered work, and take partitions again as messages arrive.
-    async fn locks_alive(&mut self) -> Result<bool, StageError> {
-        if sqlx::query("SELECT 1")
-            .execute(&mut self.lock_conn)
-            .await
-            .is_ok()
+    /// Whether the connection holding the partition locks still answers; if
+    /// not, every lock died with it and `recover_locks` runs before more work.
+    async fn locks_alive(&mut self) -> bool {
+        if !self.lock_conn_dead
+            && sqlx::query("SELECT 1")
+                .execute(&mut self.lock_conn)
+                .await
+                .is_err()
         {
-            return Ok(true);
+            self.lock_conn_dead = true;
         }
+        !self.lock_conn_dead
+    }
+
+    /// After the lock connection died (a Postgres restart): let running batches
+    /// finish (their fences keep them safe), reconnect, forget all ownership and
+    /// buffered work, and take every assigned partition again at its offset of record.
+    async fn recover_locks(&mut self) -> Result<(), StageError> {
         tracing::warn!("advisory lock connection lost; reconnecting and re-taking partitions");
+        while let Some(done) = self.in_flight.join_next().await {
+            self.on_batch_done(done).await?;
+        }
         let mut delays = backoff(self.cfg.pipeline.max_retries);
         loop {
             match sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?).await {
                 Ok(c) => {
                     self.lock_conn = c;
+                    self.lock_conn_dead = false;
                     break;
                 }
                 Err(e) => match delays.next() {
@@ -291,7 +330,7 @@ impl Pipeline {
         for p in parts {
             self.retake(p).await?;
         }
-        Ok(false)
+        Ok(())
     }
 
     /// Forgets partition `p`'s buffered work and ownership, then takes it again
@@ -321,24 +360,17 @@ impl Pipeline {
         {
             Ok(g) => g,
             Err(e) => {
-                // The lock connection died (Postgres restart): every lock is gone.
-                tracing::warn!(error = %e, "advisory lock connection lost; reconnecting");
-                self.lock_conn =
-                    sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?)
-                        .await
-                        .map_err(|e| crate::errors::classify_pg("advisory lock reconnect", e))?;
-                let parts: Vec<i32> = self.parts.keys().copied().collect();
-                for q in parts {
-                    self.resume_if_paused(q);
-                    self.parts.insert(q, PartState::default());
-                }
+                // The lock connection died (Postgres restart): every lock is gone;
+                // the main loop recovers before anything else happens.
+                tracing::warn!(error = %e, "advisory lock connection lost");
+                self.lock_conn_dead = true;
                 return Ok(false);
             }
         };
         if !got {
             return Ok(false);
         }
-        let state = self.ledger.partition_state(p).await?;
+        let state = self.runner.ledger.partition_state(p).await?;
         let st = self.parts.entry(p).or_default();
         st.owned = true;
         st.record_next = state.next_offset;
@@ -433,80 +465,113 @@ impl Pipeline {
         }
     }
 
-    /// Processes every partition whose batch is ready (or all, when draining).
-    /// Partitions are independent, so one batch per partition runs concurrently;
-    /// batches of one partition stay strictly in order.
+    /// Starts a batch for every partition whose batch is ready (or that has
+    /// anything buffered, when draining). Partitions are independent, so their
+    /// batches run as concurrent tasks while the consumer keeps polling; a
+    /// partition never has more than one batch running, so its batches stay in order.
     async fn process_ready(&mut self, draining: bool) -> Result<(), StageError> {
         let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
         let max = self.cfg.pipeline.batch_max_messages;
-        loop {
-            let ready: Vec<i32> = self
-                .parts
-                .iter()
-                .filter(|(_, s)| !s.buf.is_empty() && s.owned)
-                .filter(|(_, s)| match s.replay {
-                    Some(b) => s.buf.last().is_some_and(|m| m.offset() >= b.last),
-                    None => {
-                        s.not_before.is_none_or(|t| Instant::now() >= t)
-                            && (draining
-                                || s.buf.len() >= max
-                                || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
-                    }
-                })
-                .map(|(p, _)| *p)
-                .collect();
-            if ready.is_empty() || !self.locks_alive().await? {
-                return Ok(());
-            }
-            let mut work = Vec::new();
-            for p in ready {
-                if let Some(w) = self.take_batch(p, draining) {
-                    work.push(w);
+        let ready: Vec<i32> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| !s.buf.is_empty() && s.owned && !s.in_flight && !s.revoked)
+            .filter(|(_, s)| match s.replay {
+                Some(b) => s.buf.last().is_some_and(|m| m.offset() >= b.last),
+                None => {
+                    s.not_before.is_none_or(|t| Instant::now() >= t)
+                        && (draining
+                            || s.buf.len() >= max
+                            || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
                 }
-            }
-            if work.is_empty() {
-                return Ok(());
-            }
-            let this = &*self;
-            let results = futures::future::join_all(work.into_iter().map(|w| async move {
-                let started = Instant::now();
-                let r = this
-                    .process_batch(w.partition, w.msgs, w.replay, w.record_next)
-                    .await;
-                (w.partition, started, r)
-            }))
-            .await;
-            for (p, started, r) in results {
-                match r {
-                    Ok(next) => {
-                        self.metrics.add(
-                            &self.metrics.batch_micros_total,
-                            started.elapsed().as_micros() as u64,
-                        );
-                        self.metrics.progressed();
-                        if let Some(st) = self.parts.get_mut(&p) {
-                            st.record_next = Some(next);
-                        }
-                    }
-                    Err(StageError::LostOwnership(m)) => {
-                        tracing::warn!(partition = p, reason = %m, "lost ownership; re-reading partition state");
-                        self.metrics.add(&self.metrics.ownership_lost_total, 1);
-                        if self.parts.get(&p).is_some_and(|s| s.owned) {
-                            self.unlock(p).await?;
-                        }
-                        self.retake(p).await?;
-                    }
-                    Err(e) => return Err(e),
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        if ready.is_empty() || !self.locks_alive().await {
+            return Ok(());
+        }
+        for p in ready {
+            if let Some(w) = self.take_batch(p, draining) {
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.in_flight = true;
                 }
-            }
-            let more = self
-                .parts
-                .values()
-                .any(|s| s.owned && (s.buf.len() >= max || (draining && !s.buf.is_empty())));
-            if !more {
-                return Ok(());
+                let runner = self.runner.clone();
+                self.in_flight.spawn(async move {
+                    let started = Instant::now();
+                    let r = runner
+                        .process_batch(w.partition, w.msgs, w.replay, w.record_next)
+                        .await;
+                    (w.partition, started, r)
+                });
             }
         }
+        // Bound memory: a partition that has a batch running and another full
+        // one buffered stops fetching until the running one ends.
+        let full: Vec<i32> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| s.in_flight && !s.paused && s.buf.len() >= 2 * max)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in full {
+            self.pause(p);
+        }
+        Ok(())
+    }
+
+    /// Applies the outcome of a finished batch task.
+    async fn on_batch_done(
+        &mut self,
+        done: Result<BatchDone, tokio::task::JoinError>,
+    ) -> Result<(), StageError> {
+        let (p, started, r) =
+            done.map_err(|e| StageError::Fatal(format!("batch task failed: {e}")))?;
+        let revoked = match self.parts.get_mut(&p) {
+            Some(st) => {
+                st.in_flight = false;
+                st.revoked
+            }
+            None => false,
+        };
+        match r {
+            Ok(next) => {
+                self.metrics.add(
+                    &self.metrics.batch_micros_total,
+                    started.elapsed().as_micros() as u64,
+                );
+                self.metrics.progressed();
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.record_next = Some(next);
+                    if st.buf.is_empty() {
+                        // Nothing buffered beyond the batch (or it was dropped on a
+                        // revoke): continue exactly after it.
+                        st.expected = Some(next);
+                        st.seeked = false;
+                    }
+                }
+            }
+            Err(StageError::LostOwnership(m)) => {
+                tracing::warn!(partition = p, reason = %m, "lost ownership; re-reading partition state");
+                self.metrics.add(&self.metrics.ownership_lost_total, 1);
+                if self.parts.get(&p).is_some_and(|s| s.owned) {
+                    self.unlock(p).await?;
+                }
+                if !revoked {
+                    self.retake(p).await?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        if revoked {
+            if let Some(st) = self.parts.remove(&p) {
+                if st.owned {
+                    self.unlock(p).await?;
+                }
+            }
+        } else {
+            self.resume_if_paused(p);
+        }
+        Ok(())
     }
 
     /// Cuts the next batch of partition `p` out of its buffer (None: nothing to
@@ -559,6 +624,14 @@ impl Pipeline {
             return;
         };
         st.not_before = Some(Instant::now() + wait);
+        self.pause(p);
+    }
+
+    /// Stops fetching partition `p` until `resume_if_paused`.
+    fn pause(&mut self, p: i32) {
+        let Some(st) = self.parts.get_mut(&p) else {
+            return;
+        };
         if !st.paused {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&self.cfg.kafka.usage_topic, p);
@@ -580,230 +653,6 @@ impl Pipeline {
                 st.paused = false;
             }
         }
-    }
-
-    /// Runs one batch through the state machine; returns the new offset of record.
-    async fn process_batch(
-        &self,
-        p: i32,
-        msgs: Vec<OwnedMessage>,
-        replay: Option<PendingBatch>,
-        record_next: Option<i64>,
-    ) -> Result<i64, StageError> {
-        let first = replay.map_or_else(|| msgs[0].offset(), |b| b.first);
-        let last = replay.map_or_else(|| msgs[msgs.len() - 1].offset(), |b| b.last);
-
-        // Decode (Confluent ids are resolved through the registry first).
-        let mut t = Instant::now();
-        let mut decoded = Vec::with_capacity(msgs.len());
-        let mut newest: Option<DateTime<Utc>> = None;
-        for m in &msgs {
-            let ts = m
-                .timestamp()
-                .to_millis()
-                .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
-            newest = newest.max(ts);
-            decoded.push(
-                self.decoding
-                    .decode(m.payload().unwrap_or_default(), ts, &self.metrics)
-                    .await?,
-            );
-        }
-
-        self.metrics.stage(0, t);
-        t = Instant::now();
-        // 1. Dead letters, acknowledged before anything commits.
-        let poison: Vec<Poison<'_>> = msgs
-            .iter()
-            .zip(&decoded)
-            .filter_map(|(m, d)| match d {
-                Decoded::Poison { class, message } => Some(Poison {
-                    key: m.key(),
-                    payload: m.payload().unwrap_or_default(),
-                    headers: None,
-                    partition: p,
-                    offset: m.offset(),
-                    class,
-                    message,
-                }),
-                Decoded::Event(_) => None,
-            })
-            .collect();
-        let dead: Vec<DeadLetter> = poison
-            .iter()
-            .map(|x| DeadLetter {
-                partition: p,
-                offset: x.offset,
-                class: x.class.to_string(),
-                message: x.message.to_string(),
-            })
-            .collect();
-        if !poison.is_empty() {
-            let (dlq_topic, src) = (
-                self.cfg.kafka.dlq_topic.clone(),
-                self.cfg.kafka.usage_topic.clone(),
-            );
-            let producer = self.dlq.clone();
-            let mut attempts = 0;
-            loop {
-                match dlq::send_all(&producer, &dlq_topic, &src, &poison).await {
-                    Ok(()) => break,
-                    Err(e) if e.is_retryable() && attempts < self.cfg.pipeline.max_retries => {
-                        attempts += 1;
-                        self.metrics.add(&self.metrics.retries_total, 1);
-                        tracing::warn!(error = %e, "dead-letter send: retrying");
-                        tokio::time::sleep(Duration::from_millis(200 * attempts as u64)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        drop(poison);
-
-        // In-batch duplicates: the first occurrence wins.
-        let mut seen_here: HashSet<uuid::Uuid> = HashSet::new();
-        let mut events: Vec<(UsageEvent, i64)> = Vec::new();
-        let mut dup_in_batch = 0u64;
-        for (m, d) in msgs.iter().zip(decoded) {
-            if let Decoded::Event(e) = d {
-                if seen_here.insert(e.event_id) {
-                    events.push((*e, m.offset()));
-                } else {
-                    dup_in_batch += 1;
-                }
-            }
-        }
-
-        self.metrics.stage(1, t);
-        t = Instant::now();
-        // 2. Claim the range and the event ids.
-        let ids: Vec<(uuid::Uuid, DateTime<Utc>)> = events
-            .iter()
-            .map(|(e, _)| (e.event_id, e.occurred_at))
-            .collect();
-        let ledger = self.ledger.clone();
-        let (batch, owned) = retry(
-            &self.metrics,
-            self.cfg.pipeline.max_retries,
-            "claim",
-            || {
-                let (ledger, ids) = (ledger.clone(), ids.clone());
-                Box::pin(async move {
-                    ledger
-                        .claim(
-                            p,
-                            first,
-                            last,
-                            record_next,
-                            replay.map(|b| b.batch_id),
-                            &ids,
-                        )
-                        .await
-                })
-            },
-        )
-        .await?;
-        if replay.is_some() {
-            self.metrics.add(&self.metrics.batches_replayed_total, 1);
-        }
-        let before = events.len();
-        events.retain(|(e, _)| owned.contains(&e.event_id));
-        let duplicates = dup_in_batch + (before - events.len()) as u64;
-
-        self.metrics.stage(2, t);
-        t = Instant::now();
-        // Enrich against one reference snapshot; flag over-quota events.
-        let reference = self.reference.get();
-        let mut enriched: Vec<Enriched> = events
-            .into_iter()
-            .map(|(e, off)| enrich(e, &reference, self.tolerance, p, off))
-            .collect();
-        self.ledger
-            .flag_over_quota(&mut enriched, &reference)
-            .await?;
-
-        self.metrics.stage(3, t);
-        t = Instant::now();
-        // 3. ClickHouse, checked first whenever an earlier attempt may have landed.
-        let ch = self.ch.clone();
-        let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
-        let mut attempt = 0u32;
-        let events_ref = &enriched;
-        let outcome = retry(
-            &self.metrics,
-            self.cfg.pipeline.max_retries,
-            "clickhouse write",
-            || {
-                let verify = replay.is_some() || attempt > 0;
-                attempt += 1;
-                let ch = ch.clone();
-                Box::pin(async move { ch.write_usage_batch(batch_id, events_ref, verify).await })
-            },
-        )
-        .await?;
-        self.metrics.add(
-            &self.metrics.clickhouse_rows_written_total,
-            outcome.rows_written,
-        );
-        self.metrics.add(
-            &self.metrics.clickhouse_tables_skipped_total,
-            u64::from(outcome.tables_skipped),
-        );
-
-        self.metrics.stage(4, t);
-        t = Instant::now();
-        // 4. The single Postgres commit.
-        let input = CommitInput {
-            events: &enriched,
-            reference: &reference,
-            dead: &dead,
-            newest_message_at: newest,
-            tolerance: self.tolerance,
-        };
-        let input_ref = &input;
-        let committed = retry(
-            &self.metrics,
-            self.cfg.pipeline.max_retries,
-            "commit",
-            || {
-                let ledger = ledger.clone();
-                Box::pin(async move {
-                    match ledger.commit(p, batch, input_ref).await {
-                        Ok(o) => Ok(Some(o)),
-                        // A commit whose reply was lost may have landed: check.
-                        Err(e @ StageError::Retryable(_)) => {
-                            match ledger.batch_done(batch.batch_id).await {
-                                Ok(true) => Ok(None),
-                                _ => Err(e),
-                            }
-                        }
-                        Err(e) => Err(e),
-                    }
-                })
-            },
-        )
-        .await?;
-        self.metrics.stage(5, t);
-        let violations = committed.map(|c| c.violations_new).unwrap_or(0);
-        let m = &self.metrics;
-        m.add(&m.batches_committed_total, 1);
-        m.add(&m.events_counted_total, enriched.len() as u64);
-        m.add(&m.events_duplicate_total, duplicates);
-        m.add(&m.dead_letters_total, dead.len() as u64);
-        m.add(&m.violations_raised_total, violations as u64);
-        tracing::debug!(
-            partition = p,
-            batch_id,
-            first,
-            last,
-            events = enriched.len(),
-            duplicates,
-            dead_letters = dead.len(),
-            violations,
-            replay = replay.is_some(),
-            "batch committed"
-        );
-        Ok(last + 1)
     }
 
     /// Whether an owned partition has messages beyond its offset of record

@@ -70,7 +70,8 @@ pub fn classify_ch(context: &str, e: clickhouse::error::Error) -> StageError {
         E::Network(_) | E::TimedOut => StageError::Retryable(msg),
         E::BadResponse(text) => {
             // Codes that will not heal by retrying: syntax, unknown table/column,
-            // type mismatch, cannot parse.
+            // type mismatch, cannot parse. (216, "query with the same id is already
+            // running", is an earlier attempt still in progress: retryable.)
             const FATAL: [&str; 8] = [
                 "Code: 62,",
                 "Code: 60,",

@@ -5,7 +5,10 @@
 //! block, atomic on MergeTree) whose rows all carry `batch_id`. Whenever the
 //! outcome of an earlier attempt is unknown (a replay after a crash, or a retry
 //! after an error) the table is first asked for rows of that `batch_id` and is
-//! skipped if it has them.
+//! skipped if it has them. Each INSERT runs under a query id derived from
+//! (database, table, batch), and that check first waits until no query with
+//! that id is still running: an INSERT whose client was killed can still
+//! complete in the server, and must be seen before deciding to write again.
 
 use crate::config::ClickHouseConfig;
 use crate::enrich::Enriched;
@@ -221,8 +224,14 @@ impl ClickHouseSink {
         // The four inserts are independent (each is checked on its own), so
         // they run concurrently.
         let write = |table: &'static str| async move {
-            if verify_first && self.batch_rows(table, batch_id).await? > 0 {
-                return Ok::<_, StageError>(None);
+            let query_id = self.query_id(table, batch_id);
+            if verify_first {
+                // An earlier attempt's INSERT may still be running in the server
+                // (its client died or timed out): wait for it to end, then count.
+                self.wait_until_not_running(&query_id).await?;
+                if self.batch_rows(table, batch_id).await? > 0 {
+                    return Ok::<_, StageError>(None);
+                }
             }
             let rows = match table {
                 "usage_events" => {
@@ -230,7 +239,7 @@ impl ClickHouseSink {
                         .iter()
                         .map(|e| UsageRow::new(e, batch_id, now))
                         .collect();
-                    self.insert(table, &rows).await?;
+                    self.insert(table, &query_id, &rows).await?;
                     rows.len()
                 }
                 _ => {
@@ -240,7 +249,7 @@ impl ClickHouseSink {
                         _ => Granularity::Day,
                     };
                     let rows = rollup_rows(events, g, batch_id);
-                    self.insert(table, &rows).await?;
+                    self.insert(table, &query_id, &rows).await?;
                     rows.len()
                 }
             };
@@ -259,7 +268,37 @@ impl ClickHouseSink {
         Ok(outcome)
     }
 
-    async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<(), StageError>
+    /// The INSERT of `table` for `batch_id` always runs under this query id,
+    /// so the server refuses a second copy while the first still runs, and a
+    /// replay can see whether an earlier attempt is still in progress.
+    fn query_id(&self, table: &str, batch_id: u64) -> String {
+        format!("tally-{}-{table}-{batch_id}", self.database)
+    }
+
+    /// Waits until no query with `query_id` runs on the server.
+    async fn wait_until_not_running(&self, query_id: &str) -> Result<(), StageError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let row: CountRow = self
+                .client
+                .query("SELECT count() AS n FROM system.processes WHERE query_id = ?")
+                .bind(query_id)
+                .fetch_one()
+                .await
+                .map_err(|e| classify_ch("clickhouse running-insert check", e))?;
+            if row.n == 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(StageError::Retryable(format!(
+                    "insert {query_id} is still running"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn insert<T>(&self, table: &str, query_id: &str, rows: &[T]) -> Result<(), StageError>
     where
         T: clickhouse::RowWrite + for<'a> Row<Value<'a> = T>,
     {
@@ -267,7 +306,8 @@ impl ClickHouseSink {
             .client
             .insert::<T>(table)
             .await
-            .map_err(|e| classify_ch("clickhouse insert", e))?;
+            .map_err(|e| classify_ch("clickhouse insert", e))?
+            .with_setting("query_id", query_id);
         for row in rows {
             insert
                 .write(row)

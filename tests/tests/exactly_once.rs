@@ -140,6 +140,8 @@ async fn crash_run(
     }
     producer.await??;
     let mut last = env.spawn_tally("final")?;
+    // Let it start (and install its SIGTERM handler) even if nothing is left to do.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let caught_up = env
         .wait_handled(exp.messages as i64, Duration::from_secs(300))
         .await;

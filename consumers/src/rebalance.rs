@@ -1,7 +1,7 @@
 //! Consumer-group rebalance notifications, handed from librdkafka's callbacks
-//! (which must not block) to the pipeline loop, which applies them between
-//! batches. Guarantee: no batch is ever in flight when a revoke is applied,
-//! because batches run to completion between polls.
+//! (which must not block) to the pipeline loop. Guarantee: a revoked partition
+//! whose batch is still running keeps its Postgres lock until that batch ends,
+//! so the next owner can only start after it (and replays it if it failed).
 
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, TopicPartitionList};

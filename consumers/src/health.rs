@@ -20,7 +20,15 @@ pub async fn serve(
     tracing::info!(%listen, "health and metrics server listening");
     loop {
         let (mut sock, _) = tokio::select! {
-            r = listener.accept() => r?,
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // e.g. too many open files: keep serving
+                    tracing::warn!(error = %e, "health server accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
             _ = shutdown.changed() => return Ok(()),
         };
         let metrics = metrics.clone();

@@ -60,6 +60,9 @@ struct PartState {
     in_flight: bool,
     /// Revoked while a batch was in flight: release it once that batch ends.
     revoked: bool,
+    /// Buffered messages were dropped while a batch ran (a revoke): ignore
+    /// messages until that batch ends, then seek to its end.
+    resync: bool,
 }
 
 pub struct Pipeline {
@@ -259,6 +262,7 @@ impl Pipeline {
                     // Keep the lock until the running batch ends (on_batch_done).
                     if let Some(st) = self.parts.get_mut(&p) {
                         st.revoked = true;
+                        st.resync = true;
                         st.buf.clear();
                         st.buf_since = None;
                     }
@@ -428,6 +432,9 @@ impl Pipeline {
         let Some(st) = self.parts.get_mut(&p) else {
             return Ok(());
         };
+        if st.resync {
+            return Ok(()); // read again from the end of the running batch
+        }
         if let Some(exp) = st.expected {
             if m.offset() < exp {
                 return Ok(()); // already counted or before the range
@@ -540,13 +547,26 @@ impl Pipeline {
                     started.elapsed().as_micros() as u64,
                 );
                 self.metrics.progressed();
+                let mut seek_to = None;
                 if let Some(st) = self.parts.get_mut(&p) {
                     st.record_next = Some(next);
-                    if st.buf.is_empty() {
-                        // Nothing buffered beyond the batch (or it was dropped on a
-                        // revoke): continue exactly after it.
+                    if st.resync {
+                        // Messages after the batch were dropped: read them again.
+                        st.resync = false;
+                        st.buf.clear();
+                        st.buf_since = None;
                         st.expected = Some(next);
                         st.seeked = false;
+                        seek_to = Some(next);
+                    } else if st.buf.is_empty() {
+                        st.expected = Some(next);
+                        st.seeked = false;
+                    }
+                }
+                if let (Some(at), false) = (seek_to, revoked) {
+                    let seeked = self.seek(p, at);
+                    if let Some(st) = self.parts.get_mut(&p) {
+                        st.seeked = seeked;
                     }
                 }
             }

@@ -800,19 +800,24 @@ fn markdown(f: &Figures, table: &str) -> String {
 const WHERE_THE_TIME_GOES: &str = "
 - Per event tally does far more than the raw consumer: a primary-key insert into Postgres
   `seen_events` (the claim: dedup that survives restarts), one ClickHouse row in `usage_events`
-  plus ~0.6 rollup rows (1m/1h/1d), and its share of one Postgres commit (spend, quotas,
-  budgets, violations, offset). The claim and the ClickHouse inserts are ~70% of stage time.
-- Broker, ClickHouse, Postgres and tally share 2 cores. tally's own CPU is ~9 s per 1M events
-  (~9 µs per event); the rest of the wall time is Postgres and ClickHouse work.
-- perf on `tally run` (release): after indexing budgets by tenant and hashing rollup keys that
-  borrow from the events, the top entries are kernel scheduling, memcpy/malloc (message copies,
-  row building), lz4 compression of ClickHouse inserts, and SipHash of event-id sets; decoding
-  is ~0.8 µs per event (hand-written Avro reader).
-- Draining a backlog from noida-db costs memory because noida answers one fetch with the whole
-  backlog (hundreds of MB); in the steady-state run tally stays under 100 MB.
-- Changes measured on 200k events: sequential batches 22.5k/s -> budget index and concurrent
-  ClickHouse inserts 29k/s -> one batch per partition concurrently 35k/s -> cheaper rollup keys
-  and timer-free message draining 37k/s; with a freshly restarted broker (make bench) 58k/s on 1M.
+  plus ~0.6 rollup rows (1m/1h/1d), and its share of two fsync'd Postgres transactions (claim;
+  spend, quotas, budgets, violations and offset). Claim and ClickHouse inserts are ~70% of
+  stage time.
+- Broker, ClickHouse, Postgres and tally share 2 cores. tally's own CPU is 9-13 s per 1M events;
+  measured over a 500k run, noida-db used more CPU than Postgres and ClickHouse together
+  (8.5 s vs 2.8 s and 2.2 s), partly because it rewrites its whole data file on offset commits.
+- perf on `tally run` (release) led to: indexing budgets by tenant (a linear scan per event was
+  9% of CPU in memcmp), rollup keys that borrow from the events in a HashMap, and taking
+  already-fetched messages without a timer per message. What remains on top: kernel scheduling,
+  memcpy/malloc (message copies, row building), lz4 for ClickHouse inserts, SipHash of id sets;
+  decoding is ~0.8 µs per event (hand-written Avro reader).
+- Memory: in the steady-state run tally stays under 100 MB. Draining a backlog from noida-db costs
+  hundreds of MB because noida answers a fetch with the whole backlog (and again after a
+  partition is paused and resumed); real Kafka bounds a fetch by `fetch.max.bytes`.
+- Throughput across changes (200k events unless noted): sequential batches 22.5k/s -> budget
+  index, concurrent ClickHouse inserts 29k/s -> one batch per partition concurrently 35k/s ->
+  cheaper rollup keys, timer-free draining 37k/s; on 1M with a fresh broker 55-58k/s, whether
+  batches run in rounds or as tasks (the current design keeps polling while batches run).
 ";
 
 /// `TALLY_REPO`, or the nearest ancestor of the current directory holding a

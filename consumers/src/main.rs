@@ -182,6 +182,13 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                     format!("created {}", created.join(", "))
                 }
             );
+            let forgotten = tally::migrate::forget_offsets_of_new_topics(&pool, &created).await?;
+            if forgotten > 0 {
+                println!(
+                    "postgres: forgot {forgotten} offsets of record kept for an earlier topic of the same name \
+                     (the topic was just created, so they pointed past its end)"
+                );
+            }
         }
         Command::Seed { tenants, scale } => {
             if scale <= rust_decimal::Decimal::ZERO {

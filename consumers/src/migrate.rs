@@ -126,6 +126,33 @@ pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
     Ok(created)
 }
 
+/// A topic that `topics` just created has no history: offsets of record and
+/// pending batches stored for an earlier topic of the same name (deleted, or a
+/// broker that lost its data) point past its end and would skip its messages.
+pub async fn forget_offsets_of_new_topics(
+    pool: &PgPool,
+    created: &[String],
+) -> Result<u64, StageError> {
+    if created.is_empty() {
+        return Ok(0);
+    }
+    let pg = |c: &'static str| move |e| crate::errors::classify_pg(c, e);
+    let mut tx = pool.begin().await.map_err(pg("forget offsets begin"))?;
+    let n = sqlx::query("DELETE FROM tally.consumer_offsets WHERE topic = ANY($1)")
+        .bind(created)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("forget offsets"))?
+        .rows_affected();
+    sqlx::query("DELETE FROM tally.batches WHERE topic = ANY($1) AND state = 'pending'")
+        .bind(created)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("forget pending batches"))?;
+    tx.commit().await.map_err(pg("forget offsets commit"))?;
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -375,6 +375,25 @@ impl Pipeline {
             return Ok(false);
         }
         let state = self.runner.ledger.partition_state(p).await?;
+        if let Some(n) = state.next_offset {
+            let topic = &self.cfg.kafka.usage_topic;
+            let end = tokio::task::block_in_place(|| {
+                self.consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(2))
+            });
+            if let Ok((_, high)) = end {
+                if n > high {
+                    tracing::error!(
+                        partition = p,
+                        offset_of_record = n,
+                        end = high,
+                        "offset of record is past the end of the partition: was the topic recreated or its data \
+                         lost? Messages before the offset of record will not be read (`tally migrate` forgets \
+                         the offsets of topics it creates)"
+                    );
+                }
+            }
+        }
         let st = self.parts.entry(p).or_default();
         st.owned = true;
         st.record_next = state.next_offset;

@@ -254,3 +254,44 @@ async fn analyst_queries_run_against_the_schema() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Offsets of record kept for an earlier topic of the same name (a deleted
+/// topic, or a broker that lost its data) would make tally skip the new
+/// topic's messages: `migrate` forgets them when it creates the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_topic_forgets_stale_offsets_of_record() -> anyhow::Result<()> {
+    let env = tally_tests::test_env("staleoffsets", 2, &[]).await?;
+    let mut cfg = env.cfg.clone();
+    let fresh = format!("{}.again", env.cfg.kafka.usage_topic);
+    cfg.kafka.usage_topic = fresh.clone();
+    for p in 0..2 {
+        sqlx::query(
+            "INSERT INTO tally.consumer_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, 5000)",
+        )
+        .bind(&cfg.kafka.group_id)
+        .bind(&fresh)
+        .bind(p)
+        .execute(&env.pool)
+        .await?;
+    }
+    let created = tally::migrate::topics(&cfg).await?;
+    assert!(created.contains(&fresh), "{created:?}");
+    assert_eq!(
+        tally::migrate::forget_offsets_of_new_topics(&env.pool, &created).await?,
+        2
+    );
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tally.consumer_offsets WHERE topic = $1")
+            .bind(&fresh)
+            .fetch_one(&env.pool)
+            .await?;
+    assert_eq!(left, 0);
+    // a second migrate creates nothing and forgets nothing
+    let again = tally::migrate::topics(&cfg).await?;
+    assert!(again.is_empty());
+    assert_eq!(
+        tally::migrate::forget_offsets_of_new_topics(&env.pool, &again).await?,
+        0
+    );
+    Ok(())
+}

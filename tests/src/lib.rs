@@ -680,3 +680,34 @@ pub fn spawn_producer(
         tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await
     })
 }
+
+/// A minimal HTTP GET against the health server: (status, body), retried a
+/// few times (a fresh connection each time).
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut last = None;
+    for _ in 0..5 {
+        let attempt = (|| -> anyhow::Result<(u16, String)> {
+            let mut sock = std::net::TcpStream::connect(addr)?;
+            sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+            sock.write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )?;
+            let mut text = String::new();
+            sock.read_to_string(&mut text)?;
+            let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((status, body))
+        })();
+        match attempt {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+}

@@ -43,12 +43,18 @@ fn restart_postgres() -> anyhow::Result<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
     let env = test_env(
         "restarts",
         4,
         &[
             ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1000"),
             ("TALLY__KAFKA__INSTANCE_ID", "restarts-1"),
+            ("TALLY__SERVER__LISTEN", listen.as_str()),
+            ("TALLY__SERVER__STALL_AFTER_MS", "1500"),
         ],
     )
     .await?;
@@ -71,8 +77,25 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
     // A crash, not a polite stop (18.16 can take a minute to shut down).
     let pid = std::fs::read_to_string(repo_root().join(".local/run/clickhouse.pid"))?;
     Command::new("kill").args(["-KILL", pid.trim()]).status()?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // With ClickHouse gone and messages waiting, no batch can finish: /health
+    // must say so (a stalled consumer must not look healthy).
+    let mut stalled = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if http_get(&listen, "/health")
+            .map(|(status, _)| status)
+            .unwrap_or(0)
+            == 503
+        {
+            stalled = true;
+            break;
+        }
+    }
     local("clickhouse.sh", "up")?;
+    assert!(
+        stalled,
+        "/health never reported the stall while ClickHouse was down"
+    );
 
     tokio::time::sleep(Duration::from_secs(4)).await;
     eprintln!("restarting PostgreSQL (handled {})", env.handled().await?);
@@ -87,7 +110,9 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
     let caught_up = env
         .wait_handled(exp.messages as i64, Duration::from_secs(240))
         .await;
+    let health = http_get(&listen, "/health");
     terminate(&mut tally, Duration::from_secs(30))?;
+    assert_eq!(health?.0, 200, "/health after catching up");
     caught_up?;
     let problems = check_totals(&env, &exp).await?;
     for p in problems.iter().take(20) {

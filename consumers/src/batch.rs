@@ -21,7 +21,7 @@ use rdkafka::Message;
 use rust_decimal::Decimal;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tally_schemas::UsageEvent;
 
 pub struct BatchRunner {
@@ -98,19 +98,13 @@ impl BatchRunner {
                 self.cfg.kafka.usage_topic.clone(),
             );
             let producer = self.dlq.clone();
-            let mut attempts = 0;
-            loop {
-                match dlq::send_all(&producer, &dlq_topic, &src, &poison).await {
-                    Ok(()) => break,
-                    Err(e) if e.is_retryable() && attempts < self.cfg.pipeline.max_retries => {
-                        attempts += 1;
-                        self.metrics.add(&self.metrics.retries_total, 1);
-                        tracing::warn!(error = %e, "dead-letter send: retrying");
-                        tokio::time::sleep(Duration::from_millis(200 * attempts as u64)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            retry(
+                &self.metrics,
+                self.cfg.pipeline.max_retries,
+                "dead-letter send",
+                || dlq::send_all(&producer, &dlq_topic, &src, &poison),
+            )
+            .await?;
         }
         drop(poison);
 

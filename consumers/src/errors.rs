@@ -61,6 +61,11 @@ pub fn classify_pg(context: &str, e: sqlx::Error) -> StageError {
     }
 }
 
+/// `map_err` adapter: classifies a Postgres error with its context.
+pub fn pg(context: &'static str) -> impl Fn(sqlx::Error) -> StageError {
+    move |e| classify_pg(context, e)
+}
+
 /// ClickHouse: network errors, timeouts and load errors are retryable; schema
 /// and syntax errors are our bug or a missing migration, hence fatal.
 pub fn classify_ch(context: &str, e: clickhouse::error::Error) -> StageError {

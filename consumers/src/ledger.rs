@@ -7,7 +7,7 @@
 //! batch owns, so a replay after a crash rebuilds the very same batch.
 
 use crate::enrich::{Enriched, Reference};
-use crate::errors::{classify_pg, StageError};
+use crate::errors::{classify_pg, pg, StageError};
 use crate::rollup::spend_daily;
 use crate::rules::{self, QuotaKind};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
@@ -62,10 +62,6 @@ pub struct Ledger {
     pool: PgPool,
     group: String,
     topic: String,
-}
-
-fn pg(context: &'static str) -> impl Fn(sqlx::Error) -> StageError {
-    move |e| classify_pg(context, e)
 }
 
 impl Ledger {

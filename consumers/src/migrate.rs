@@ -3,7 +3,7 @@
 //! Idempotent: re-running applies nothing new and says so.
 
 use crate::config::Config;
-use crate::errors::StageError;
+use crate::errors::{pg, StageError};
 use crate::sink_clickhouse::ClickHouseSink;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -136,7 +136,6 @@ pub async fn forget_offsets_of_new_topics(
     if created.is_empty() {
         return Ok(0);
     }
-    let pg = |c: &'static str| move |e| crate::errors::classify_pg(c, e);
     let mut tx = pool.begin().await.map_err(pg("forget offsets begin"))?;
     let n = sqlx::query("DELETE FROM tally.consumer_offsets WHERE topic = ANY($1)")
         .bind(created)

@@ -7,7 +7,7 @@
 
 use crate::cost::{PriceBook, PriceVersion};
 use crate::enrich::{Budget, BudgetPeriod, Reference, TenantInfo};
-use crate::errors::{classify_pg, StageError};
+use crate::errors::{pg, StageError};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPool;
@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
-    let pg = |c: &'static str| move |e| classify_pg(c, e);
     let tenants = sqlx::query(
         "SELECT tenant_id, name, requests_per_minute, tokens_per_minute FROM tally.tenants",
     )

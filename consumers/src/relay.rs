@@ -8,7 +8,7 @@
 //! relay reads the topic from the recorded offsets, marks the ids it finds there
 //! as published, and only publishes the rest.
 
-use crate::errors::{classify_kafka, classify_pg, StageError};
+use crate::errors::{classify_kafka, pg, StageError};
 use crate::metrics::Metrics;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -31,10 +31,6 @@ pub struct RelayConfig {
     pub topic: String,
     pub postgres_url: String,
     pub batch: i64,
-}
-
-fn pg(context: &'static str) -> impl Fn(sqlx::Error) -> StageError {
-    move |e| classify_pg(context, e)
 }
 
 /// Runs until `shutdown` flips; retries Retryable errors, returns Fatal ones.

@@ -2,7 +2,7 @@
 //! ClickHouse and Postgres, and whether it has caught up with the topic.
 
 use crate::config::Config;
-use crate::errors::{classify_ch, classify_pg, StageError};
+use crate::errors::{classify_ch, pg, StageError};
 use crate::sink_clickhouse::ClickHouseSink;
 use clickhouse::Row;
 use rust_decimal::Decimal;
@@ -22,7 +22,6 @@ struct SpendRow {
 }
 
 pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
-    let pg = |c: &'static str| move |e| classify_pg(c, e);
     let ch = ClickHouseSink::new(&cfg.clickhouse);
     let mut out = String::new();
     out.push_str("== Spend by tenant and model (ClickHouse usage_1d, top 15) ==\n");
@@ -124,7 +123,6 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
 /// Waits until the offsets of record reach the topic's end, no batch is
 /// pending and the outbox is empty. Returns false on timeout.
 pub async fn wait_idle(cfg: &Config, pool: &PgPool, timeout: Duration) -> Result<bool, StageError> {
-    let pg = |c: &'static str| move |e| classify_pg(c, e);
     let deadline = Instant::now() + timeout;
     let mut stable = 0;
     while Instant::now() < deadline {

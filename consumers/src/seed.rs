@@ -1,12 +1,11 @@
 //! `tally seed`: writes a generated world's reference data (tenants, teams,
 //! projects, prices, budgets) to Postgres. Idempotent (upserts).
 
-use crate::errors::{classify_pg, StageError};
+use crate::errors::{pg, StageError};
 use sqlx::postgres::PgPool;
 use tally_producers::world::World;
 
 pub async fn seed(pool: &PgPool, world: &World) -> Result<(), StageError> {
-    let pg = |c: &'static str| move |e| classify_pg(c, e);
     let mut tx = pool.begin().await.map_err(pg("seed begin"))?;
     for t in &world.tenants {
         sqlx::query(

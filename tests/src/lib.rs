@@ -439,7 +439,6 @@ pub fn read_topic(
     timeout: Duration,
 ) -> anyhow::Result<Vec<TopicMessage>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Headers;
     use rdkafka::Message;
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -463,15 +462,7 @@ pub fn read_topic(
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 quiet_since = Instant::now();
-                let mut headers = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for x in h.iter() {
-                        headers.insert(
-                            x.key.to_string(),
-                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
+                let headers = headers_of(&m);
                 out.push(TopicMessage {
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
@@ -710,4 +701,19 @@ pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+}
+
+/// A Kafka message's headers as strings (lossy UTF-8).
+pub fn headers_of<M: rdkafka::Message>(m: &M) -> HashMap<String, String> {
+    use rdkafka::message::Headers;
+    let mut out = HashMap::new();
+    if let Some(h) = m.headers() {
+        for x in h.iter() {
+            out.insert(
+                x.key.to_string(),
+                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    out
 }

@@ -12,7 +12,7 @@ use chrono::{Duration as ChronoDuration, Utc};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
@@ -170,15 +170,7 @@ fn consume_n(
         }
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let mut headers = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for x in h.iter() {
-                        headers.insert(
-                            x.key.to_string(),
-                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
+                let headers = headers_of(&m);
                 out.push(In {
                     partition: m.partition(),
                     offset: m.offset(),

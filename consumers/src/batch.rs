@@ -105,6 +105,7 @@ impl BatchRunner {
                 || dlq::send_all(&producer, &dlq_topic, &src, &poison),
             )
             .await?;
+            crate::failpoint::hit("after_dlq_ack").await?;
         }
         drop(poison);
 
@@ -151,6 +152,7 @@ impl BatchRunner {
             },
         )
         .await?;
+        crate::failpoint::hit("after_claim").await?;
         if replay.is_some() {
             self.metrics.add(&self.metrics.batches_replayed_total, 1);
         }
@@ -189,6 +191,7 @@ impl BatchRunner {
             },
         )
         .await?;
+        crate::failpoint::hit("after_clickhouse").await?;
         self.metrics.add(
             &self.metrics.clickhouse_rows_written_total,
             outcome.rows_written,
@@ -209,6 +212,7 @@ impl BatchRunner {
             tolerance: self.tolerance,
         };
         let input_ref = &input;
+        crate::failpoint::hit("before_commit").await?;
         let committed = retry(
             &self.metrics,
             self.cfg.pipeline.max_retries,
@@ -231,6 +235,7 @@ impl BatchRunner {
             },
         )
         .await?;
+        crate::failpoint::hit("after_commit").await?;
         self.metrics.stage(5, t);
         let violations = committed.map(|c| c.violations_new).unwrap_or(0);
         let m = &self.metrics;

@@ -11,6 +11,7 @@ pub mod decode;
 pub mod dlq;
 pub mod enrich;
 pub mod errors;
+pub mod failpoint;
 pub mod fairness;
 pub mod health;
 pub mod ledger;

@@ -374,6 +374,7 @@ impl Pipeline {
         if !got {
             return Ok(false);
         }
+        crate::failpoint::hit("take_ownership_after_lock").await?;
         let state = self.runner.ledger.partition_state(p).await?;
         if let Some(n) = state.next_offset {
             let topic = &self.cfg.kafka.usage_topic;

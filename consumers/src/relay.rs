@@ -186,6 +186,7 @@ async fn publish_once(
             _ => return Err(StageError::Retryable("violation delivery timed out".into())),
         }
     }
+    crate::failpoint::hit("relay_after_publish").await?;
     let mut tx = pool.begin().await.map_err(pg("relay mark begin"))?;
     sqlx::query("UPDATE tally.violations SET published_at = now() WHERE violation_id = ANY($1)")
         .bind(&ids)

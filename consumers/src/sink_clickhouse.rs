@@ -233,6 +233,7 @@ impl ClickHouseSink {
                     return Ok::<_, StageError>(None);
                 }
             }
+            crate::failpoint::hit("before_clickhouse_insert").await?;
             let rows = match table {
                 "usage_events" => {
                     let rows: Vec<UsageRow> = events
@@ -253,6 +254,7 @@ impl ClickHouseSink {
                     rows.len()
                 }
             };
+            crate::failpoint::hit("after_clickhouse_table").await?;
             Ok(Some(rows))
         };
         let results = futures::future::join_all(USAGE_TABLES.map(write)).await;

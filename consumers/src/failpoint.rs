@@ -1,0 +1,173 @@
+//! Named fault-injection points at every boundary of the state machine.
+//!
+//! Guarantee: without the `failpoints` cargo feature every point compiles to
+//! nothing. With it (test builds turn it on), `TALLY_FAILPOINTS` arms points:
+//!
+//! ```text
+//! TALLY_FAILPOINTS="after_claim=abort@2;before_commit=sleep(3000)"
+//! ```
+//!
+//! Actions: `abort` (the process dies at once, as on `kill -9`: no unwinding,
+//! no cleanup), `sleep(MS)`, `error` (a Retryable error at that point) and
+//! `off`. `@N` fires on the N-th hit only (default: every hit); `@N+` on the
+//! N-th and every later hit. Every firing is logged to stderr as
+//! `failpoint NAME fired` before it acts, so a test can assert it was reached.
+
+use crate::errors::StageError;
+
+/// Every named point, in data-path order (documented in docs/architecture.md).
+pub const POINTS: &[&str] = &[
+    "take_ownership_after_lock",
+    "after_dlq_ack",
+    "after_claim",
+    "before_clickhouse_insert",
+    "between_insert_parts",
+    "after_clickhouse_table",
+    "after_clickhouse",
+    "before_commit",
+    "after_commit",
+    "relay_after_publish",
+];
+
+/// Hits point `name`: acts if it is armed (feature `failpoints` only).
+#[inline]
+pub async fn hit(name: &'static str) -> Result<(), StageError> {
+    #[cfg(feature = "failpoints")]
+    {
+        armed::hit(name).await
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "failpoints")]
+mod armed {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Action {
+        Abort,
+        Sleep(u64),
+        Error,
+        Off,
+    }
+
+    #[derive(Debug)]
+    pub struct Arm {
+        pub action: Action,
+        /// Fire on hit `nth` (1-based); `from_nth`: and every later one.
+        pub nth: Option<u64>,
+        pub from_nth: bool,
+        pub hits: AtomicU64,
+    }
+
+    pub fn parse(spec: &str) -> Result<HashMap<String, Arm>, String> {
+        let mut out = HashMap::new();
+        for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, rest) = item
+                .split_once('=')
+                .ok_or_else(|| format!("TALLY_FAILPOINTS: `{item}` is not NAME=ACTION"))?;
+            if !POINTS.contains(&name) {
+                return Err(format!("TALLY_FAILPOINTS: unknown failpoint `{name}`"));
+            }
+            let (action, count) = match rest.split_once('@') {
+                Some((a, c)) => (a, Some(c)),
+                None => (rest, None),
+            };
+            let action = match action {
+                "abort" => Action::Abort,
+                "error" => Action::Error,
+                "off" => Action::Off,
+                a if a.starts_with("sleep(") && a.ends_with(')') => Action::Sleep(
+                    a[6..a.len() - 1]
+                        .parse()
+                        .map_err(|_| format!("TALLY_FAILPOINTS: bad sleep in `{item}`"))?,
+                ),
+                _ => return Err(format!("TALLY_FAILPOINTS: unknown action in `{item}`")),
+            };
+            let (nth, from_nth) = match count {
+                None => (None, false),
+                Some(c) => {
+                    let (n, plus) = match c.strip_suffix('+') {
+                        Some(n) => (n, true),
+                        None => (c, false),
+                    };
+                    let n: u64 = n
+                        .parse()
+                        .map_err(|_| format!("TALLY_FAILPOINTS: bad count in `{item}`"))?;
+                    (Some(n), plus)
+                }
+            };
+            out.insert(
+                name.to_string(),
+                Arm {
+                    action,
+                    nth,
+                    from_nth,
+                    hits: AtomicU64::new(0),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    fn arms() -> &'static HashMap<String, Arm> {
+        static ARMS: OnceLock<HashMap<String, Arm>> = OnceLock::new();
+        ARMS.get_or_init(|| match std::env::var("TALLY_FAILPOINTS") {
+            Ok(spec) => parse(&spec).unwrap_or_else(|e| {
+                eprintln!("{e}");
+                std::process::exit(2)
+            }),
+            Err(_) => HashMap::new(),
+        })
+    }
+
+    pub async fn hit(name: &'static str) -> Result<(), StageError> {
+        let Some(arm) = arms().get(name) else {
+            return Ok(());
+        };
+        let n = arm.hits.fetch_add(1, Ordering::SeqCst) + 1;
+        let fires = match arm.nth {
+            None => true,
+            Some(k) if arm.from_nth => n >= k,
+            Some(k) => n == k,
+        };
+        if !fires || arm.action == Action::Off {
+            return Ok(());
+        }
+        eprintln!("failpoint {name} fired (hit {n}, {:?})", arm.action);
+        match arm.action {
+            Action::Abort => std::process::abort(),
+            Action::Sleep(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(())
+            }
+            Action::Error => Err(StageError::Retryable(format!("failpoint {name}"))),
+            Action::Off => Ok(()),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn parses_actions_and_counts() {
+            let a = parse("after_claim=abort@2; before_commit=sleep(30);after_commit=error@3+")
+                .unwrap();
+            assert_eq!(a["after_claim"].action, Action::Abort);
+            assert_eq!(a["after_claim"].nth, Some(2));
+            assert_eq!(a["before_commit"].action, Action::Sleep(30));
+            assert!(a["after_commit"].from_nth);
+            assert!(parse("nope=abort").is_err());
+            assert!(parse("after_claim=explode").is_err());
+        }
+    }
+}

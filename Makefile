@@ -57,13 +57,13 @@ demo: up build
 	TALLY_BIN=$(CARGO_TARGET_DIR)/debug/tally $(LOCAL)/demo.sh
 
 test: up check-cargo
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --features tally/failpoints
 	$(ENV) $(CARGO) run -q -p tally -- migrate
 	$(ENV) $(CARGO) test --workspace --no-fail-fast
 	python3 tests/chdb/check_dialect.py
 
 test-chaos: up check-cargo
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --features tally/failpoints
 	$(ENV) $(CARGO) test -p tally-tests --test exactly_once -- --ignored --nocapture --test-threads=1
 
 bench: up check-cargo

@@ -3,26 +3,31 @@
 //! different partitions run as concurrent tasks while the consumer keeps polling.
 //!
 //! Guarantee: for a given partition the pipeline runs at most one batch at a
-//! time, in offset order; each step is atomic or checked before it is repeated.
+//! time, in offset order; each step is atomic or checked before it is repeated,
+//! and a replay decides exactly what the first attempt decided (same dedup
+//! clock and cutoff, same reference snapshot, same claimed keys).
 
+use crate::claim::{dedup_key, fingerprint, ClaimInput, KeyClaim, PendingBatch};
 use crate::config::Config;
 use crate::decode::{Decoded, UsageDecoding};
 use crate::dlq::{self, Poison};
-use crate::enrich::{enrich, Enriched};
+use crate::enrich::{enrich, Enriched, Reference};
 use crate::errors::StageError;
-use crate::ledger::{CommitInput, DeadLetter, Ledger, PendingBatch};
+use crate::ledger::{CommitInput, DeadLetter, Ledger};
 use crate::metrics::Metrics;
+use crate::ownership::Fence;
 use crate::reference::SharedReference;
 use crate::retry::retry;
 use crate::sink_clickhouse::ClickHouseSink;
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::OwnedMessage;
-use rdkafka::Message;
+use rdkafka::{Message, Timestamp};
 use rust_decimal::Decimal;
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tally_schemas::UsageEvent;
+use uuid::Uuid;
 
 pub struct BatchRunner {
     pub cfg: Config,
@@ -33,161 +38,176 @@ pub struct BatchRunner {
     pub reference: SharedReference,
     pub metrics: Arc<Metrics>,
     pub tolerance: Decimal,
+    /// The last reference snapshot loaded for a replay (by version).
+    pub replay_reference: Mutex<Option<Arc<Reference>>>,
+}
+
+/// A batch cut from a partition's buffer, ready to process.
+pub struct BatchWork {
+    pub partition: i32,
+    pub msgs: Vec<OwnedMessage>,
+    /// The pending batch to replay (as read when the partition was taken).
+    pub replay: Option<PendingBatch>,
+    pub record_next: Option<i64>,
+    /// Ownership epoch of this instance for the partition.
+    pub epoch: i64,
+    /// The partition's dedup cutoff so far (never moves back).
+    pub cutoff_floor: Option<DateTime<Utc>>,
+}
+
+/// What a committed batch reports back to the partition's state.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchResult {
+    pub next_offset: i64,
+    pub dedup_cutoff: DateTime<Utc>,
+}
+
+/// A decoded event that survived in-batch dedup, with its message index.
+struct Candidate {
+    event: UsageEvent,
+    msg: usize,
+    key: Uuid,
+    fingerprint: i64,
 }
 
 impl BatchRunner {
-    /// Runs one batch through the state machine; returns the new offset of record.
-    pub async fn process_batch(
-        &self,
-        p: i32,
-        msgs: Vec<OwnedMessage>,
-        replay: Option<PendingBatch>,
-        record_next: Option<i64>,
-    ) -> Result<i64, StageError> {
-        let first = replay.map_or_else(|| msgs[0].offset(), |b| b.first);
-        let last = replay.map_or_else(|| msgs[msgs.len() - 1].offset(), |b| b.last);
+    /// Runs one batch through the state machine.
+    pub async fn process_batch(&self, w: BatchWork) -> Result<BatchResult, StageError> {
+        let p = w.partition;
+        let first = w.replay.map_or_else(|| w.msgs[0].offset(), |b| b.first);
+        let last = w
+            .replay
+            .map_or_else(|| w.msgs[w.msgs.len() - 1].offset(), |b| b.last);
+        let reference = self.reference_for(w.replay).await?;
+        let (clock, cutoff) = self.dedup_clock(&w);
 
         // Decode (Confluent ids are resolved through the registry first).
         let mut t = Instant::now();
-        let mut decoded = Vec::with_capacity(msgs.len());
-        let mut newest: Option<DateTime<Utc>> = None;
-        for m in &msgs {
-            let ts = m
-                .timestamp()
-                .to_millis()
-                .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
-            newest = newest.max(ts);
+        let mut decoded = Vec::with_capacity(w.msgs.len());
+        for m in &w.msgs {
+            let payload = m.payload().unwrap_or_default();
             decoded.push(
                 self.decoding
-                    .decode(m.payload().unwrap_or_default(), ts, &self.metrics)
+                    .decode(payload, clock, cutoff, &self.metrics)
                     .await?,
             );
         }
-
         self.metrics.stage(0, t);
         t = Instant::now();
+
         // 1. Dead letters, acknowledged before anything commits.
-        let poison: Vec<Poison<'_>> = msgs
+        let mut dead = Vec::new();
+        let poison: Vec<(usize, &'static str, String)> = decoded
             .iter()
-            .zip(&decoded)
-            .filter_map(|(m, d)| match d {
-                Decoded::Poison { class, message } => Some(Poison {
-                    key: m.key(),
-                    payload: m.payload().unwrap_or_default(),
-                    headers: None,
-                    partition: p,
-                    offset: m.offset(),
-                    class,
-                    message,
-                }),
+            .enumerate()
+            .filter_map(|(i, d)| match d {
+                Decoded::Poison { class, message } => Some((i, *class, message.clone())),
                 Decoded::Event(_) => None,
             })
             .collect();
-        let dead: Vec<DeadLetter> = poison
-            .iter()
-            .map(|x| DeadLetter {
-                partition: p,
-                offset: x.offset,
-                class: x.class.to_string(),
-                message: x.message.to_string(),
-            })
-            .collect();
+        self.dead_letter(p, &w.msgs, &poison, &mut dead).await?;
         if !poison.is_empty() {
-            let (dlq_topic, src) = (
-                self.cfg.kafka.dlq_topic.clone(),
-                self.cfg.kafka.usage_topic.clone(),
-            );
-            let producer = self.dlq.clone();
-            retry(
-                &self.metrics,
-                self.cfg.pipeline.max_retries,
-                "dead-letter send",
-                || dlq::send_all(&producer, &dlq_topic, &src, &poison),
-            )
-            .await?;
             crate::failpoint::hit("after_dlq_ack").await?;
         }
-        drop(poison);
 
-        // In-batch duplicates: the first occurrence wins.
-        let mut seen_here: HashSet<uuid::Uuid> = HashSet::new();
-        let mut events: Vec<(UsageEvent, i64)> = Vec::new();
-        let mut dup_in_batch = 0u64;
-        for (m, d) in msgs.iter().zip(decoded) {
-            if let Decoded::Event(e) = d {
-                if seen_here.insert(e.event_id) {
-                    events.push((*e, m.offset()));
-                } else {
-                    dup_in_batch += 1;
-                }
-            }
-        }
-
+        // In-batch re-sends: the first occurrence wins; another payload under
+        // the same key is a conflict.
+        let (mut candidates, dup_in_batch, in_batch_conflicts) = in_batch_dedup(decoded);
+        self.dead_letter(p, &w.msgs, &in_batch_conflicts, &mut dead)
+            .await?;
         self.metrics.stage(1, t);
         t = Instant::now();
-        // 2. Claim the range and the event ids.
-        let ids: Vec<(uuid::Uuid, DateTime<Utc>)> = events
+
+        // 2. Claim the range and the dedup keys.
+        let keys: Vec<KeyClaim> = candidates
             .iter()
-            .map(|(e, _)| (e.event_id, e.occurred_at))
+            .map(|c| KeyClaim {
+                key: c.key,
+                occurred_at: c.event.occurred_at,
+                fingerprint: c.fingerprint,
+            })
             .collect();
-        let ledger = self.ledger.clone();
-        let (batch, owned) = retry(
+        let input = ClaimInput {
+            partition: p,
+            first,
+            last,
+            expected_next: w.record_next,
+            replay_of: w.replay.map(|b| b.batch_id),
+            epoch: w.epoch,
+            reference_version: &reference.version,
+            clock_at: clock,
+            dedup_cutoff: cutoff,
+            keys: &keys,
+        };
+        let claimed = retry(
             &self.metrics,
             self.cfg.pipeline.max_retries,
             "claim",
-            || {
-                let (ledger, ids) = (ledger.clone(), ids.clone());
-                Box::pin(async move {
-                    ledger
-                        .claim(
-                            p,
-                            first,
-                            last,
-                            record_next,
-                            replay.map(|b| b.batch_id),
-                            &ids,
-                        )
-                        .await
-                })
-            },
+            || self.ledger.claim(&input),
         )
         .await?;
         crate::failpoint::hit("after_claim").await?;
-        if replay.is_some() {
+        let batch = claimed.batch;
+        if w.replay.is_some() {
             self.metrics.add(&self.metrics.batches_replayed_total, 1);
         }
-        let before = events.len();
-        events.retain(|(e, _)| owned.contains(&e.event_id));
-        let duplicates = dup_in_batch + (before - events.len()) as u64;
-
+        let conflicts: Vec<(usize, &'static str, String)> = candidates
+            .iter()
+            .filter(|c| claimed.conflicts.contains(&c.key))
+            .map(|c| (c.msg, "dedup_conflict", conflict_message(&c.event, false)))
+            .collect();
+        self.dead_letter(p, &w.msgs, &conflicts, &mut dead).await?;
+        let before = candidates.len();
+        candidates.retain(|c| claimed.owned.contains(&c.key));
+        let duplicates = dup_in_batch + (before - candidates.len() - conflicts.len()) as u64;
         self.metrics.stage(2, t);
         t = Instant::now();
-        // Enrich against one reference snapshot; flag over-quota events.
-        let reference = self.reference.get();
-        let mut enriched: Vec<Enriched> = events
+
+        // Enrich against the batch's reference snapshot; flag over-quota events.
+        let mut enriched: Vec<Enriched> = candidates
             .into_iter()
-            .map(|(e, off)| enrich(e, &reference, self.tolerance, p, off))
+            .map(|c| {
+                let off = w.msgs[c.msg].offset();
+                enrich(c.event, &reference, self.tolerance, p, off)
+            })
             .collect();
         self.ledger
             .flag_over_quota(&mut enriched, &reference)
             .await?;
-
         self.metrics.stage(3, t);
         t = Instant::now();
-        // 3. ClickHouse, checked first whenever an earlier attempt may have landed.
-        let ch = self.ch.clone();
+
+        // 3. ClickHouse, fenced by the ownership epoch, checked first whenever an
+        // earlier attempt may have landed.
+        let grace = Duration::from_millis(self.cfg.pipeline.takeover_grace_ms);
+        if w.replay.is_some_and(|b| b.owner_epoch != Some(w.epoch)) {
+            // Taken over: an earlier owner may still be about to insert.
+            tracing::info!(
+                partition = p,
+                batch_id = batch.batch_id,
+                grace_ms = grace.as_millis() as u64,
+                "waiting out the takeover grace"
+            );
+            tokio::time::sleep(grace).await;
+        }
+        let fence = Fence::new(
+            self.ledger.pool().clone(),
+            self.ledger.partition_key(p),
+            w.epoch,
+            grace,
+        );
         let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
         let mut attempt = 0u32;
-        let events_ref = &enriched;
+        let (events_ref, fence_ref) = (&enriched, &fence);
         let outcome = retry(
             &self.metrics,
             self.cfg.pipeline.max_retries,
             "clickhouse write",
             || {
-                let verify = replay.is_some() || attempt > 0;
+                let verify = w.replay.is_some() || attempt > 0;
                 attempt += 1;
-                let ch = ch.clone();
-                Box::pin(async move { ch.write_usage_batch(batch_id, events_ref, verify).await })
+                self.ch
+                    .write_usage_batch(batch_id, events_ref, verify, fence_ref)
             },
         )
         .await?;
@@ -200,39 +220,26 @@ impl BatchRunner {
             &self.metrics.clickhouse_tables_skipped_total,
             u64::from(outcome.tables_skipped),
         );
-
         self.metrics.stage(4, t);
         t = Instant::now();
+
         // 4. The single Postgres commit.
+        let newest = w.msgs.iter().filter_map(message_time).max();
         let input = CommitInput {
             events: &enriched,
             reference: &reference,
             dead: &dead,
             newest_message_at: newest,
             tolerance: self.tolerance,
+            epoch: w.epoch,
+            dedup_cutoff: cutoff,
         };
-        let input_ref = &input;
         crate::failpoint::hit("before_commit").await?;
         let committed = retry(
             &self.metrics,
             self.cfg.pipeline.max_retries,
             "commit",
-            || {
-                let ledger = ledger.clone();
-                Box::pin(async move {
-                    match ledger.commit(p, batch, input_ref).await {
-                        Ok(o) => Ok(Some(o)),
-                        // A commit whose reply was lost may have landed: check.
-                        Err(e @ StageError::Retryable(_)) => {
-                            match ledger.batch_done(batch.batch_id).await {
-                                Ok(true) => Ok(None),
-                                _ => Err(e),
-                            }
-                        }
-                        Err(e) => Err(e),
-                    }
-                })
-            },
+            || self.commit_once(p, batch, &input),
         )
         .await?;
         crate::failpoint::hit("after_commit").await?;
@@ -253,9 +260,196 @@ impl BatchRunner {
             duplicates,
             dead_letters = dead.len(),
             violations,
-            replay = replay.is_some(),
+            replay = w.replay.is_some(),
             "batch committed"
         );
-        Ok(last + 1)
+        Ok(BatchResult {
+            next_offset: last + 1,
+            dedup_cutoff: cutoff,
+        })
     }
+
+    /// One commit attempt; a commit whose reply was lost may have landed, so a
+    /// Retryable error is resolved by reading the batch state.
+    async fn commit_once(
+        &self,
+        p: i32,
+        batch: PendingBatch,
+        input: &CommitInput<'_>,
+    ) -> Result<Option<crate::ledger::CommitOutcome>, StageError> {
+        match self.ledger.commit(p, batch, input).await {
+            Ok(o) => Ok(Some(o)),
+            Err(e @ StageError::Retryable(_)) => match self.ledger.batch_done(batch.batch_id).await
+            {
+                Ok(true) => Ok(None),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The reference snapshot of this batch: the current one for a new batch,
+    /// the first attempt's for a replay.
+    async fn reference_for(
+        &self,
+        replay: Option<PendingBatch>,
+    ) -> Result<Arc<Reference>, StageError> {
+        let current = self.reference.get();
+        let Some(version) = replay.and_then(|b| b.reference_version) else {
+            return Ok(current);
+        };
+        let version = version.simple().to_string();
+        if current.version == version {
+            return Ok(current);
+        }
+        if let Some(r) = self
+            .replay_reference
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .filter(|r| r.version == version)
+        {
+            return Ok(r);
+        }
+        let pool = self.ledger.pool().clone();
+        let r = Arc::new(
+            retry(
+                &self.metrics,
+                self.cfg.pipeline.max_retries,
+                "load reference snapshot",
+                || crate::reference::load_snapshot(&pool, &version),
+            )
+            .await?,
+        );
+        tracing::info!(version = %version, "replay uses its first attempt's reference snapshot");
+        if let Ok(mut g) = self.replay_reference.lock() {
+            *g = Some(r.clone());
+        }
+        Ok(r)
+    }
+
+    /// The dedup clock (a time the producer cannot set: the broker's
+    /// LogAppendTime when every message carries one, else this consumer's
+    /// clock) and the cutoff (clock minus look-back, never below the
+    /// partition's earlier cutoff). A replay reuses what its claim recorded.
+    fn dedup_clock(&self, w: &BatchWork) -> (DateTime<Utc>, DateTime<Utc>) {
+        if let Some(PendingBatch {
+            clock_at: Some(c),
+            dedup_cutoff: Some(k),
+            ..
+        }) = w.replay
+        {
+            return (c, k);
+        }
+        let appended: Option<Vec<i64>> = w
+            .msgs
+            .iter()
+            .map(|m| match m.timestamp() {
+                Timestamp::LogAppendTime(ms) => Some(ms),
+                _ => None,
+            })
+            .collect();
+        let clock = appended
+            .and_then(|v| v.into_iter().max())
+            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+            .unwrap_or_else(Utc::now);
+        let lookback = chrono::Duration::hours(self.cfg.pipeline.dedup_lookback_hours);
+        let cutoff = (clock - lookback).max(w.cutoff_floor.unwrap_or(DateTime::<Utc>::MIN_UTC));
+        (clock, cutoff)
+    }
+
+    /// Sends `items` (message index, class, reason) to the DLQ, waits for the
+    /// acks, and adds them to the batch's dead letters.
+    async fn dead_letter(
+        &self,
+        p: i32,
+        msgs: &[OwnedMessage],
+        items: &[(usize, &'static str, String)],
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<(), StageError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let poison: Vec<Poison<'_>> = items
+            .iter()
+            .map(|(i, class, message)| {
+                let m = &msgs[*i];
+                Poison {
+                    key: m.key(),
+                    payload: m.payload().unwrap_or_default(),
+                    headers: None,
+                    partition: p,
+                    offset: m.offset(),
+                    class,
+                    message,
+                }
+            })
+            .collect();
+        let (dlq_topic, src) = (&self.cfg.kafka.dlq_topic, &self.cfg.kafka.usage_topic);
+        retry(
+            &self.metrics,
+            self.cfg.pipeline.max_retries,
+            "dead-letter send",
+            || dlq::send_all(&self.dlq, dlq_topic, src, &poison),
+        )
+        .await?;
+        dead.extend(poison.iter().map(|x| DeadLetter {
+            partition: p,
+            offset: x.offset,
+            class: x.class.to_string(),
+            message: x.message.to_string(),
+        }));
+        Ok(())
+    }
+}
+
+fn message_time(m: &OwnedMessage) -> Option<DateTime<Utc>> {
+    m.timestamp()
+        .to_millis()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+}
+
+fn conflict_message(e: &UsageEvent, in_batch: bool) -> String {
+    format!(
+        "event {} of tenant {} was {} with different content; the first one counts",
+        e.event_id,
+        e.tenant_id,
+        if in_batch {
+            "sent earlier in this batch"
+        } else {
+            "counted before"
+        }
+    )
+}
+
+/// Keeps the first occurrence of each (tenant, event id) in the batch; a later
+/// one with the same payload is a duplicate, with another payload a conflict.
+/// Returns the candidates, the duplicate count and the conflicts (message
+/// index, class, reason).
+fn in_batch_dedup(
+    decoded: Vec<Decoded>,
+) -> (Vec<Candidate>, u64, Vec<(usize, &'static str, String)>) {
+    let mut seen: HashMap<Uuid, i64> = HashMap::new();
+    let mut out = Vec::new();
+    let mut dups = 0u64;
+    let mut conflicts = Vec::new();
+    for (i, d) in decoded.into_iter().enumerate() {
+        let Decoded::Event(e) = d else { continue };
+        let key = dedup_key(&e.tenant_id, e.event_id);
+        let print = fingerprint(&e);
+        match seen.get(&key) {
+            Some(p) if *p == print => dups += 1,
+            Some(_) => conflicts.push((i, "dedup_conflict", conflict_message(&e, true))),
+            None => {
+                seen.insert(key, print);
+                out.push(Candidate {
+                    event: *e,
+                    msg: i,
+                    key,
+                    fingerprint: print,
+                });
+            }
+        }
+    }
+    (out, dups, conflicts)
 }

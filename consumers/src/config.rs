@@ -74,6 +74,8 @@ pub struct PipelineConfig {
     pub reference_refresh_ms: u64,
     pub fairness_events_per_sec: u32,
     pub max_retries: usize,
+    pub takeover_grace_ms: u64,
+    pub prune_interval_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -207,6 +209,9 @@ impl Config {
         }
         if self.pipeline.dedup_lookback_hours < 1 {
             return Err(invalid("pipeline.dedup_lookback_hours", "must be >= 1"));
+        }
+        if self.pipeline.prune_interval_ms < 100 {
+            return Err(invalid("pipeline.prune_interval_ms", "must be >= 100"));
         }
         if self.pipeline.fairness_events_per_sec == 0 {
             return Err(invalid("pipeline.fairness_events_per_sec", "must be > 0"));

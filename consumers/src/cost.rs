@@ -25,7 +25,7 @@ impl Tokens {
 }
 
 /// One price version: prices per 1M tokens for each class.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PriceVersion {
     pub effective_from: DateTime<Utc>,
     pub currency: String,

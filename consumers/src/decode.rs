@@ -4,8 +4,9 @@
 //! Guarantee: every message ends up either as a valid event or as a poison
 //! verdict with a specific error class; nothing is dropped here. A schema
 //! registry outage is Retryable (the batch waits), an unknown schema id is
-//! poison. The verdict depends only on the message (and its timestamp), so a
-//! replayed batch decodes exactly as before.
+//! poison. The verdict depends only on the message and on the batch's dedup
+//! clock and cutoff, which the claim records, so a replayed batch decodes
+//! exactly as before.
 
 use crate::config::Config;
 use crate::errors::StageError;
@@ -16,8 +17,8 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use std::time::Duration;
 use tally_schemas::{Decoder, UsageEvent, WireFormat};
 
-/// An event may claim to occur at most this long after its message was
-/// written (clock skew); later than that it would open future rollup buckets
+/// An event may claim to occur at most this long after the batch's dedup
+/// clock (clock skew); later than that it would open future rollup buckets
 /// and budget periods, so it is dead-lettered instead.
 const FUTURE_TOLERANCE_HOURS: i64 = 24;
 
@@ -33,7 +34,6 @@ pub enum Decoded {
 pub struct UsageDecoding {
     decoder: Decoder,
     registry: Option<RegistryClient>,
-    lookback: ChronoDuration,
     max_retries: usize,
 }
 
@@ -48,19 +48,20 @@ impl UsageDecoding {
         Self {
             decoder: Decoder::new(),
             registry,
-            lookback: ChronoDuration::hours(cfg.pipeline.dedup_lookback_hours),
             max_retries: cfg.pipeline.max_retries,
         }
     }
 
-    /// Decodes one payload. `message_time` is the Kafka timestamp: an event
-    /// older than it minus the dedup look-back cannot be checked for re-sends
-    /// and is poison (`beyond_dedup_horizon`) rather than a possible double
-    /// count; one more than a day after it is poison too (`future_timestamp`).
+    /// Decodes one payload. `clock` is the batch's dedup clock (a time the
+    /// producer cannot set) and `cutoff` the dedup cutoff applied: an event
+    /// older than the cutoff cannot be checked for re-sends and is poison
+    /// (`beyond_dedup_horizon`) rather than a possible double count; one more
+    /// than a day after the clock is poison too (`future_timestamp`).
     pub async fn decode(
         &self,
         payload: &[u8],
-        message_time: Option<DateTime<Utc>>,
+        clock: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
         metrics: &Metrics,
     ) -> Result<Decoded, StageError> {
         if let (Ok(WireFormat::Confluent { schema_id }), Some(reg)) =
@@ -76,24 +77,23 @@ impl UsageDecoding {
         }
         Ok(match self.decoder.decode::<UsageEvent>(payload) {
             Ok(e) => {
-                let reference_time = message_time.unwrap_or_else(Utc::now);
-                if e.occurred_at > reference_time + ChronoDuration::hours(FUTURE_TOLERANCE_HOURS) {
+                if e.occurred_at > clock + ChronoDuration::hours(FUTURE_TOLERANCE_HOURS) {
                     Decoded::Poison {
                         class: "future_timestamp",
                         message: format!(
-                            "occurred_at {} is more than {FUTURE_TOLERANCE_HOURS} h after the message time {}",
+                            "occurred_at {} is more than {FUTURE_TOLERANCE_HOURS} h after the dedup clock {}",
                             e.occurred_at.to_rfc3339(),
-                            reference_time.to_rfc3339()
+                            clock.to_rfc3339()
                         ),
                     }
-                } else if e.occurred_at < reference_time - self.lookback {
+                } else if e.occurred_at < cutoff {
                     Decoded::Poison {
                         class: "beyond_dedup_horizon",
                         message: format!(
-                            "occurred_at {} is older than the dedup look-back ({} h) before the message time {}",
+                            "occurred_at {} is older than the dedup cutoff {} (look-back before the dedup clock {})",
                             e.occurred_at.to_rfc3339(),
-                            self.lookback.num_hours(),
-                            reference_time.to_rfc3339()
+                            cutoff.to_rfc3339(),
+                            clock.to_rfc3339()
                         ),
                     }
                 } else {
@@ -134,7 +134,7 @@ mod tests {
             async move {
                 class_of(
                     &decoding
-                        .decode(&payload, Some(now), metrics)
+                        .decode(&payload, now, now - ChronoDuration::days(7), metrics)
                         .await
                         .expect("decode"),
                 )
@@ -155,7 +155,7 @@ mod tests {
             "beyond_dedup_horizon"
         );
         let garbage = decoding
-            .decode(b"{not json", Some(now), &metrics)
+            .decode(b"{not json", now, now - ChronoDuration::days(7), &metrics)
             .await
             .expect("decode");
         assert_eq!(class_of(&garbage), "invalid_json");

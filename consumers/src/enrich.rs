@@ -8,23 +8,24 @@
 use crate::cost::{cost_of, is_mismatch, PriceBook, Tokens};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tally_schemas::UsageEvent;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantInfo {
     pub name: String,
     pub requests_per_minute: Option<i64>,
     pub tokens_per_minute: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BudgetPeriod {
     Day,
     Month,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Budget {
     pub budget_id: String,
     pub tenant_id: String,
@@ -43,6 +44,9 @@ pub struct Reference {
     pub budgets: Vec<Budget>,
     /// Indexes into `budgets` by tenant id.
     budgets_by_tenant: HashMap<String, Vec<usize>>,
+    /// Content hash of the snapshot (see `reference::ReferenceRows`); empty
+    /// for a snapshot built in memory by a test.
+    pub version: String,
 }
 
 impl Reference {
@@ -63,6 +67,7 @@ impl Reference {
             prices,
             budgets,
             budgets_by_tenant,
+            version: String::new(),
         }
     }
 

@@ -10,7 +10,7 @@
 //! Actions: `abort` (the process dies at once, as on `kill -9`: no unwinding,
 //! no cleanup), `sleep(MS)`, `error` (a Retryable error at that point) and
 //! `off`. `@N` fires on the N-th hit only (default: every hit); `@N+` on the
-//! N-th and every later hit. Every firing is logged to stderr as
+//! N-th and every later hit; `@N,M,...` on each hit listed. Every firing is logged to stderr as
 //! `failpoint NAME fired` before it acts, so a test can assert it was reached.
 
 use crate::errors::StageError;
@@ -25,9 +25,28 @@ pub const POINTS: &[&str] = &[
     "after_clickhouse_table",
     "after_clickhouse",
     "before_commit",
+    "commit_after_budget_read",
     "after_commit",
     "relay_after_publish",
 ];
+
+/// Refuses `TALLY_FAILPOINTS` in a build without failpoints (a test that arms
+/// one must never pass because nothing fired), and validates it in one with.
+pub fn check_env() -> Result<(), String> {
+    let Ok(spec) = std::env::var("TALLY_FAILPOINTS") else {
+        return Ok(());
+    };
+    #[cfg(feature = "failpoints")]
+    {
+        armed::parse(&spec).map(|_| ())
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        Err(format!(
+            "TALLY_FAILPOINTS={spec} is set, but this build has no failpoints (build with --features tally/failpoints)"
+        ))
+    }
+}
 
 /// Hits point `name`: acts if it is armed (feature `failpoints` only).
 #[inline]
@@ -62,8 +81,8 @@ mod armed {
     #[derive(Debug)]
     pub struct Arm {
         pub action: Action,
-        /// Fire on hit `nth` (1-based); `from_nth`: and every later one.
-        pub nth: Option<u64>,
+        /// Fire on these hits (1-based); `from_nth`: on the first listed and every later one.
+        pub nth: Option<Vec<u64>>,
         pub from_nth: bool,
         pub hits: AtomicU64,
     }
@@ -99,10 +118,12 @@ mod armed {
                         Some(n) => (n, true),
                         None => (c, false),
                     };
-                    let n: u64 = n
-                        .parse()
+                    let ns = n
+                        .split(',')
+                        .map(|x| x.trim().parse::<u64>())
+                        .collect::<Result<Vec<u64>, _>>()
                         .map_err(|_| format!("TALLY_FAILPOINTS: bad count in `{item}`"))?;
-                    (Some(n), plus)
+                    (Some(ns), plus)
                 }
             };
             out.insert(
@@ -134,10 +155,10 @@ mod armed {
             return Ok(());
         };
         let n = arm.hits.fetch_add(1, Ordering::SeqCst) + 1;
-        let fires = match arm.nth {
+        let fires = match &arm.nth {
             None => true,
-            Some(k) if arm.from_nth => n >= k,
-            Some(k) => n == k,
+            Some(ks) if arm.from_nth => ks.first().is_some_and(|k| n >= *k),
+            Some(ks) => ks.contains(&n),
         };
         if !fires || arm.action == Action::Off {
             return Ok(());
@@ -163,7 +184,9 @@ mod armed {
             let a = parse("after_claim=abort@2; before_commit=sleep(30);after_commit=error@3+")
                 .unwrap();
             assert_eq!(a["after_claim"].action, Action::Abort);
-            assert_eq!(a["after_claim"].nth, Some(2));
+            assert_eq!(a["after_claim"].nth, Some(vec![2]));
+            let b = parse("take_ownership_after_lock=error@1,3").unwrap();
+            assert_eq!(b["take_ownership_after_lock"].nth, Some(vec![1, 3]));
             assert_eq!(a["before_commit"].action, Action::Sleep(30));
             assert!(a["after_commit"].from_nth);
             assert!(parse("nope=abort").is_err());

@@ -7,29 +7,17 @@
 //! batch owns, so a replay after a crash rebuilds the very same batch.
 
 use crate::enrich::{Enriched, Reference};
-use crate::errors::{classify_pg, pg, StageError};
+use crate::errors::{pg, StageError};
 use crate::rollup::spend_daily;
 use crate::rules::{self, QuotaKind};
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 use std::collections::{BTreeMap, HashSet};
 use tally_schemas::ComplianceViolation;
-use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingBatch {
-    pub batch_id: i64,
-    pub first: i64,
-    pub last: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PartitionState {
-    pub next_offset: Option<i64>,
-    pub pending: Option<PendingBatch>,
-}
+pub use crate::claim::{ClaimInput, Claimed, PartitionState, PendingBatch};
 
 /// A message that goes to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,9 +34,13 @@ pub struct CommitInput<'a> {
     pub events: &'a [Enriched],
     pub reference: &'a Reference,
     pub dead: &'a [DeadLetter],
-    /// Newest message timestamp of the batch (bounds dedup pruning).
+    /// Newest message timestamp of the batch (informational).
     pub newest_message_at: Option<DateTime<Utc>>,
     pub tolerance: Decimal,
+    /// Ownership epoch the batch runs under.
+    pub epoch: i64,
+    /// The dedup cutoff the batch applied (the partition's never moves back).
+    pub dedup_cutoff: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -59,9 +51,9 @@ pub struct CommitOutcome {
 
 #[derive(Clone)]
 pub struct Ledger {
-    pool: PgPool,
-    group: String,
-    topic: String,
+    pub(crate) pool: PgPool,
+    pub(crate) group: String,
+    pub(crate) topic: String,
 }
 
 impl Ledger {
@@ -79,153 +71,6 @@ impl Ledger {
 
     pub fn group(&self) -> &str {
         &self.group
-    }
-
-    pub async fn partition_state(&self, partition: i32) -> Result<PartitionState, StageError> {
-        let next_offset: Option<i64> = sqlx::query_scalar(
-            "SELECT next_offset FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(partition)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(pg("read offset"))?;
-        let pending = sqlx::query(
-            "SELECT batch_id, first_offset, last_offset FROM tally.batches \
-             WHERE group_id = $1 AND topic = $2 AND partition = $3 AND state = 'pending'",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(partition)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(pg("read pending batch"))?
-        .map(|r| PendingBatch {
-            batch_id: r.get(0),
-            first: r.get(1),
-            last: r.get(2),
-        });
-        Ok(PartitionState {
-            next_offset,
-            pending,
-        })
-    }
-
-    /// Phase 1: record the batch as pending (or re-open the pending one being
-    /// replayed) and claim its event ids. Returns the batch and the ids it owns.
-    pub async fn claim(
-        &self,
-        partition: i32,
-        first: i64,
-        last: i64,
-        expected_next: Option<i64>,
-        replay_of: Option<i64>,
-        ids: &[(Uuid, DateTime<Utc>)],
-    ) -> Result<(PendingBatch, HashSet<Uuid>), StageError> {
-        let mut tx = self.pool.begin().await.map_err(pg("claim begin"))?;
-        let batch_id = match replay_of {
-            Some(id) => {
-                let state: Option<String> = sqlx::query_scalar(
-                    "SELECT state FROM tally.batches WHERE batch_id = $1 FOR UPDATE",
-                )
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(pg("claim replay"))?;
-                if state.as_deref() != Some("pending") {
-                    return Err(StageError::LostOwnership(format!(
-                        "batch {id} is no longer pending"
-                    )));
-                }
-                id
-            }
-            None => {
-                sqlx::query(
-                    "INSERT INTO tally.consumer_offsets (group_id, topic, partition, next_offset) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                )
-                .bind(&self.group)
-                .bind(&self.topic)
-                .bind(partition)
-                .bind(first)
-                .execute(&mut *tx)
-                .await
-                .map_err(pg("claim offset row"))?;
-                let current: i64 = sqlx::query_scalar(
-                    "SELECT next_offset FROM tally.consumer_offsets \
-                     WHERE group_id = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
-                )
-                .bind(&self.group)
-                .bind(&self.topic)
-                .bind(partition)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(pg("claim offset"))?;
-                let fits = match expected_next {
-                    Some(n) => current == n && first >= n,
-                    None => current == first,
-                };
-                if !fits {
-                    return Err(StageError::LostOwnership(format!(
-                        "partition {partition}: offset of record is {current}, batch starts at {first}"
-                    )));
-                }
-                let inserted = sqlx::query_scalar::<_, i64>(
-                    "INSERT INTO tally.batches (group_id, topic, partition, first_offset, last_offset, state) \
-                     VALUES ($1, $2, $3, $4, $5, 'pending') RETURNING batch_id",
-                )
-                .bind(&self.group)
-                .bind(&self.topic)
-                .bind(partition)
-                .bind(first)
-                .bind(last)
-                .fetch_one(&mut *tx)
-                .await;
-                match inserted {
-                    Ok(id) => id,
-                    Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
-                        return Err(StageError::LostOwnership(format!(
-                            "partition {partition} already has a pending batch"
-                        )))
-                    }
-                    Err(e) => return Err(classify_pg("claim insert batch", e)),
-                }
-            }
-        };
-        let (uuids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = ids.iter().copied().unzip();
-        let mut owned: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO tally.seen_events (event_id, occurred_at, batch_id) \
-             SELECT u.id, u.ts, $3 FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, ts) \
-             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-        )
-        .bind(&uuids)
-        .bind(&times)
-        .bind(batch_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(pg("claim event ids"))?;
-        if replay_of.is_some() && owned.len() < uuids.len() {
-            // A replay: ids this very batch claimed before the crash are still ours.
-            let claimed_before: Vec<Uuid> = sqlx::query_scalar(
-                "SELECT event_id FROM tally.seen_events WHERE event_id = ANY($1) AND batch_id = $2",
-            )
-            .bind(&uuids)
-            .bind(batch_id)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(pg("claim read owned ids"))?;
-            owned.extend(claimed_before);
-        }
-        tx.commit().await.map_err(pg("claim commit"))?;
-        Ok((
-            PendingBatch {
-                batch_id,
-                first,
-                last,
-            },
-            owned.into_iter().collect(),
-        ))
     }
 
     /// Requests and tokens already counted per (tenant, minute), for flagging
@@ -314,6 +159,8 @@ impl Ledger {
             dead,
             newest_message_at,
             tolerance,
+            epoch,
+            dedup_cutoff,
         } = *input;
         let now = Utc::now();
         let mut violations: Vec<ComplianceViolation> = Vec::new();
@@ -330,7 +177,8 @@ impl Ledger {
         }
         let mut tx = self.pool.begin().await.map_err(pg("commit begin"))?;
 
-        // Fence: the batch must still be pending and ours.
+        // Fence: the partition's epoch must still be ours, the batch still pending.
+        crate::ownership::check_epoch_in(&mut tx, &self.partition_key(partition), epoch).await?;
         let done = sqlx::query(
             "UPDATE tally.batches SET state = 'done', done_at = now(), events = $2 \
              WHERE batch_id = $1 AND state = 'pending'",
@@ -374,7 +222,8 @@ impl Ledger {
 
         let moved = sqlx::query(
             "UPDATE tally.consumer_offsets SET next_offset = $4, updated_at = now(), \
-             last_message_at = GREATEST(last_message_at, $5) \
+             last_message_at = GREATEST(last_message_at, $5), \
+             dedup_cutoff = GREATEST(coalesce(dedup_cutoff, $7), $7) \
              WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset <= $6",
         )
         .bind(&self.group)
@@ -383,6 +232,7 @@ impl Ledger {
         .bind(batch.last + 1)
         .bind(newest_message_at)
         .bind(batch.first)
+        .bind(dedup_cutoff)
         .execute(&mut *tx)
         .await
         .map_err(pg("commit offset"))?;
@@ -486,6 +336,19 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let (tenants, minutes): (Vec<String>, Vec<DateTime<Utc>>) = groups.keys().cloned().unzip();
+        // Create missing rows first (sorted), so the lock below always has a
+        // row to hold: two batches of one tenant serialise here, and the second
+        // sees the first one's requests (a crossing is never missed).
+        sqlx::query(
+            "INSERT INTO tally.quota_usage (tenant_id, minute, requests, tokens) \
+             SELECT u.t, u.m, 0, 0 FROM UNNEST($1::text[], $2::timestamptz[]) AS u(t, m) \
+             ORDER BY u.t, u.m ON CONFLICT DO NOTHING",
+        )
+        .bind(&tenants)
+        .bind(&minutes)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("commit create quota rows"))?;
         let current: BTreeMap<(String, DateTime<Utc>), (i64, i64)> = sqlx::query(
             "SELECT q.tenant_id, q.minute, q.requests, q.tokens FROM tally.quota_usage q \
              JOIN UNNEST($1::text[], $2::timestamptz[]) AS u(t, m) ON q.tenant_id = u.t AND q.minute = u.m \
@@ -581,6 +444,18 @@ impl Ledger {
             .map(|(i, _)| reference.budgets[*i].budget_id.clone())
             .collect();
         let starts: Vec<NaiveDate> = groups.keys().map(|(_, s)| *s).collect();
+        // As for quotas: rows exist before they are locked, so concurrent
+        // batches of one budget serialise and every crossing is raised once.
+        sqlx::query(
+            "INSERT INTO tally.budget_spend (budget_id, period_start, spent) \
+             SELECT u.b, u.p, 0 FROM UNNEST($1::text[], $2::date[]) AS u(b, p) \
+             ORDER BY u.b, u.p ON CONFLICT DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&starts)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("commit create budget rows"))?;
         let current: BTreeMap<(String, NaiveDate), Decimal> = sqlx::query(
             "SELECT s.budget_id, s.period_start, s.spent FROM tally.budget_spend s \
              JOIN UNNEST($1::text[], $2::date[]) AS u(b, p) ON s.budget_id = u.b AND s.period_start = u.p \
@@ -594,6 +469,7 @@ impl Ledger {
         .into_iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
+        crate::failpoint::hit("commit_after_budget_read").await?;
         let mut out = Vec::new();
         let mut deltas = Vec::new();
         for ((i, start), evs) in &groups {
@@ -624,23 +500,6 @@ impl Ledger {
         .await
         .map_err(pg("commit budget spend"))?;
         Ok(out)
-    }
-
-    /// Deletes claimed event ids older than the dedup look-back, measured from
-    /// the oldest partition's newest committed message (so a slow partition's
-    /// backlog keeps its look-back).
-    pub async fn prune_seen(&self, lookback: Duration) -> Result<u64, StageError> {
-        let r = sqlx::query(
-            "DELETE FROM tally.seen_events WHERE occurred_at < \
-             (SELECT min(last_message_at) FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2) - $3::interval",
-        )
-        .bind(&self.group)
-        .bind(&self.topic)
-        .bind(format!("{} seconds", lookback.num_seconds()))
-        .execute(&self.pool)
-        .await
-        .map_err(pg("prune seen events"))?;
-        Ok(r.rows_affected())
     }
 }
 

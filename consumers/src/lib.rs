@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod claim;
 pub mod config;
 pub mod cost;
 pub mod decode;
@@ -17,6 +18,7 @@ pub mod health;
 pub mod ledger;
 pub mod metrics;
 pub mod migrate;
+pub mod ownership;
 pub mod pipeline;
 pub mod rebalance;
 pub mod reference;

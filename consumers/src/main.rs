@@ -131,6 +131,10 @@ fn shutdown_on_signals() -> watch::Receiver<bool> {
 async fn main() {
     init_logging();
     let cli = Cli::parse();
+    if let Err(e) = tally::failpoint::check_env() {
+        eprintln!("tally: {e}");
+        std::process::exit(2);
+    }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

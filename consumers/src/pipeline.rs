@@ -18,7 +18,7 @@
 //! while holding its Postgres advisory lock, so two instances never work on one
 //! partition at once, even mid-rebalance.
 
-use crate::batch::BatchRunner;
+use crate::batch::{BatchResult, BatchRunner, BatchWork};
 use crate::config::Config;
 use crate::decode::UsageDecoding;
 use crate::dlq;
@@ -34,7 +34,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::Connection;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -48,6 +48,10 @@ struct PartState {
     retry_lock_at: Option<Instant>,
     /// Offset of record in Postgres (None: no row yet).
     record_next: Option<i64>,
+    /// Ownership epoch taken with the lock (see `ownership.rs`).
+    epoch: i64,
+    /// The dedup cutoff applied so far (never moves back).
+    cutoff_floor: Option<chrono::DateTime<chrono::Utc>>,
     /// Next offset to accept into the buffer.
     expected: Option<i64>,
     seeked: bool,
@@ -75,19 +79,16 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     fairness: Fairness,
     lock_conn: sqlx::PgConnection,
+    /// Partitions whose advisory lock this instance's lock connection holds
+    /// (exactly once each: the lock is re-entrant, so it is never taken twice).
+    held: BTreeSet<i32>,
+    /// Who this instance is, in `tally.partition_owners`.
+    owner: String,
     parts: BTreeMap<i32, PartState>,
 }
 
-/// What a finished batch task reports: partition, start, new offset of record.
-type BatchDone = (i32, Instant, Result<i64, StageError>);
-
-/// A batch cut from a partition's buffer, ready to process.
-struct BatchWork {
-    partition: i32,
-    msgs: Vec<OwnedMessage>,
-    replay: Option<PendingBatch>,
-    record_next: Option<i64>,
-}
+/// What a finished batch task reports: partition, start, outcome.
+type BatchDone = (i32, Instant, Result<BatchResult, StageError>);
 
 impl Pipeline {
     pub async fn new(
@@ -130,7 +131,7 @@ impl Pipeline {
             .subscribe(&[&cfg.kafka.usage_topic])
             .map_err(|e| StageError::Fatal(format!("subscribe {}: {e}", cfg.kafka.usage_topic)))?;
         let dlq = dlq::producer(&cfg.kafka.brokers, &[])?;
-        let lock_conn = sqlx::PgConnection::connect_with(&crate::runner::pg_options(&cfg)?)
+        let lock_conn = sqlx::PgConnection::connect_with(&lock_options(&cfg)?)
             .await
             .map_err(|e| crate::errors::classify_pg("advisory lock connection", e))?;
         let runner = Arc::new(BatchRunner {
@@ -142,7 +143,19 @@ impl Pipeline {
             reference,
             metrics: metrics.clone(),
             tolerance: cfg.cost_mismatch_tolerance(),
+            replay_reference: std::sync::Mutex::new(None),
         });
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let owner = format!(
+            "{}/{}/{}",
+            if cfg.kafka.instance_id.is_empty() {
+                "-"
+            } else {
+                cfg.kafka.instance_id.as_str()
+            },
+            host,
+            std::process::id()
+        );
         Ok(Self {
             consumer,
             log,
@@ -152,6 +165,8 @@ impl Pipeline {
             metrics,
             fairness: Fairness::new(cfg.pipeline.fairness_events_per_sec),
             lock_conn,
+            held: BTreeSet::new(),
+            owner,
             parts: BTreeMap::new(),
             cfg,
         })
@@ -279,13 +294,25 @@ impl Pipeline {
     /// Releases partition `p`'s lock. If the lock connection is gone, so is the
     /// lock (Postgres released it); `locks_alive` reconnects before the next batch.
     async fn unlock(&mut self, p: i32) -> Result<(), StageError> {
+        if !self.held.remove(&p) {
+            return Ok(());
+        }
         let key = self.lock_key(p);
-        if let Err(e) = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
-            .bind(key)
-            .execute(&mut self.lock_conn)
-            .await
-        {
-            tracing::warn!(partition = p, error = %e, "advisory unlock failed; the lock connection is gone and the lock with it");
+        // Held once by construction; unlock until Postgres says it is free, so
+        // that no path can leave this session holding it after a revoke.
+        for _ in 0..8 {
+            match sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock(hashtext($1))")
+                .bind(&key)
+                .fetch_one(&mut self.lock_conn)
+                .await
+            {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "advisory unlock failed; the lock connection is gone and the lock with it");
+                    break;
+                }
+            }
         }
         Ok(())
     }
@@ -314,10 +341,11 @@ impl Pipeline {
         }
         let mut delays = backoff(self.cfg.pipeline.max_retries);
         loop {
-            match sqlx::PgConnection::connect_with(&crate::runner::pg_options(&self.cfg)?).await {
+            match sqlx::PgConnection::connect_with(&lock_options(&self.cfg)?).await {
                 Ok(c) => {
                     self.lock_conn = c;
                     self.lock_conn_dead = false;
+                    self.held.clear();
                     break;
                 }
                 Err(e) => match delays.next() {
@@ -357,24 +385,33 @@ impl Pipeline {
     /// Takes ownership of a partition: advisory lock, then offset of record.
     async fn take_ownership(&mut self, p: i32) -> Result<bool, StageError> {
         let key = self.lock_key(p);
-        let got: bool = match sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-            .bind(&key)
-            .fetch_one(&mut self.lock_conn)
-            .await
-        {
-            Ok(g) => g,
-            Err(e) => {
-                // The lock connection died (Postgres restart): every lock is gone;
-                // the main loop recovers before anything else happens.
-                tracing::warn!(error = %e, "advisory lock connection lost");
-                self.lock_conn_dead = true;
-                return Ok(false);
+        let got: bool = if self.held.contains(&p) {
+            true // already ours: never take the re-entrant lock twice
+        } else {
+            match sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+                .bind(&key)
+                .fetch_one(&mut self.lock_conn)
+                .await
+            {
+                Ok(g) => g,
+                Err(e) => {
+                    // The lock connection died (Postgres restart): every lock is gone;
+                    // the main loop recovers before anything else happens.
+                    tracing::warn!(error = %e, "advisory lock connection lost");
+                    self.lock_conn_dead = true;
+                    return Ok(false);
+                }
             }
         };
         if !got {
             return Ok(false);
         }
+        self.held.insert(p);
         crate::failpoint::hit("take_ownership_after_lock").await?;
+        let ledger = &self.runner.ledger;
+        let epoch =
+            crate::ownership::take_epoch(ledger.pool(), &ledger.partition_key(p), &self.owner)
+                .await?;
         let state = self.runner.ledger.partition_state(p).await?;
         if let Some(n) = state.next_offset {
             let topic = &self.cfg.kafka.usage_topic;
@@ -397,6 +434,8 @@ impl Pipeline {
         }
         let st = self.parts.entry(p).or_default();
         st.owned = true;
+        st.epoch = epoch;
+        st.cutoff_floor = state.dedup_cutoff;
         st.record_next = state.next_offset;
         st.replay = state.pending;
         st.expected = state.pending.map(|b| b.first).or(state.next_offset);
@@ -525,10 +564,9 @@ impl Pipeline {
                 let runner = self.runner.clone();
                 self.in_flight.spawn(async move {
                     let started = Instant::now();
-                    let r = runner
-                        .process_batch(w.partition, w.msgs, w.replay, w.record_next)
-                        .await;
-                    (w.partition, started, r)
+                    let p = w.partition;
+                    let r = runner.process_batch(w).await;
+                    (p, started, r)
                 });
             }
         }
@@ -561,7 +599,10 @@ impl Pipeline {
             None => false,
         };
         match r {
-            Ok(next) => {
+            Ok(BatchResult {
+                next_offset: next,
+                dedup_cutoff,
+            }) => {
                 self.metrics.add(
                     &self.metrics.batch_micros_total,
                     started.elapsed().as_micros() as u64,
@@ -570,6 +611,7 @@ impl Pipeline {
                 let mut seek_to = None;
                 if let Some(st) = self.parts.get_mut(&p) {
                     st.record_next = Some(next);
+                    st.cutoff_floor = st.cutoff_floor.max(Some(dedup_cutoff));
                     if st.resync {
                         // Messages after the batch were dropped: read them again.
                         st.resync = false;
@@ -636,6 +678,7 @@ impl Pipeline {
         let msgs: Vec<OwnedMessage> = st.buf.drain(..take).collect();
         let replay = st.replay.take();
         let record_next = st.record_next;
+        let (epoch, cutoff_floor) = (st.epoch, st.cutoff_floor);
         st.buf_since = if st.buf.is_empty() {
             None
         } else {
@@ -647,6 +690,8 @@ impl Pipeline {
             msgs,
             replay,
             record_next,
+            epoch,
+            cutoff_floor,
         })
     }
 
@@ -730,4 +775,10 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Options of the connection that holds the partition locks; named so that
+/// operators (and tests) can find it in `pg_stat_activity`.
+fn lock_options(cfg: &Config) -> Result<sqlx::postgres::PgConnectOptions, StageError> {
+    Ok(crate::runner::pg_options(cfg)?.application_name("tally-locks"))
 }

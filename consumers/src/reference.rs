@@ -1,21 +1,106 @@
 //! Reference data from Postgres (tenants, prices, budgets), cached in memory and
 //! refreshed on an interval by swapping an immutable snapshot.
 //!
-//! Guarantee: a batch is enriched against one snapshot. Prices are versioned by
-//! `effective_from`, so a price added later applies to events at or after it;
-//! add prices ahead of their effective time so replays price identically.
+//! Guarantee: a batch is enriched against one snapshot, and a replayed batch
+//! against the very snapshot its first attempt used. Every snapshot has a
+//! content hash (`version`); the claim records the version and the snapshot is
+//! stored in `tally.reference_snapshots`, so a price, tenant or budget that
+//! changes between an attempt and its replay cannot make the stores disagree.
+//! Prices are versioned by `effective_from`: a price added later applies to
+//! events at or after it; add prices ahead of their effective time.
 
 use crate::cost::{PriceBook, PriceVersion};
 use crate::enrich::{Budget, BudgetPeriod, Reference, TenantInfo};
 use crate::errors::{pg, StageError};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPool;
 use sqlx::Row;
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+/// The rows of one snapshot in a canonical order: what is hashed and stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReferenceRows {
+    pub tenants: Vec<(String, TenantInfo)>,
+    pub prices: Vec<(String, String, PriceVersion)>,
+    pub budgets: Vec<Budget>,
+}
+
+/// Namespace of the snapshot content hash (UUID v5).
+const SNAPSHOT_NS: uuid::Uuid = uuid::Uuid::from_u128(0x7a11_7e5f_0000_4000_8000_0000_0000_0001);
+
+impl ReferenceRows {
+    /// The serialized body and its content hash.
+    pub fn body_and_version(&self) -> (Vec<u8>, String) {
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let version = uuid::Uuid::new_v5(&SNAPSHOT_NS, &body).simple().to_string();
+        (body, version)
+    }
+
+    pub fn into_reference(self) -> Reference {
+        let (_, version) = self.body_and_version();
+        let mut r = Reference::new(
+            self.tenants.into_iter().collect(),
+            PriceBook::new(self.prices),
+            self.budgets,
+        );
+        r.version = version;
+        r
+    }
+}
+
 pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
+    Ok(load_rows(pool).await?.into_reference())
+}
+
+/// Loads the current snapshot and stores it (idempotent) before anything can
+/// enrich with it, so every version a claim records can be loaded again.
+pub async fn load_and_store(pool: &PgPool) -> Result<Reference, StageError> {
+    let rows = load_rows(pool).await?;
+    store_snapshot(pool, &rows).await?;
+    Ok(rows.into_reference())
+}
+
+/// Stores a snapshot's rows under their version (idempotent).
+pub async fn store_snapshot(pool: &PgPool, rows: &ReferenceRows) -> Result<String, StageError> {
+    let (body, version) = rows.body_and_version();
+    let body: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| StageError::Fatal(format!("snapshot: {e}")))?;
+    sqlx::query(
+        "INSERT INTO tally.reference_snapshots (version, body) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(&version)
+    .bind(body)
+    .execute(pool)
+    .await
+    .map_err(pg("store reference snapshot"))?;
+    Ok(version)
+}
+
+/// Loads the snapshot a batch's first attempt used.
+pub async fn load_snapshot(pool: &PgPool, version: &str) -> Result<Reference, StageError> {
+    let body: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT body FROM tally.reference_snapshots WHERE version = $1")
+            .bind(version)
+            .fetch_optional(pool)
+            .await
+            .map_err(pg("load reference snapshot"))?;
+    let body =
+        body.ok_or_else(|| StageError::Fatal(format!("reference snapshot {version} is missing")))?;
+    let rows: ReferenceRows = serde_json::from_value(body)
+        .map_err(|e| StageError::Fatal(format!("reference snapshot {version}: {e}")))?;
+    let r = rows.into_reference();
+    if r.version != version {
+        return Err(StageError::Fatal(format!(
+            "reference snapshot {version} hashes to {}",
+            r.version
+        )));
+    }
+    Ok(r)
+}
+
+pub async fn load_rows(pool: &PgPool) -> Result<ReferenceRows, StageError> {
     let tenants = sqlx::query(
         "SELECT tenant_id, name, requests_per_minute, tokens_per_minute FROM tally.tenants",
     )
@@ -33,10 +118,12 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
             },
         )
     })
-    .collect::<HashMap<_, _>>();
+    .collect::<Vec<_>>();
+    let mut tenants = tenants;
+    tenants.sort_by(|a, b| a.0.cmp(&b.0));
     let prices = sqlx::query(
         "SELECT provider, model, effective_from, currency, input_per_m, cached_input_per_m, cache_write_per_m, \
-         output_per_m, reasoning_per_m FROM tally.prices",
+         output_per_m, reasoning_per_m FROM tally.prices ORDER BY provider, model, effective_from",
     )
     .fetch_all(pool)
     .await
@@ -56,7 +143,8 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
                 reasoning_per_m: r.get::<Decimal, _>(8),
             },
         )
-    });
+    })
+    .collect();
     let budgets = sqlx::query(
         "SELECT budget_id, tenant_id, team_id, period, amount, thresholds_pct FROM tally.budgets ORDER BY budget_id",
     )
@@ -78,7 +166,11 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
         }
     })
     .collect();
-    Ok(Reference::new(tenants, PriceBook::new(prices), budgets))
+    Ok(ReferenceRows {
+        tenants,
+        prices,
+        budgets,
+    })
 }
 
 /// The current snapshot, shared between the pipeline and the refresher.

@@ -41,7 +41,7 @@ pub async fn connect_pg(cfg: &Config) -> Result<PgPool, StageError> {
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), StageError> {
     let pool = connect_pg(&cfg).await?;
     let metrics = Arc::new(Metrics::default());
-    let reference = SharedReference::new(reference::load(&pool).await?);
+    let reference = SharedReference::new(reference::load_and_store(&pool).await?);
     let ledger = Ledger::new(pool.clone(), &cfg.kafka.group_id, &cfg.kafka.usage_topic);
     let ch = ClickHouseSink::new(&cfg.clickhouse);
     tracing::info!(config = ?cfg, "tally run starting");
@@ -60,7 +60,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.changed() => return,
                 }
-                match reference::load(&pool).await {
+                match reference::load_and_store(&pool).await {
                     Ok(r) => reference.set(r),
                     Err(e) => tracing::warn!(error = %e, "reference refresh failed; keeping the previous snapshot"),
                 }
@@ -68,18 +68,18 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
         }));
     }
     {
-        let (ledger, lookback) = (
+        let (ledger, every) = (
             ledger.clone(),
-            chrono::Duration::hours(cfg.pipeline.dedup_lookback_hours),
+            Duration::from_millis(cfg.pipeline.prune_interval_ms),
         );
         let mut stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                    _ = tokio::time::sleep(every) => {}
                     _ = stop.changed() => return,
                 }
-                match ledger.prune_seen(lookback).await {
+                match ledger.prune_seen().await {
                     Ok(n) => {
                         tracing::info!(pruned = n, "pruned event ids beyond the dedup look-back")
                     }

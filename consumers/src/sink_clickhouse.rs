@@ -9,6 +9,7 @@
 //! (database, table, batch), and that check first waits until no query with
 //! that id is still running: an INSERT whose client was killed can still
 //! complete in the server, and must be seen before deciding to write again.
+//! Every insert is preceded by the batch's ownership fence (`ownership.rs`).
 
 use crate::config::ClickHouseConfig;
 use crate::enrich::Enriched;
@@ -210,11 +211,13 @@ impl ClickHouseSink {
 
     /// Writes a batch's raw rows and rollups. `verify_first`: the outcome of an
     /// earlier attempt is unknown, so check each table for the batch first.
+    /// `fence`: checked right before every insert, so a stale owner never writes.
     pub async fn write_usage_batch(
         &self,
         batch_id: u64,
         events: &[Enriched],
         verify_first: bool,
+        fence: &crate::ownership::Fence,
     ) -> Result<WriteOutcome, StageError> {
         let mut outcome = WriteOutcome::default();
         if events.is_empty() {
@@ -234,6 +237,7 @@ impl ClickHouseSink {
                 }
             }
             crate::failpoint::hit("before_clickhouse_insert").await?;
+            fence.check().await?;
             let rows = match table {
                 "usage_events" => {
                     let rows: Vec<UsageRow> = events

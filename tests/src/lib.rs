@@ -17,6 +17,9 @@ use tally::config::Config;
 use tally_producers::{GenKind, GenMessage, World};
 use tally_schemas::UsageEvent;
 
+mod checks;
+pub use checks::*;
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -112,6 +115,8 @@ pub async fn test_env(
         ("TALLY__SERVER__LISTEN".into(), String::new()),
         ("TALLY__PIPELINE__BATCH_LINGER_MS".into(), "200".into()),
         ("TALLY__KAFKA__MAX_POLL_INTERVAL_MS".into(), "10000".into()),
+        // Replays after a takeover wait this long; tests keep it short.
+        ("TALLY__PIPELINE__TAKEOVER_GRACE_MS".into(), "1000".into()),
     ];
     for (k, v) in extra {
         env.retain(|(key, _)| key != k);
@@ -175,6 +180,16 @@ impl TestEnv {
 
     /// Starts `tally run` as a child process in this test's namespace.
     pub fn spawn_tally(&self, log_name: &str) -> anyhow::Result<Child> {
+        self.spawn_tally_with(log_name, &[])
+    }
+
+    /// Like `spawn_tally`, with extra environment (e.g. `TALLY_FAILPOINTS`)
+    /// that overrides the test's.
+    pub fn spawn_tally_with(
+        &self,
+        log_name: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Child> {
         let bin = tally_binary()?;
         let log_dir = repo_root().join(".local/logs");
         std::fs::create_dir_all(&log_dir)?;
@@ -185,6 +200,9 @@ impl TestEnv {
             .stderr(log)
             .env("TALLY_LOG", "info");
         for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
             cmd.env(k, v);
         }
         Ok(cmd.spawn()?)

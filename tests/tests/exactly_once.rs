@@ -37,63 +37,6 @@ fn world_and_config(tenants: usize, count: u64, seed: u64) -> (World, GenConfig)
     (world, g)
 }
 
-/// Violations on the topic: every id at most once, and as many as in Postgres.
-async fn check_violation_topic(env: &TestEnv) -> anyhow::Result<Vec<String>> {
-    let in_pg: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.violations")
-        .fetch_one(&env.pool)
-        .await?;
-    let msgs = read_topic(
-        &env.cfg.kafka.brokers,
-        &env.cfg.kafka.violation_topic,
-        in_pg as usize,
-        Duration::from_secs(60),
-    )?;
-    let mut problems = Vec::new();
-    let mut ids = HashSet::new();
-    for m in &msgs {
-        let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
-        let id = v["violation_id"].as_str().unwrap_or_default().to_string();
-        if !ids.insert(id.clone()) {
-            problems.push(format!("violation {id} appears twice on the topic"));
-        }
-    }
-    if msgs.len() as i64 != in_pg {
-        problems.push(format!(
-            "violation topic has {} messages, postgres has {in_pg} violations",
-            msgs.len()
-        ));
-    }
-    Ok(problems)
-}
-
-async fn check_budgets(
-    env: &TestEnv,
-    exp: &Expected,
-    world: &World,
-) -> anyhow::Result<Vec<String>> {
-    let expected = expected_budget_crossings(exp, world);
-    let actual = actual_budget_crossings(&env.pool).await?;
-    let mut problems = Vec::new();
-    let mut seen = HashSet::new();
-    for a in &actual {
-        if !seen.insert(a.clone()) {
-            problems.push(format!("budget crossing {a:?} recorded twice"));
-        }
-    }
-    let actual: std::collections::BTreeSet<_> = actual.into_iter().collect();
-    for e in expected.difference(&actual) {
-        problems.push(format!("budget crossing {e:?} missing"));
-    }
-    for a in actual.difference(&expected) {
-        problems.push(format!("budget crossing {a:?} not expected"));
-    }
-    if expected.is_empty() {
-        problems
-            .push("test setup: no budget crossings expected; the test would prove nothing".into());
-    }
-    Ok(problems)
-}
-
 /// Produces at `rate` while killing `tally run` with SIGKILL `kills` times at
 /// random moments, then lets a last instance catch up and checks every store.
 async fn crash_run(
@@ -123,19 +66,24 @@ async fn crash_run(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let started = Instant::now();
     let mut replays_possible = 0;
+    // Batches a kill left pending: the next instance must replay each of them.
+    let mut left_pending: Vec<i64> = Vec::new();
     for i in 0..kills {
         let mut child = env.spawn_tally(&format!("crash{i}"))?;
         let before = env.handled().await?;
         let wait = rng.random_range(1500..7000);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         kill9(&mut child);
+        let pending = env.pending_batches().await?;
+        left_pending.extend(&pending);
         let after = env.handled().await?;
         if after > before {
             replays_possible += 1;
         }
         eprintln!(
-            "{name}: kill {} of {kills} after {wait} ms (handled {before} -> {after})",
-            i + 1
+            "{name}: kill {} of {kills} after {wait} ms (handled {before} -> {after}, {} batch(es) left pending)",
+            i + 1,
+            pending.len()
         );
     }
     producer.await??;
@@ -152,14 +100,27 @@ async fn crash_run(
             .fetch_one(&env.pool)
             .await?;
     let mut problems = check_totals(&env, &exp).await?;
+    left_pending.sort_unstable();
+    left_pending.dedup();
+    for id in &left_pending {
+        let (state, attempts) = env.batch_state(*id).await?;
+        if state != "done" || attempts < 2 {
+            problems.push(format!("batch {id} left pending by a kill: {state} after {attempts} attempt(s), never replayed"));
+        }
+    }
+    if left_pending.is_empty() {
+        problems
+            .push("no kill landed inside a batch: the test proved nothing about replays".into());
+    }
     problems.extend(check_violation_topic(&env).await?);
     problems.extend(check_budgets(&env, &exp, &world).await?);
     eprintln!(
-        "{name}: {} messages, {} unique events, {} malformed, {kills} kills ({replays_possible} while committing), \
-         {replayed} batches, {:.1} s, {} differences",
+        "{name}: {} messages, {} unique events, {} malformed, {kills} kills ({replays_possible} while committing, \
+         {} inside a batch, all replayed), {replayed} batches, {:.1} s, {} differences",
         exp.messages,
         exp.events.len(),
         exp.malformed.values().sum::<usize>(),
+        left_pending.len(),
         started.elapsed().as_secs_f64(),
         problems.len()
     );

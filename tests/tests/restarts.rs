@@ -76,7 +76,12 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
     eprintln!("restarting ClickHouse (handled {})", env.handled().await?);
     // A crash, not a polite stop (18.16 can take a minute to shut down).
     let pid = std::fs::read_to_string(repo_root().join(".local/run/clickhouse.pid"))?;
-    Command::new("kill").args(["-KILL", pid.trim()]).status()?;
+    let killed = Command::new("kill").args(["-KILL", pid.trim()]).status()?;
+    anyhow::ensure!(
+        killed.success(),
+        "could not kill ClickHouse (pid {})",
+        pid.trim()
+    );
     // With ClickHouse gone and messages waiting, no batch can finish: /health
     // must say so (a stalled consumer must not look healthy).
     let mut stalled = false;
@@ -100,7 +105,10 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
     tokio::time::sleep(Duration::from_secs(4)).await;
     eprintln!("restarting PostgreSQL (handled {})", env.handled().await?);
     let pg_restarted = restart_postgres()?;
-    eprintln!("postgres restarted: {pg_restarted}");
+    anyhow::ensure!(
+        pg_restarted,
+        "could not restart PostgreSQL: pg_lsclusters shows no cluster on port 5432, so this test would prove nothing"
+    );
 
     producer.await??;
     eprintln!("restarting the broker (handled {})", env.handled().await?);

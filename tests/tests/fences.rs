@@ -253,12 +253,24 @@ async fn replay_prices_with_the_first_attempts_reference() -> anyhow::Result<()>
 }
 
 /// Hole 4: one tenant's events on two partitions, committed concurrently (held
-/// inside the commit by a failpoint): every budget threshold and the quota
-/// crossing are raised exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_batches_of_one_tenant_raise_every_crossing() -> anyhow::Result<()> {
-    let env = test_env("crossings", 2, &[]).await?;
-    seed_minimal(&env, Some(8)).await?;
+/// inside the commit by a failpoint). The partitions carry different models, so
+/// their spend_daily rows differ and nothing else serialises the two commits
+/// before the quota and budget reads. `with_quota`: the tenant has a request
+/// quota of 8 per minute (its rows then serialise the budget part too, so the
+/// budget case runs without a quota). Returns (budget thresholds raised,
+/// quota violations, budget spent).
+async fn concurrent_crossings(
+    name: &str,
+    with_quota: bool,
+) -> anyhow::Result<(Vec<Decimal>, i64, Decimal)> {
+    let env = test_env(name, 2, &[]).await?;
+    seed_minimal(&env, with_quota.then_some(8)).await?;
+    sqlx::query(
+        "INSERT INTO tally.prices (provider, model, effective_from, currency, input_per_m, cached_input_per_m, \
+         cache_write_per_m, output_per_m, reasoning_per_m) VALUES ('acme', 'm2', '2020-01-01', 'USD', 1000, 0, 0, 0, 0)",
+    )
+    .execute(&env.pool)
+    .await?;
     sqlx::query(
         "INSERT INTO tally.budgets (budget_id, scope, tenant_id, period, amount, thresholds_pct) \
          VALUES ('b-a', 'tenant', 't-a', 'day', 10, '{50,80,100}')",
@@ -268,7 +280,9 @@ async fn concurrent_batches_of_one_tenant_raise_every_crossing() -> anyhow::Resu
     let at = Utc::now() - ChronoDuration::minutes(5);
     for p in 0..2 {
         for _ in 0..6 {
-            send_event(&env, Some(p), &ev("t-a", Uuid::new_v4(), at, 1000), None).await?;
+            let mut e = ev("t-a", Uuid::new_v4(), at, 1000);
+            e.model = format!("m{}", p + 1);
+            send_event(&env, Some(p), &e, None).await?;
         }
     }
     let mut tally = env.spawn_tally_with(
@@ -284,32 +298,47 @@ async fn concurrent_batches_of_one_tenant_raise_every_crossing() -> anyhow::Resu
             >= 2,
         "both commits reached the failpoint"
     );
-
     let budget: Vec<Decimal> = sqlx::query_scalar(
         "SELECT threshold FROM tally.violations WHERE rule = 'budget_threshold' ORDER BY threshold",
     )
     .fetch_all(&env.pool)
     .await?;
-    let budget: Vec<Decimal> = budget.into_iter().map(|d| d.normalize()).collect();
-    assert_eq!(
-        budget,
-        vec![Decimal::from(5), Decimal::from(8), Decimal::from(10)],
-        "budget crossings"
-    );
     let quota: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM tally.violations WHERE rule = 'rate_limit_exceeded'",
     )
     .fetch_one(&env.pool)
     .await?;
-    assert_eq!(
-        quota, 1,
-        "the per-minute request quota (8) was crossed once"
-    );
     let spent: Decimal =
         sqlx::query_scalar("SELECT spent FROM tally.budget_spend WHERE budget_id = 'b-a'")
             .fetch_one(&env.pool)
             .await?;
-    assert_eq!(spent.normalize(), Decimal::from(12));
+    Ok((
+        budget.into_iter().map(|d| d.normalize()).collect(),
+        quota,
+        spent.normalize(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_of_one_tenant_cross_every_budget_threshold() -> anyhow::Result<()> {
+    let (budget, _, spent) = concurrent_crossings("crossbudget", false).await?;
+    assert_eq!(
+        budget,
+        vec![Decimal::from(5), Decimal::from(8), Decimal::from(10)],
+        "budget crossings"
+    );
+    assert_eq!(spent, Decimal::from(12));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_of_one_tenant_cross_the_quota_once() -> anyhow::Result<()> {
+    let (_, quota, spent) = concurrent_crossings("crossquota", true).await?;
+    assert_eq!(
+        quota, 1,
+        "the per-minute request quota (8) was crossed once"
+    );
+    assert_eq!(spent, Decimal::from(12));
     Ok(())
 }
 

@@ -62,7 +62,9 @@ impl Checkpoint {
     /// A checkpoint without extension lines.
     pub fn new(origin: &str, size: u64, root: Hash) -> Result<Self, CheckpointError> {
         if !valid_line(origin) {
-            return Err(CheckpointError::Malformed("origin is empty or has a control character"));
+            return Err(CheckpointError::Malformed(
+                "origin is empty or has a control character",
+            ));
         }
         Ok(Self {
             origin: origin.to_string(),
@@ -74,7 +76,12 @@ impl Checkpoint {
 
     /// The note text: `origin\nsize\nbase64(root)\n` then one line per extension.
     pub fn to_text(&self) -> String {
-        let mut t = format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root));
+        let mut t = format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.root)
+        );
         for e in &self.extensions {
             t.push_str(e);
             t.push('\n');
@@ -84,16 +91,18 @@ impl Checkpoint {
 
     /// Parse a note text (strict; see the module guarantee).
     pub fn from_text(text: &str) -> Result<Self, CheckpointError> {
-        let body = text
-            .strip_suffix('\n')
-            .ok_or(CheckpointError::Malformed("text does not end with a newline"))?;
+        let body = text.strip_suffix('\n').ok_or(CheckpointError::Malformed(
+            "text does not end with a newline",
+        ))?;
         let mut lines = body.split('\n');
         let (Some(origin), Some(size), Some(root)) = (lines.next(), lines.next(), lines.next())
         else {
             return Err(CheckpointError::Malformed("fewer than three lines"));
         };
         if !valid_line(origin) {
-            return Err(CheckpointError::Malformed("origin is empty or has a control character"));
+            return Err(CheckpointError::Malformed(
+                "origin is empty or has a control character",
+            ));
         }
         let size = parse_decimal(size).ok_or(CheckpointError::Malformed("tree size"))?;
         let root = parse_hash(root).ok_or(CheckpointError::Malformed("root hash"))?;
@@ -117,9 +126,8 @@ impl Checkpoint {
 
 /// ASCII decimal with no leading zeros (except `0` itself) that fits a u64.
 pub(crate) fn parse_decimal(s: &str) -> Option<u64> {
-    let canonical = !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_digit())
-        && (s == "0" || !s.starts_with('0'));
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
     if canonical {
         s.parse().ok()
     } else {
@@ -195,7 +203,10 @@ mod tests {
 
     #[test]
     fn origins_escape_the_tenant() {
-        assert_eq!(origin_for("tally.example/audit", "acme-1"), "tally.example/audit/acme-1");
+        assert_eq!(
+            origin_for("tally.example/audit", "acme-1"),
+            "tally.example/audit/acme-1"
+        );
         assert_eq!(origin_for("l", "a b/c+é"), "l/a%20b%2Fc%2B%C3%A9");
         assert!(Checkpoint::new("", 1, EMPTY_ROOT).is_err());
         assert!(Checkpoint::new("a\nb", 1, EMPTY_ROOT).is_err());
@@ -238,7 +249,8 @@ mod tests {
         let cp = Checkpoint::new("tally.example/audit/acme", 5, root(&leaves)).unwrap();
         let signed = cp.sign(&s).unwrap();
         assert!(signed.starts_with(&cp.to_text()));
-        let (got, note) = open_checkpoint(signed.as_bytes(), &[s.verifier()], Some(&cp.origin)).unwrap();
+        let (got, note) =
+            open_checkpoint(signed.as_bytes(), &[s.verifier()], Some(&cp.origin)).unwrap();
         assert_eq!(got, cp);
         assert_eq!(note.signatures.len(), 1);
         let other = NoteSigner::new("tally.example/audit", &[8; 32]).unwrap();
@@ -247,7 +259,11 @@ mod tests {
             CheckpointError::Note(NoteError::NoKnownSignature)
         );
         assert!(matches!(
-            open_checkpoint(signed.as_bytes(), &[s.verifier()], Some("tally.example/audit/evil")),
+            open_checkpoint(
+                signed.as_bytes(),
+                &[s.verifier()],
+                Some("tally.example/audit/evil")
+            ),
             Err(CheckpointError::OriginMismatch { .. })
         ));
         // Re-signed by another key with the same name: refused (replaced checkpoint).
@@ -274,7 +290,10 @@ mod tests {
         forked[1] = leaf_hash(b"forged");
         let fork = Checkpoint::new(o, 9, root(&forked)).unwrap();
         let pf = consistency_proof(&forked, 3).unwrap();
-        assert!(matches!(verify_extends(&old, &fork, &pf), Err(CheckpointError::Inconsistent(_))));
+        assert!(matches!(
+            verify_extends(&old, &fork, &pf),
+            Err(CheckpointError::Inconsistent(_))
+        ));
         let elsewhere = Checkpoint::new("tally.example/audit/other", 9, root(&leaves)).unwrap();
         assert!(verify_extends(&old, &elsewhere, &p).is_err());
     }

@@ -100,7 +100,8 @@ impl AuditLeaf {
         key: &PseudonymKey,
         limits: FieldLimits,
     ) -> Self {
-        let pseudo = |v: &Option<String>| v.as_deref().map(|s| key.pseudonym(s)).unwrap_or_default();
+        let pseudo =
+            |v: &Option<String>| v.as_deref().map(|s| key.pseudonym(s)).unwrap_or_default();
         let actor_id = if ev.actor_type == ActorType::User {
             key.pseudonym(&ev.actor_id)
         } else {
@@ -306,7 +307,10 @@ pub(crate) mod tests {
         assert_eq!(&bytes[9..17], &5u64.to_be_bytes());
         assert_eq!(
             &bytes[17..33],
-            &[0x01, 0x90, 0xa6, 0xf2, 0x7c, 0x3e, 0x7b, 0x1a, 0x9d, 0x2e, 0x3f, 0x4a, 0x5b, 0x6c, 0x7d, 0x8e]
+            &[
+                0x01, 0x90, 0xa6, 0xf2, 0x7c, 0x3e, 0x7b, 0x1a, 0x9d, 0x2e, 0x3f, 0x4a, 0x5b, 0x6c,
+                0x7d, 0x8e
+            ]
         );
         assert_eq!(&bytes[33..41], &1_718_000_000_123_456i64.to_be_bytes());
         assert_eq!(&bytes[bytes.len() - 5..], &[1, 0, 0, 0, 1]);
@@ -321,7 +325,10 @@ pub(crate) mod tests {
         assert_eq!(AuditLeaf::decode(&v2), Err(LeafDecodeError::Version(2)));
         let mut trailing = bytes.clone();
         trailing.push(0);
-        assert_eq!(AuditLeaf::decode(&trailing), Err(LeafDecodeError::Trailing(1)));
+        assert_eq!(
+            AuditLeaf::decode(&trailing),
+            Err(LeafDecodeError::Trailing(1))
+        );
         for cut in 0..bytes.len() {
             assert!(AuditLeaf::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
@@ -331,7 +338,10 @@ pub(crate) mod tests {
         assert_eq!(AuditLeaf::decode(&bad_bool), Err(LeafDecodeError::Bool(2)));
         let mut bad_utf8 = bytes;
         bad_utf8[5] = 0xff; // first byte of "acme"
-        assert_eq!(AuditLeaf::decode(&bad_utf8), Err(LeafDecodeError::Utf8("tenant_id")));
+        assert_eq!(
+            AuditLeaf::decode(&bad_utf8),
+            Err(LeafDecodeError::Utf8("tenant_id"))
+        );
     }
 
     #[test]
@@ -358,7 +368,10 @@ pub(crate) mod tests {
             details: "{}".into(),
             personal_data: true,
         };
-        let limits = FieldLimits { max_user_agent_bytes: 5, max_details_bytes: 10 };
+        let limits = FieldLimits {
+            max_user_agent_bytes: 5,
+            max_details_bytes: 10,
+        };
         let leaf = AuditLeaf::from_event(&ev, 9, &key, limits);
         assert_eq!(leaf.user_id, key.pseudonym("alice"));
         assert_eq!(leaf.actor_id, key.pseudonym("alice"));
@@ -370,40 +383,62 @@ pub(crate) mod tests {
         assert_eq!(leaf.occurred_at_us, 1_700_000_000_000_001);
         assert_eq!(leaf.pseudonym_key_version, 3);
         assert_eq!(leaf.leaf_index, 9);
-        let service = AuditEvent { actor_type: ActorType::Service, actor_id: "svc-a".into(), ..ev };
-        assert_eq!(AuditLeaf::from_event(&service, 0, &key, limits).actor_id, "svc-a");
+        let service = AuditEvent {
+            actor_type: ActorType::Service,
+            actor_id: "svc-a".into(),
+            ..ev
+        };
+        assert_eq!(
+            AuditLeaf::from_event(&service, 0, &key, limits).actor_id,
+            "svc-a"
+        );
     }
 
     pub(crate) fn arb_leaf() -> impl Strategy<Value = AuditLeaf> {
         let s = || ".{0,12}";
         (
-            (s(), any::<u64>(), any::<u128>(), any::<i64>(), s(), s(), s(), s()),
+            (
+                s(),
+                any::<u64>(),
+                any::<u128>(),
+                any::<i64>(),
+                s(),
+                s(),
+                s(),
+                s(),
+            ),
             (s(), s(), s(), s(), s(), s(), s(), s()),
             (s(), any::<bool>(), any::<u32>()),
         )
-            .prop_map(|((t, li, id, at, team, proj, user, src), (aty, aid, act, rty, rid, out, ip, ua), (det, pd, kv))| {
-                AuditLeaf {
-                    tenant_id: t,
-                    leaf_index: li,
-                    event_id: Uuid::from_u128(id),
-                    occurred_at_us: at,
-                    team_id: team,
-                    project_id: proj,
-                    user_id: user,
-                    source: src,
-                    actor_type: aty,
-                    actor_id: aid,
-                    action: act,
-                    resource_type: rty,
-                    resource_id: rid,
-                    outcome: out,
-                    ip,
-                    user_agent: ua,
-                    details: det,
-                    personal_data: pd,
-                    pseudonym_key_version: kv,
-                }
-            })
+            .prop_map(
+                |(
+                    (t, li, id, at, team, proj, user, src),
+                    (aty, aid, act, rty, rid, out, ip, ua),
+                    (det, pd, kv),
+                )| {
+                    AuditLeaf {
+                        tenant_id: t,
+                        leaf_index: li,
+                        event_id: Uuid::from_u128(id),
+                        occurred_at_us: at,
+                        team_id: team,
+                        project_id: proj,
+                        user_id: user,
+                        source: src,
+                        actor_type: aty,
+                        actor_id: aid,
+                        action: act,
+                        resource_type: rty,
+                        resource_id: rid,
+                        outcome: out,
+                        ip,
+                        user_agent: ua,
+                        details: det,
+                        personal_data: pd,
+                        pseudonym_key_version: kv,
+                    }
+                },
+            )
     }
 
     proptest! {

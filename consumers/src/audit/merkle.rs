@@ -145,7 +145,11 @@ pub struct CompactRange {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompactRangeError {
     #[error("a tree of size {size} has {expected} edge hashes, got {got}")]
-    HashCount { size: u64, expected: u32, got: usize },
+    HashCount {
+        size: u64,
+        expected: u32,
+        got: usize,
+    },
     #[error("edge hashes are {0} bytes, not a multiple of 32")]
     ByteLength(usize),
 }
@@ -172,7 +176,7 @@ impl CompactRange {
     /// Restore from a stored size and the concatenation of its edge hashes
     /// (the form [`CompactRange::to_bytes`] writes, e.g. a Postgres BYTEA).
     pub fn from_bytes(size: u64, bytes: &[u8]) -> Result<Self, CompactRangeError> {
-        if bytes.len() % HASH_LEN != 0 {
+        if !bytes.len().is_multiple_of(HASH_LEN) {
             return Err(CompactRangeError::ByteLength(bytes.len()));
         }
         let hashes = bytes
@@ -262,7 +266,15 @@ mod tests {
 
     #[test]
     fn split_point_is_largest_power_of_two_below() {
-        for (n, k) in [(2, 1), (3, 2), (4, 2), (5, 4), (8, 4), (9, 8), (1 << 40, 1 << 39)] {
+        for (n, k) in [
+            (2, 1),
+            (3, 2),
+            (4, 2),
+            (5, 4),
+            (8, 4),
+            (9, 8),
+            (1 << 40, 1 << 39),
+        ] {
             assert_eq!(split_point(n), k, "n={n}");
         }
         assert_eq!(split_point(u64::MAX), 1 << 63);

@@ -46,7 +46,10 @@ pub fn key_id(name: &str, alg: u8, public_key: &[u8]) -> u32 {
 
 /// Key names are non-empty and contain neither Unicode spaces nor `+` (nor controls).
 pub fn valid_key_name(name: &str) -> bool {
-    !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c == '+' || c.is_control())
+    !name.is_empty()
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || c == '+' || c.is_control())
 }
 
 /// An Ed25519 signing key with its note name. `Debug` hides the private key.
@@ -67,7 +70,9 @@ impl NoteSigner {
     /// A signer from a key name and a 32-byte Ed25519 private key seed.
     pub fn new(name: &str, seed: &[u8; 32]) -> Result<Self, NoteError> {
         if !valid_key_name(name) {
-            return Err(NoteError::MalformedKey("key name is empty or has a space or '+'"));
+            return Err(NoteError::MalformedKey(
+                "key name is empty or has a space or '+'",
+            ));
         }
         let key = SigningKey::from_bytes(seed);
         let id = key_id(name, ALG_ED25519, key.verifying_key().as_bytes());
@@ -100,7 +105,12 @@ impl NoteSigner {
     pub fn to_key_string(&self) -> String {
         let mut key = vec![ALG_ED25519];
         key.extend_from_slice(&self.key.to_bytes());
-        format!("PRIVATE+KEY+{}+{:08x}+{}", self.name, self.id, B64.encode(key))
+        format!(
+            "PRIVATE+KEY+{}+{:08x}+{}",
+            self.name,
+            self.id,
+            B64.encode(key)
+        )
     }
 
     pub fn name(&self) -> &str {
@@ -228,7 +238,10 @@ fn check_text(text: &str) -> Result<(), NoteError> {
     if !text.ends_with('\n') {
         return Err(NoteError::Malformed("text does not end with a newline"));
     }
-    if text.chars().any(|c| c.is_control() && c != '\n' && (c as u32) < 0x20) {
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && (c as u32) < 0x20)
+    {
         return Err(NoteError::Malformed("control character in note"));
     }
     Ok(())
@@ -274,7 +287,10 @@ impl Note {
     }
 
     /// Check the signatures against `known` keys; returns the keys that verified.
-    pub fn verify<'k>(&self, known: &'k [NoteVerifier]) -> Result<Vec<&'k NoteVerifier>, NoteError> {
+    pub fn verify<'k>(
+        &self,
+        known: &'k [NoteVerifier],
+    ) -> Result<Vec<&'k NoteVerifier>, NoteError> {
         let mut verified: Vec<&NoteVerifier> = Vec::new();
         for sig in &self.signatures {
             let Some(key) = known
@@ -299,9 +315,9 @@ impl Note {
 }
 
 fn parse_signature_line(line: &str) -> Result<NoteSignature, NoteError> {
-    let rest = line
-        .strip_prefix(SIG_PREFIX)
-        .ok_or(NoteError::Malformed("signature line does not start with an em dash"))?;
+    let rest = line.strip_prefix(SIG_PREFIX).ok_or(NoteError::Malformed(
+        "signature line does not start with an em dash",
+    ))?;
     let (name, b64) = rest
         .split_once(' ')
         .ok_or(NoteError::Malformed("signature line has no key name"))?;
@@ -370,7 +386,10 @@ then you don't know what your problem is.\n\
         assert_eq!(s.to_key_string(), GO_SKEY);
         // Ed25519 is deterministic: we produce Go's signature byte for byte.
         assert_eq!(sign(&note.text, &[&s]).unwrap(), GO_NOTE);
-        assert_eq!(Note::parse(GO_NOTE.as_bytes()).unwrap().serialize(), GO_NOTE);
+        assert_eq!(
+            Note::parse(GO_NOTE.as_bytes()).unwrap().serialize(),
+            GO_NOTE
+        );
     }
 
     #[test]
@@ -378,7 +397,12 @@ then you don't know what your problem is.\n\
         let s = signer("tally.example/audit", 9);
         let v = s.verifier();
         assert_eq!(NoteVerifier::parse(&v.to_string()).unwrap(), v);
-        assert_eq!(NoteSigner::from_key_string(&s.to_key_string()).unwrap().verifier(), v);
+        assert_eq!(
+            NoteSigner::from_key_string(&s.to_key_string())
+                .unwrap()
+                .verifier(),
+            v
+        );
         let text = v.to_string();
         let wrong_id = text.replacen(&format!("{:08x}", v.key_id()), "00000000", 1);
         for bad in [
@@ -438,18 +462,30 @@ then you don't know what your problem is.\n\
             (good.trim_end().to_string(), "no final newline"),
             (good.replacen("\n\n", "\n", 1), "no blank line"),
             (format!("a\nb\n\n{sig_line}\n\n"), "empty signature line"),
-            (format!("a\nb\n\n{}\n", sig_line.replacen('\u{2014}', "-", 1)), "hyphen not em dash"),
-            (format!("a\nb\n\n{}\n", sig_line.replacen(' ', "  ", 1)), "double space"),
+            (
+                format!("a\nb\n\n{}\n", sig_line.replacen('\u{2014}', "-", 1)),
+                "hyphen not em dash",
+            ),
+            (
+                format!("a\nb\n\n{}\n", sig_line.replacen(' ', "  ", 1)),
+                "double space",
+            ),
             (format!("a\nb\n\n{sig_line}=\n"), "bad base64"),
             (format!("a\r\nb\n\n{sig_line}\n"), "carriage return"),
-            ("a\nb\n\n\u{2014} log.example AAAA\n".to_string(), "short signature"),
+            (
+                "a\nb\n\n\u{2014} log.example AAAA\n".to_string(),
+                "short signature",
+            ),
             ("a\nb\n\n".to_string(), "no signatures"),
         ];
         for (msg, why) in cases {
             assert!(open(msg.as_bytes(), &known).is_err(), "{why}: {msg:?}");
         }
         assert!(open(&[0xff, b'\n', b'\n'], &known).is_err());
-        let many = format!("a\nb\n\n{}", format!("{sig_line}\n").repeat(MAX_SIGNATURES + 1));
+        let many = format!(
+            "a\nb\n\n{}",
+            format!("{sig_line}\n").repeat(MAX_SIGNATURES + 1)
+        );
         assert_eq!(
             Note::parse(many.as_bytes()),
             Err(NoteError::Malformed("too many signatures"))

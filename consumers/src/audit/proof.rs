@@ -207,8 +207,14 @@ mod tests {
     fn consistency_from_the_empty_tree() {
         let l = leaves(3);
         let none: [Hash; 0] = [];
-        assert_eq!(verify_consistency(0, 3, &none, &EMPTY_ROOT, &root(&l)), Ok(()));
-        assert_eq!(verify_consistency(0, 0, &none, &EMPTY_ROOT, &EMPTY_ROOT), Ok(()));
+        assert_eq!(
+            verify_consistency(0, 3, &none, &EMPTY_ROOT, &root(&l)),
+            Ok(())
+        );
+        assert_eq!(
+            verify_consistency(0, 0, &none, &EMPTY_ROOT, &EMPTY_ROOT),
+            Ok(())
+        );
         assert!(verify_consistency(0, 3, &[l[0]], &EMPTY_ROOT, &root(&l)).is_err());
         assert!(verify_consistency(0, 3, &none, &l[0], &root(&l)).is_err());
     }

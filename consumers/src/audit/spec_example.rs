@@ -27,7 +27,10 @@ fn documentation_shows_the_computed_example() {
     assert_eq!(leaf.ip, key.pseudonym("192.0.2.10"));
     let bytes = to_hex(&leaf.encode());
     let hash = to_hex(&leaf.leaf_hash());
-    println!("leaf bytes ({}): {bytes}\nleaf hash: {hash}", leaf.encoded_len());
+    println!(
+        "leaf bytes ({}): {bytes}\nleaf hash: {hash}",
+        leaf.encoded_len()
+    );
     let doc = std::fs::read_to_string(repo_root().join("docs/audit-log.md")).unwrap();
     let doc_hex: String = doc
         .split("<!-- example-bytes -->")
@@ -39,7 +42,10 @@ fn documentation_shows_the_computed_example() {
         .split_whitespace()
         .collect();
     assert_eq!(doc_hex, bytes, "docs/audit-log.md example bytes are stale");
-    assert!(doc.contains(&hash), "docs/audit-log.md lacks the example leaf hash {hash}");
+    assert!(
+        doc.contains(&hash),
+        "docs/audit-log.md lacks the example leaf hash {hash}"
+    );
 }
 
 /// The example proof file and verifier key of the documentation are the ones computed
@@ -50,10 +56,19 @@ fn documentation_shows_the_computed_proof_file() {
     let key = signer.verifier().to_string();
     println!("verifier key: {key}\n{proof}");
     let doc = std::fs::read_to_string(repo_root().join("docs/audit-log.md")).unwrap();
-    assert!(doc.contains(&key), "docs/audit-log.md lacks the example verifier key {key}");
+    assert!(
+        doc.contains(&key),
+        "docs/audit-log.md lacks the example verifier key {key}"
+    );
     let private = signer.to_key_string();
-    assert!(doc.contains(&private), "docs/audit-log.md lacks the example key {private}");
-    assert!(doc.contains(&proof), "docs/audit-log.md example proof file is stale:\n{proof}");
+    assert!(
+        doc.contains(&private),
+        "docs/audit-log.md lacks the example key {private}"
+    );
+    assert!(
+        doc.contains(&proof),
+        "docs/audit-log.md example proof file is stale:\n{proof}"
+    );
 }
 
 fn json_row(l: &AuditLeaf) -> serde_json::Value {
@@ -90,7 +105,12 @@ fn python_script_recomputes_leaf_hashes_and_root() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 must be installed to check scripts/audit_leaf.py");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "audit_leaf.py failed");
     let text = String::from_utf8(out.stdout).unwrap();

@@ -7,8 +7,8 @@
 //! root at the checkpoint's size. [`TlogProof::parse`] is strict and inverts
 //! [`TlogProof::to_text`].
 
-use super::checkpoint::{open_checkpoint, origin_for, parse_decimal, parse_hash, Checkpoint};
 use super::checkpoint::CheckpointError;
+use super::checkpoint::{open_checkpoint, origin_for, parse_decimal, parse_hash, Checkpoint};
 use super::leaf::{AuditLeaf, LeafDecodeError};
 use super::merkle::{leaf_hash, Hash};
 use super::note::NoteVerifier;
@@ -83,7 +83,9 @@ impl TlogProof {
         let mut line = next_line(&mut rest).ok_or(malformed("no index line"))?;
         let mut extra = None;
         if let Some(b64) = line.strip_prefix("extra ") {
-            let raw = B64.decode(b64).map_err(|_| malformed("extra is not base64"))?;
+            let raw = B64
+                .decode(b64)
+                .map_err(|_| malformed("extra is not base64"))?;
             if B64.encode(&raw) != b64 {
                 return Err(malformed("extra is not canonical base64"));
             }
@@ -96,7 +98,8 @@ impl TlogProof {
             .ok_or(malformed("bad index line"))?;
         let mut hashes = Vec::new();
         loop {
-            let line = next_line(&mut rest).ok_or(malformed("no blank line before the checkpoint"))?;
+            let line =
+                next_line(&mut rest).ok_or(malformed("no blank line before the checkpoint"))?;
             if line.is_empty() {
                 break;
             }
@@ -150,7 +153,10 @@ pub struct VerifiedEvent {
 
 /// Verify an event proof file with the log's public key only. The checkpoint's origin
 /// must be `origin_for(key name, tenant of the leaf)`.
-pub fn verify_event_proof(bytes: &[u8], key: &NoteVerifier) -> Result<VerifiedEvent, TlogProofError> {
+pub fn verify_event_proof(
+    bytes: &[u8],
+    key: &NoteVerifier,
+) -> Result<VerifiedEvent, TlogProofError> {
     let proof = TlogProof::parse(bytes)?;
     let raw = proof.extra.as_deref().ok_or(TlogProofError::MissingLeaf)?;
     let leaf = AuditLeaf::decode(raw)?;
@@ -221,17 +227,32 @@ pub(crate) mod tests {
         let check = |p: &TlogProof| verify_event_proof(p.to_text().as_bytes(), &key);
 
         let mut other_leaf = p.clone();
-        other_leaf.extra = Some(AuditLeaf { details: "{}".into(), ..example() }.encode());
-        assert!(matches!(check(&other_leaf), Err(TlogProofError::Inclusion(_))));
+        other_leaf.extra = Some(
+            AuditLeaf {
+                details: "{}".into(),
+                ..example()
+            }
+            .encode(),
+        );
+        assert!(matches!(
+            check(&other_leaf),
+            Err(TlogProofError::Inclusion(_))
+        ));
 
         let mut moved = p.clone();
         moved.index = 4;
-        assert!(matches!(check(&moved), Err(TlogProofError::IndexMismatch { .. })));
+        assert!(matches!(
+            check(&moved),
+            Err(TlogProofError::IndexMismatch { .. })
+        ));
 
         let mut neighbour = p.clone();
         neighbour.extra = Some(leaves[4].encode());
         neighbour.index = 4;
-        assert!(matches!(check(&neighbour), Err(TlogProofError::Inclusion(_))));
+        assert!(matches!(
+            check(&neighbour),
+            Err(TlogProofError::Inclusion(_))
+        ));
 
         let mut bit = p.clone();
         bit.hashes[2][0] ^= 0x80;
@@ -246,10 +267,18 @@ pub(crate) mod tests {
         assert_eq!(check(&no_leaf), Err(TlogProofError::MissingLeaf));
 
         let mut other_tenant = p.clone();
-        other_tenant.extra = Some(AuditLeaf { tenant_id: "evil".into(), ..example() }.encode());
+        other_tenant.extra = Some(
+            AuditLeaf {
+                tenant_id: "evil".into(),
+                ..example()
+            }
+            .encode(),
+        );
         assert!(matches!(
             check(&other_tenant),
-            Err(TlogProofError::Checkpoint(CheckpointError::OriginMismatch { .. }))
+            Err(TlogProofError::Checkpoint(
+                CheckpointError::OriginMismatch { .. }
+            ))
         ));
 
         let impostor = NoteSigner::new("tally.example/audit", &[9; 32]).unwrap();

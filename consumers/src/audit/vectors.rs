@@ -19,7 +19,11 @@ fn vector_dir() -> PathBuf {
     const SUB: &str = "vectors/merkle-rfc6962";
     if let Some(dir) = std::env::var_os("TALLY_SHARED_DIR") {
         let p = Path::new(&dir).join(SUB);
-        assert!(p.is_dir(), "TALLY_SHARED_DIR is set but {} is missing", p.display());
+        assert!(
+            p.is_dir(),
+            "TALLY_SHARED_DIR is set but {} is missing",
+            p.display()
+        );
         return p;
     }
     let start = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -60,7 +64,8 @@ fn load(p: &Path) -> Value {
 }
 
 fn b64(v: &Value) -> Result<Vec<u8>, String> {
-    B64.decode(v.as_str().unwrap_or("")).map_err(|e| e.to_string())
+    B64.decode(v.as_str().unwrap_or(""))
+        .map_err(|e| e.to_string())
 }
 
 /// A JSON null proof is the empty proof.
@@ -93,8 +98,16 @@ fn run_all(kind: &str, check: impl Fn(&Value) -> Result<(), String>) -> (usize, 
             (got, _) => failures.push(format!("{}: wantErr={want_err}, got {got:?}", f.display())),
         }
     }
-    assert!(failures.is_empty(), "{} {kind} vectors failed:\n{}", failures.len(), failures.join("\n"));
-    println!("{kind}: {} cases, {ok} accepted, {rejected} rejected, all as expected", files.len());
+    assert!(
+        failures.is_empty(),
+        "{} {kind} vectors failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!(
+        "{kind}: {} cases, {ok} accepted, {rejected} rejected, all as expected",
+        files.len()
+    );
     (ok, rejected)
 }
 
@@ -103,10 +116,19 @@ fn inclusion_vectors() {
     let (ok, rejected) = run_all("inclusion", |c| {
         let size = c["treeSize"].as_u64().ok_or("treeSize")?;
         let index = c["leafIdx"].as_u64().ok_or("leafIdx")?;
-        verify_inclusion(index, size, &b64(&c["leafHash"])?, &proof(&c["proof"])?, &b64(&c["root"])?)
-            .map_err(|e| e.to_string())
+        verify_inclusion(
+            index,
+            size,
+            &b64(&c["leafHash"])?,
+            &proof(&c["proof"])?,
+            &b64(&c["root"])?,
+        )
+        .map_err(|e| e.to_string())
     });
-    assert!(ok >= 6 && rejected >= 80, "suspiciously few cases: {ok} ok, {rejected} rejected");
+    assert!(
+        ok >= 6 && rejected >= 80,
+        "suspiciously few cases: {ok} ok, {rejected} rejected"
+    );
 }
 
 #[test]
@@ -117,7 +139,10 @@ fn consistency_vectors() {
         let (r1, r2) = (b64(&c["root1"])?, b64(&c["root2"])?);
         verify_consistency(size1, size2, &proof(&c["proof"])?, &r1, &r2).map_err(|e| e.to_string())
     });
-    assert!(ok >= 6 && rejected >= 80, "suspiciously few cases: {ok} ok, {rejected} rejected");
+    assert!(
+        ok >= 6 && rejected >= 80,
+        "suspiciously few cases: {ok} ok, {rejected} rejected"
+    );
 }
 
 /// The reference tree's roots, and our prover regenerates every happy-path proof over it.
@@ -134,7 +159,11 @@ fn reference_tree_and_happy_paths_match_our_prover() {
     let roots = tree["root_by_tree_size_hex"].as_array().unwrap();
     assert_eq!(roots.len(), leaves.len() + 1);
     for (n, r) in roots.iter().enumerate() {
-        assert_eq!(root(&leaves[..n]).to_vec(), hex(r.as_str().unwrap()), "size {n}");
+        assert_eq!(
+            root(&leaves[..n]).to_vec(),
+            hex(r.as_str().unwrap()),
+            "size {n}"
+        );
     }
     let mut compared = 0;
     for f in cases(&dir.join("inclusion")) {
@@ -143,17 +172,30 @@ fn reference_tree_and_happy_paths_match_our_prover() {
         if f.ends_with("happy-path.json") && size <= leaves.len() {
             let p = inclusion_proof(&leaves[..size], c["leafIdx"].as_u64().unwrap()).unwrap();
             let want = proof(&c["proof"]).unwrap();
-            assert_eq!(p.iter().map(|h| h.to_vec()).collect::<Vec<_>>(), want, "{}", f.display());
+            assert_eq!(
+                p.iter().map(|h| h.to_vec()).collect::<Vec<_>>(),
+                want,
+                "{}",
+                f.display()
+            );
             compared += 1;
         }
     }
     for f in cases(&dir.join("consistency")) {
         let c = load(&f);
-        let (s1, s2) = (c["size1"].as_u64().unwrap(), c["size2"].as_u64().unwrap() as usize);
+        let (s1, s2) = (
+            c["size1"].as_u64().unwrap(),
+            c["size2"].as_u64().unwrap() as usize,
+        );
         if f.ends_with("happy-path.json") && s2 <= leaves.len() && s1 > 0 {
             let p = consistency_proof(&leaves[..s2], s1).unwrap();
             let want = proof(&c["proof"]).unwrap();
-            assert_eq!(p.iter().map(|h| h.to_vec()).collect::<Vec<_>>(), want, "{}", f.display());
+            assert_eq!(
+                p.iter().map(|h| h.to_vec()).collect::<Vec<_>>(),
+                want,
+                "{}",
+                f.display()
+            );
             compared += 1;
         }
     }

@@ -39,7 +39,11 @@ pub enum Tamper {
 pub enum Verdict {
     /// All checks passed. `size` rows, of which the first `signed_size` are covered by
     /// the largest checkpoint (later rows are not signed yet).
-    Intact { size: u64, root: Hash, signed_size: u64 },
+    Intact {
+        size: u64,
+        root: Hash,
+        signed_size: u64,
+    },
     /// Tampering detected; `first_bad` is the first leaf index that is wrong.
     Tampered { first_bad: u64, tamper: Tamper },
 }
@@ -102,11 +106,21 @@ impl TreeVerifier {
         }
         let want = self.range.size();
         let tamper = if leaf.leaf_index > want {
-            Some((want, Tamper::Missing { found: leaf.leaf_index }))
+            Some((
+                want,
+                Tamper::Missing {
+                    found: leaf.leaf_index,
+                },
+            ))
         } else if leaf.leaf_index < want {
             Some((leaf.leaf_index, Tamper::Duplicate))
         } else if leaf.tenant_id != self.tenant {
-            Some((want, Tamper::ForeignTenant { tenant: leaf.tenant_id.clone() }))
+            Some((
+                want,
+                Tamper::ForeignTenant {
+                    tenant: leaf.tenant_id.clone(),
+                },
+            ))
         } else if reference.is_some_and(|r| *r != hash) {
             Some((want, Tamper::LeafMismatch))
         } else {
@@ -132,7 +146,12 @@ impl TreeVerifier {
             if self.range.root() == root {
                 self.last_good = size;
             } else {
-                self.found = Some((self.last_good, Tamper::RootMismatch { checkpoint_size: size }));
+                self.found = Some((
+                    self.last_good,
+                    Tamper::RootMismatch {
+                        checkpoint_size: size,
+                    },
+                ));
             }
             self.next_checkpoint += 1;
         }
@@ -182,7 +201,10 @@ mod tests {
     }
 
     fn checkpoint(rows: &[AuditLeaf], size: u64) -> Checkpoint {
-        let hashes: Vec<Hash> = rows[..size as usize].iter().map(AuditLeaf::leaf_hash).collect();
+        let hashes: Vec<Hash> = rows[..size as usize]
+            .iter()
+            .map(AuditLeaf::leaf_hash)
+            .collect();
         Checkpoint::new("o/acme", size, root(&hashes)).unwrap()
     }
 
@@ -197,31 +219,59 @@ mod tests {
     #[test]
     fn intact_log_passes_every_checkpoint() {
         let rows = log(20);
-        let cps = [checkpoint(&rows, 20), checkpoint(&rows, 7), checkpoint(&rows, 1)];
+        let cps = [
+            checkpoint(&rows, 20),
+            checkpoint(&rows, 7),
+            checkpoint(&rows, 1),
+        ];
         let hashes: Vec<Hash> = rows.iter().map(AuditLeaf::leaf_hash).collect();
         assert_eq!(
             run(&rows, &cps),
-            Verdict::Intact { size: 20, root: root(&hashes), signed_size: 20 }
+            Verdict::Intact {
+                size: 20,
+                root: root(&hashes),
+                signed_size: 20
+            }
         );
         assert_eq!(
             run(&rows, &cps[1..]),
-            Verdict::Intact { size: 20, root: root(&hashes), signed_size: 7 }
+            Verdict::Intact {
+                size: 20,
+                root: root(&hashes),
+                signed_size: 7
+            }
         );
         assert_eq!(
             run(&[], &[Checkpoint::new("o/acme", 0, EMPTY_ROOT).unwrap()]),
-            Verdict::Intact { size: 0, root: EMPTY_ROOT, signed_size: 0 }
+            Verdict::Intact {
+                size: 0,
+                root: EMPTY_ROOT,
+                signed_size: 0
+            }
         );
     }
 
     #[test]
     fn each_tampering_is_named_with_its_first_bad_index() {
         let rows = log(20);
-        let cps = [checkpoint(&rows, 5), checkpoint(&rows, 12), checkpoint(&rows, 20)];
+        let cps = [
+            checkpoint(&rows, 5),
+            checkpoint(&rows, 12),
+            checkpoint(&rows, 20),
+        ];
         let tampered = |first_bad, tamper| Verdict::Tampered { first_bad, tamper };
 
         let mut edited = rows.clone();
         edited[9].details.push(' '); // one byte of one field
-        assert_eq!(run(&edited, &cps), tampered(5, Tamper::RootMismatch { checkpoint_size: 12 }));
+        assert_eq!(
+            run(&edited, &cps),
+            tampered(
+                5,
+                Tamper::RootMismatch {
+                    checkpoint_size: 12
+                }
+            )
+        );
         let refs: Vec<Hash> = rows.iter().map(AuditLeaf::leaf_hash).collect();
         let mut v = TreeVerifier::new("acme", &cps);
         for (r, h) in edited.iter().zip(&refs) {
@@ -231,37 +281,73 @@ mod tests {
 
         let mut deleted = rows.clone();
         deleted.remove(9);
-        assert_eq!(run(&deleted, &cps), tampered(9, Tamper::Missing { found: 10 }));
+        assert_eq!(
+            run(&deleted, &cps),
+            tampered(9, Tamper::Missing { found: 10 })
+        );
 
         let mut forged = rows.clone();
-        forged.insert(10, AuditLeaf { action: "forged".into(), ..rows[9].clone() });
+        forged.insert(
+            10,
+            AuditLeaf {
+                action: "forged".into(),
+                ..rows[9].clone()
+            },
+        );
         assert_eq!(run(&forged, &cps), tampered(9, Tamper::Duplicate));
 
         let mut swapped = rows.clone();
         swapped.swap(3, 4); // rows keep their own leaf_index: read in order, 4 before 3
-        assert_eq!(run(&swapped, &cps), tampered(3, Tamper::Missing { found: 4 }));
+        assert_eq!(
+            run(&swapped, &cps),
+            tampered(3, Tamper::Missing { found: 4 })
+        );
         let mut renumbered = rows.clone();
         renumbered.swap(3, 4);
         renumbered[3].leaf_index = 3; // swapped positions, indices rewritten to match
         renumbered[4].leaf_index = 4;
-        assert_eq!(run(&renumbered, &cps), tampered(0, Tamper::RootMismatch { checkpoint_size: 5 }));
+        assert_eq!(
+            run(&renumbered, &cps),
+            tampered(0, Tamper::RootMismatch { checkpoint_size: 5 })
+        );
 
-        assert_eq!(run(&rows[..15], &cps), tampered(15, Tamper::Truncated { signed_size: 20 }));
+        assert_eq!(
+            run(&rows[..15], &cps),
+            tampered(15, Tamper::Truncated { signed_size: 20 })
+        );
 
         let mut foreign = rows.clone();
         foreign[2].tenant_id = "other".into();
         assert_eq!(
             run(&foreign, &cps),
-            tampered(2, Tamper::ForeignTenant { tenant: "other".into() })
+            tampered(
+                2,
+                Tamper::ForeignTenant {
+                    tenant: "other".into()
+                }
+            )
         );
 
         let mut fork = cps.to_vec();
         fork.push(checkpoint(&edited, 12));
-        assert_eq!(run(&rows, &fork), tampered(12, Tamper::ForkedCheckpoints { size: 12 }));
+        assert_eq!(
+            run(&rows, &fork),
+            tampered(12, Tamper::ForkedCheckpoints { size: 12 })
+        );
 
         // Unsigned rows appended after the last checkpoint are not tampering.
         let more = log(25);
         let v = run(&more, &cps[..2]);
-        assert!(matches!(v, Verdict::Intact { size: 25, signed_size: 12, .. }), "{v:?}");
+        assert!(
+            matches!(
+                v,
+                Verdict::Intact {
+                    size: 25,
+                    signed_size: 12,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
     }
 }

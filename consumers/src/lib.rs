@@ -3,6 +3,7 @@
 //! The data path and the exactly-once state machine are described in
 //! `docs/architecture.md`; [`pipeline`] implements the state machine.
 
+pub mod audit;
 pub mod batch;
 pub mod bench;
 pub mod claim;

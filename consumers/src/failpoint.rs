@@ -26,6 +26,7 @@ pub const POINTS: &[&str] = &[
     "after_clickhouse",
     "before_commit",
     "after_commit",
+    "relay_before_send",
     "relay_after_publish",
 ];
 

@@ -3,7 +3,9 @@
 //!
 //! Guarantee: a batch is enriched against one snapshot. Prices are versioned by
 //! `effective_from`, so a price added later applies to events at or after it;
-//! add prices ahead of their effective time so replays price identically.
+//! add prices ahead of their effective time so replays price identically. All
+//! prices are in the book currency (`tally.price_book`; Postgres rejects a price
+//! row in another currency, and a snapshot holding one is refused, naming it).
 
 use crate::cost::{PriceBook, PriceVersion};
 use crate::enrich::{Budget, BudgetPeriod, Reference, TenantInfo};
@@ -34,6 +36,10 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
         )
     })
     .collect::<HashMap<_, _>>();
+    let book_currency: String = sqlx::query_scalar("SELECT currency FROM tally.price_book")
+        .fetch_one(pool)
+        .await
+        .map_err(pg("load price book currency"))?;
     let prices = sqlx::query(
         "SELECT provider, model, effective_from, currency, input_per_m, cached_input_per_m, cache_write_per_m, \
          output_per_m, reasoning_per_m FROM tally.prices",
@@ -78,7 +84,9 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
         }
     })
     .collect();
-    Ok(Reference::new(tenants, PriceBook::new(prices), budgets))
+    let prices = PriceBook::new(book_currency.trim(), prices)
+        .map_err(|e| StageError::Fatal(format!("price book: {e}")))?;
+    Ok(Reference::new(tenants, prices, budgets))
 }
 
 /// The current snapshot, shared between the pipeline and the refresher.

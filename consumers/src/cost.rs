@@ -2,7 +2,9 @@
 //!
 //! Guarantee: the cost of an event is a pure function of its token counts and the
 //! price version in force at its `occurred_at`, computed in `rust_decimal` (never
-//! f64), so a replay computes the same cost to the last digit.
+//! f64), so a replay computes the same cost to the last digit. Every price in a
+//! book is in the book's one currency (a row in another is rejected, named), so
+//! every cost, and every sum of costs, is in that currency.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -53,22 +55,80 @@ pub fn is_mismatch(reported: Option<Decimal>, computed: Decimal, tolerance: Deci
     reported.is_some_and(|r| (r - computed).abs() > tolerance)
 }
 
-/// All price versions, by (provider, model), sorted by `effective_from`.
-#[derive(Debug, Clone, Default)]
+/// A price row whose currency is not the book's: prices are never mixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignPrice {
+    pub provider: String,
+    pub model: String,
+    pub effective_from: DateTime<Utc>,
+    pub currency: String,
+    pub book_currency: String,
+}
+
+impl std::fmt::Display for ForeignPrice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "price row (provider {}, model {}, effective_from {}) is in {} but the price book's currency is {}",
+            self.provider,
+            self.model,
+            self.effective_from.to_rfc3339(),
+            self.currency,
+            self.book_currency
+        )
+    }
+}
+
+impl std::error::Error for ForeignPrice {}
+
+/// All price versions, by (provider, model), sorted by `effective_from`, all in
+/// the book's currency.
+#[derive(Debug, Clone)]
 pub struct PriceBook {
+    currency: String,
     by_model: HashMap<(String, String), Vec<PriceVersion>>,
 }
 
+impl Default for PriceBook {
+    fn default() -> Self {
+        Self {
+            currency: "USD".into(),
+            by_model: HashMap::new(),
+        }
+    }
+}
+
 impl PriceBook {
-    pub fn new(rows: impl IntoIterator<Item = (String, String, PriceVersion)>) -> Self {
+    /// A book in `currency`; the first row in any other currency is an error.
+    pub fn new(
+        currency: &str,
+        rows: impl IntoIterator<Item = (String, String, PriceVersion)>,
+    ) -> Result<Self, ForeignPrice> {
         let mut by_model: HashMap<(String, String), Vec<PriceVersion>> = HashMap::new();
         for (provider, model, version) in rows {
+            if version.currency != currency {
+                return Err(ForeignPrice {
+                    provider,
+                    model,
+                    effective_from: version.effective_from,
+                    currency: version.currency,
+                    book_currency: currency.into(),
+                });
+            }
             by_model.entry((provider, model)).or_default().push(version);
         }
         for versions in by_model.values_mut() {
             versions.sort_by_key(|v| v.effective_from);
         }
-        Self { by_model }
+        Ok(Self {
+            currency: currency.into(),
+            by_model,
+        })
+    }
+
+    /// The one currency of every price, cost and total.
+    pub fn currency(&self) -> &str {
+        &self.currency
     }
 
     /// The version in force at `at`: the latest with `effective_from <= at`.
@@ -157,10 +217,14 @@ mod tests {
         old.effective_from = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
         let mut new = price("2", "0", "0", "0", "0");
         new.effective_from = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
-        let book = PriceBook::new([
-            ("p".to_string(), "m".to_string(), new.clone()),
-            ("p".to_string(), "m".to_string(), old.clone()),
-        ]);
+        let book = PriceBook::new(
+            "USD",
+            [
+                ("p".to_string(), "m".to_string(), new.clone()),
+                ("p".to_string(), "m".to_string(), old.clone()),
+            ],
+        )
+        .unwrap();
         assert_eq!(
             book.price_at("p", "m", Utc.with_ymd_and_hms(2019, 1, 1, 0, 0, 0).unwrap()),
             None
@@ -175,6 +239,30 @@ mod tests {
         );
         assert_eq!(book.price_at("p", "m", new.effective_from), Some(&new));
         assert_eq!(book.price_at("p", "x", new.effective_from), None);
+    }
+
+    #[test]
+    fn a_price_in_another_currency_is_rejected_by_name() {
+        let usd = price("1", "0", "0", "0", "0");
+        let mut eur = price("2", "0", "0", "0", "0");
+        eur.currency = "EUR".into();
+        eur.effective_from = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let err = PriceBook::new(
+            "USD",
+            [
+                ("p".to_string(), "m".to_string(), usd.clone()),
+                ("p".to_string(), "m".to_string(), eur),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "price row (provider p, model m, effective_from 2026-06-01T00:00:00+00:00) \
+             is in EUR but the price book's currency is USD"
+        );
+        let book = PriceBook::new("USD", [("p".to_string(), "m".to_string(), usd)]).unwrap();
+        assert_eq!(book.currency(), "USD");
+        assert_eq!(PriceBook::default().currency(), "USD");
     }
 
     #[test]
@@ -226,7 +314,53 @@ mod tests {
         })
     }
 
+    fn arb_currency() -> impl Strategy<Value = String> {
+        prop::sample::select(vec!["USD", "EUR", "GBP", "JPY"]).prop_map(String::from)
+    }
+
     proptest! {
+        /// A book accepts exactly the rows in its currency; a mixed set of rows
+        /// is rejected naming a row in a foreign currency, and whatever a book
+        /// returns is in its currency.
+        #[test]
+        fn a_book_never_mixes_currencies(
+            book in arb_currency(),
+            rows in prop::collection::vec((0u8..3, 0i64..1000, arb_currency(), arb_price()), 0..12),
+            at in 0i64..1000,
+        ) {
+            let base = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+            let rows: Vec<(String, String, PriceVersion)> = rows
+                .into_iter()
+                .map(|(m, day, cur, mut p)| {
+                    p.effective_from = base + chrono::Duration::days(day);
+                    p.currency = cur;
+                    ("p".to_string(), format!("m{m}"), p)
+                })
+                .collect();
+            let foreign = rows.iter().find(|r| r.2.currency != book).cloned();
+            match (PriceBook::new(&book, rows.clone()), foreign) {
+                (Ok(b), None) => {
+                    prop_assert_eq!(b.currency(), book.as_str());
+                    prop_assert_eq!(b.len(), rows.len());
+                    for m in 0..3 {
+                        let at = base + chrono::Duration::days(at);
+                        if let Some(v) = b.price_at("p", &format!("m{m}"), at) {
+                            prop_assert_eq!(&v.currency, &book);
+                            prop_assert!(v.effective_from <= at);
+                        }
+                    }
+                }
+                (Err(e), Some(f)) => {
+                    prop_assert_eq!(&e.currency, &f.2.currency);
+                    prop_assert_eq!(&e.book_currency, &book);
+                    prop_assert!(e.currency != book);
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains(&e.model) && msg.contains(&e.currency) && msg.contains(&book));
+                }
+                (r, f) => prop_assert!(false, "book {book}: {:?} with foreign row {:?}", r.map(|b| b.len()), f),
+            }
+        }
+
         #[test]
         fn cost_is_additive_over_events(a in arb_tokens(), b in arb_tokens(), p in arb_price()) {
             let sum = Tokens {

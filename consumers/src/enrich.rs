@@ -3,7 +3,10 @@
 //! Guarantee: `enrich` is a pure function of the event and a reference snapshot.
 //! An unknown tenant or unpriced model is never dropped: the event is kept and
 //! counted, marked (`tenant_known = false`, `priced = false`), and raises a
-//! violation downstream.
+//! violation downstream. Cost is always in the price book's one currency; an
+//! event that reports its cost in another currency is still priced from the
+//! book, its reported cost is not compared (`currency_mismatch`, a violation
+//! downstream), and nothing is ever added across currencies.
 
 use crate::cost::{cost_of, is_mismatch, PriceBook, Tokens};
 use chrono::{DateTime, Utc};
@@ -99,6 +102,8 @@ pub struct Enriched {
     pub price_effective_from: Option<DateTime<Utc>>,
     pub tenant_known: bool,
     pub cost_mismatch: bool,
+    /// The event reports a cost in a currency other than the price book's.
+    pub currency_mismatch: bool,
     pub over_quota: bool,
     pub partition: i32,
     pub offset: i64,
@@ -129,15 +134,19 @@ pub fn enrich(
     offset: i64,
 ) -> Enriched {
     let tenant_known = reference.tenants.contains_key(&event.tenant_id);
+    // Every version in the book is in the book's currency: the version in force
+    // is the price, whatever currency the emitter reports in.
     let price = reference
         .prices
-        .price_at(&event.provider, &event.model, event.occurred_at)
-        .filter(|p| p.currency == event.currency);
+        .price_at(&event.provider, &event.model, event.occurred_at);
     let (cost, priced, from) = match price {
         Some(p) => (cost_of(&tokens_of(&event), p), true, Some(p.effective_from)),
         None => (Decimal::ZERO, false, None),
     };
-    let cost_mismatch = priced && is_mismatch(event.reported_cost, cost, tolerance);
+    let currency_mismatch =
+        event.reported_cost.is_some() && event.currency != reference.prices.currency();
+    let cost_mismatch =
+        priced && !currency_mismatch && is_mismatch(event.reported_cost, cost, tolerance);
     Enriched {
         event,
         cost,
@@ -145,6 +154,7 @@ pub fn enrich(
         price_effective_from: from,
         tenant_known,
         cost_mismatch,
+        currency_mismatch,
         over_quota: false,
         partition,
         offset,
@@ -184,6 +194,7 @@ pub(crate) mod tests {
             price_effective_from: None,
             tenant_known: true,
             cost_mismatch: false,
+            currency_mismatch: false,
             over_quota: false,
             partition: 0,
             offset: 0,
@@ -211,18 +222,22 @@ pub(crate) mod tests {
         );
         Reference::new(
             tenants,
-            PriceBook::new([
-                (
-                    "openai".into(),
-                    "gpt".into(),
-                    v(Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(), "1"),
-                ),
-                (
-                    "openai".into(),
-                    "gpt".into(),
-                    v(Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap(), "2"),
-                ),
-            ]),
+            PriceBook::new(
+                "USD",
+                [
+                    (
+                        "openai".into(),
+                        "gpt".into(),
+                        v(Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(), "1"),
+                    ),
+                    (
+                        "openai".into(),
+                        "gpt".into(),
+                        v(Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap(), "2"),
+                    ),
+                ],
+            )
+            .unwrap(),
             vec![],
         )
     }
@@ -253,5 +268,76 @@ pub(crate) mod tests {
         let unpriced = enrich(e, &r, Decimal::ZERO, 0, 0);
         assert!(!unpriced.priced && !unpriced.tenant_known);
         assert_eq!(unpriced.cost, Decimal::ZERO);
+    }
+
+    fn priced_event(currency: &str, reported: Option<Decimal>) -> UsageEvent {
+        let mut e = tally_schemas::sample_usage();
+        e.tenant_id = "t1".into();
+        e.provider = "openai".into();
+        e.model = "gpt".into();
+        e.currency = currency.into();
+        e.input_tokens = 1_000_000;
+        e.cached_input_tokens = 0;
+        e.cache_write_tokens = 0;
+        e.output_tokens = 0;
+        e.reasoning_tokens = 0;
+        e.reported_cost = reported;
+        e.occurred_at = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
+        e
+    }
+
+    #[test]
+    fn a_cost_reported_in_another_currency_is_flagged_not_compared() {
+        let r = reference();
+        // 1M input tokens at 2 USD per 1M: 2 USD, whatever the emitter reports.
+        let eur = enrich(
+            priced_event("EUR", Some(Decimal::from(9))),
+            &r,
+            Decimal::ZERO,
+            0,
+            0,
+        );
+        assert_eq!((eur.cost, eur.priced), (Decimal::TWO, true));
+        assert!(eur.currency_mismatch && !eur.cost_mismatch);
+        let usd = enrich(
+            priced_event("USD", Some(Decimal::from(9))),
+            &r,
+            Decimal::ZERO,
+            0,
+            0,
+        );
+        assert_eq!(usd.cost, Decimal::TWO);
+        assert!(!usd.currency_mismatch && usd.cost_mismatch);
+        // Nothing reported: nothing to compare, nothing to flag.
+        let none = enrich(priced_event("EUR", None), &r, Decimal::ZERO, 0, 0);
+        assert_eq!(none.cost, Decimal::TWO);
+        assert!(!none.currency_mismatch && !none.cost_mismatch);
+    }
+
+    proptest::proptest! {
+        /// The reported currency never changes the computed cost, a reported
+        /// cost is compared only when it is in the book's currency, and a
+        /// foreign one is always flagged.
+        #[test]
+        fn reported_currency_never_changes_the_cost(
+            currency in proptest::sample::select(vec!["USD", "EUR", "GBP"]),
+            reported in proptest::option::of(0i64..10_000_000),
+            tokens in 0i64..10_000_000,
+        ) {
+            let r = reference();
+            let mut e = priced_event(currency, reported.map(|c| Decimal::new(c, 6)));
+            e.input_tokens = tokens;
+            let out = enrich(e.clone(), &r, Decimal::ZERO, 0, 0);
+            let mut as_usd = e.clone();
+            as_usd.currency = "USD".into();
+            let base = enrich(as_usd, &r, Decimal::ZERO, 0, 0);
+            proptest::prop_assert_eq!(out.cost, base.cost);
+            proptest::prop_assert_eq!(out.cost, Decimal::from(tokens) * Decimal::TWO / Decimal::from(1_000_000));
+            proptest::prop_assert_eq!(out.currency_mismatch, reported.is_some() && currency != "USD");
+            proptest::prop_assert!(!(out.cost_mismatch && out.currency_mismatch));
+            if currency == "USD" {
+                proptest::prop_assert_eq!(out.cost_mismatch, base.cost_mismatch);
+            }
+        }
     }
 }

@@ -27,6 +27,7 @@ pub const POINTS: &[&str] = &[
     "before_commit",
     "commit_after_budget_read",
     "after_commit",
+    "relay_before_send",
     "relay_after_publish",
 ];
 

@@ -174,6 +174,13 @@ impl Ledger {
             if e.cost_mismatch {
                 violations.push(rules::cost_mismatch_violation(e, tolerance, now));
             }
+            if e.currency_mismatch {
+                violations.push(rules::currency_mismatch_violation(
+                    e,
+                    reference.prices.currency(),
+                    now,
+                ));
+            }
         }
         let mut tx = self.pool.begin().await.map_err(pg("commit begin"))?;
 

@@ -7,7 +7,9 @@
 //! stored in `tally.reference_snapshots`, so a price, tenant or budget that
 //! changes between an attempt and its replay cannot make the stores disagree.
 //! Prices are versioned by `effective_from`: a price added later applies to
-//! events at or after it; add prices ahead of their effective time.
+//! events at or after it; add prices ahead of their effective time. All
+//! prices are in the book currency (`tally.price_book`; Postgres rejects a price
+//! row in another currency, and a snapshot holding one is refused, naming it).
 
 use crate::cost::{PriceBook, PriceVersion};
 use crate::enrich::{Budget, BudgetPeriod, Reference, TenantInfo};
@@ -22,6 +24,8 @@ use std::sync::{Arc, RwLock};
 /// The rows of one snapshot in a canonical order: what is hashed and stored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ReferenceRows {
+    /// The book currency (`tally.price_book`).
+    pub currency: String,
     pub tenants: Vec<(String, TenantInfo)>,
     pub prices: Vec<(String, String, PriceVersion)>,
     pub budgets: Vec<Budget>,
@@ -38,20 +42,18 @@ impl ReferenceRows {
         (body, version)
     }
 
-    pub fn into_reference(self) -> Reference {
+    pub fn into_reference(self) -> Result<Reference, StageError> {
         let (_, version) = self.body_and_version();
-        let mut r = Reference::new(
-            self.tenants.into_iter().collect(),
-            PriceBook::new(self.prices),
-            self.budgets,
-        );
+        let prices = PriceBook::new(&self.currency, self.prices)
+            .map_err(|e| StageError::Fatal(format!("price book: {e}")))?;
+        let mut r = Reference::new(self.tenants.into_iter().collect(), prices, self.budgets);
         r.version = version;
-        r
+        Ok(r)
     }
 }
 
 pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
-    Ok(load_rows(pool).await?.into_reference())
+    load_rows(pool).await?.into_reference()
 }
 
 /// Loads the current snapshot and stores it (idempotent) before anything can
@@ -59,7 +61,7 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
 pub async fn load_and_store(pool: &PgPool) -> Result<Reference, StageError> {
     let rows = load_rows(pool).await?;
     store_snapshot(pool, &rows).await?;
-    Ok(rows.into_reference())
+    rows.into_reference()
 }
 
 /// Stores a snapshot's rows under their version (idempotent).
@@ -90,7 +92,7 @@ pub async fn load_snapshot(pool: &PgPool, version: &str) -> Result<Reference, St
         body.ok_or_else(|| StageError::Fatal(format!("reference snapshot {version} is missing")))?;
     let rows: ReferenceRows = serde_json::from_value(body)
         .map_err(|e| StageError::Fatal(format!("reference snapshot {version}: {e}")))?;
-    let r = rows.into_reference();
+    let r = rows.into_reference()?;
     if r.version != version {
         return Err(StageError::Fatal(format!(
             "reference snapshot {version} hashes to {}",
@@ -121,6 +123,10 @@ pub async fn load_rows(pool: &PgPool) -> Result<ReferenceRows, StageError> {
     .collect::<Vec<_>>();
     let mut tenants = tenants;
     tenants.sort_by(|a, b| a.0.cmp(&b.0));
+    let book_currency: String = sqlx::query_scalar("SELECT currency FROM tally.price_book")
+        .fetch_one(pool)
+        .await
+        .map_err(pg("load price book currency"))?;
     let prices = sqlx::query(
         "SELECT provider, model, effective_from, currency, input_per_m, cached_input_per_m, cache_write_per_m, \
          output_per_m, reasoning_per_m FROM tally.prices ORDER BY provider, model, effective_from",
@@ -166,11 +172,15 @@ pub async fn load_rows(pool: &PgPool) -> Result<ReferenceRows, StageError> {
         }
     })
     .collect();
-    Ok(ReferenceRows {
+    let rows = ReferenceRows {
+        currency: book_currency.trim().to_string(),
         tenants,
         prices,
         budgets,
-    })
+    };
+    // Refuse a book in mixed currencies here, naming the row, before it is stored.
+    rows.clone().into_reference()?;
+    Ok(rows)
 }
 
 /// The current snapshot, shared between the pipeline and the refresher.

@@ -1,5 +1,6 @@
 //! Violation rules (pure): budget thresholds, per-minute quotas, unknown tenants,
-//! unpriced models and reported-cost mismatches.
+//! unpriced models, reported-cost mismatches and costs reported in a currency
+//! other than the price book's.
 //!
 //! Guarantee: a violation's id is derived only from what it is about (rule,
 //! subject, window, threshold), never from time or randomness, so replaying any
@@ -210,9 +211,40 @@ pub fn unpriced_model_violation(e: &Enriched, detected_at: DateTime<Utc>) -> Com
         threshold: Decimal::ZERO,
         evidence_event_ids: vec![ev.event_id.to_string()],
         detected_at,
+        message: format!("no price in force for {subject} on {day}; tokens counted, cost 0"),
+    }
+}
+
+/// Once per (tenant, reported currency, day): costs reported in a currency other
+/// than the price book's. Those events are priced from the book as usual; their
+/// reported cost is not compared (no conversion, no mixed sums).
+pub fn currency_mismatch_violation(
+    e: &Enriched,
+    book_currency: &str,
+    detected_at: DateTime<Utc>,
+) -> ComplianceViolation {
+    let day = e.event.occurred_at.date_naive();
+    let ev = &e.event;
+    ComplianceViolation {
+        violation_id: violation_id(
+            "currency_mismatch",
+            &[&ev.tenant_id, &ev.currency, &day.to_string()],
+        ),
+        rule: "currency_mismatch".into(),
+        severity: Severity::Medium,
+        tenant_id: ev.tenant_id.clone(),
+        subject_type: "tenant".into(),
+        subject_id: ev.tenant_id.clone(),
+        window_start: midnight(day),
+        window_end: midnight(day + Duration::days(1)),
+        observed: Decimal::ONE,
+        threshold: Decimal::ZERO,
+        evidence_event_ids: vec![ev.event_id.to_string()],
+        detected_at,
         message: format!(
-            "no {} price in force for {subject} on {day}; tokens counted, cost 0",
-            ev.currency
+            "tenant {} reports costs in {} but the price book is in {book_currency} on {day}; \
+             costs computed in {book_currency}, reported costs not compared",
+            ev.tenant_id, ev.currency
         ),
     }
 }

@@ -31,3 +31,4 @@ pub mod rules;
 pub mod runner;
 pub mod seed;
 pub mod sink_clickhouse;
+pub mod streams;

@@ -32,3 +32,4 @@ pub mod rules;
 pub mod runner;
 pub mod seed;
 pub mod sink_clickhouse;
+pub mod streams;

@@ -5,6 +5,7 @@
 //! Guarantee: for a given partition the pipeline runs at most one batch at a
 //! time, in offset order; each step is atomic or checked before it is repeated.
 
+use crate::breaker::{self, Sink};
 use crate::config::Config;
 use crate::decode::{Decoded, UsageDecoding};
 use crate::dlq::{self, Poison};
@@ -13,7 +14,6 @@ use crate::errors::StageError;
 use crate::ledger::{CommitInput, DeadLetter, Ledger, PendingBatch};
 use crate::metrics::Metrics;
 use crate::reference::SharedReference;
-use crate::retry::retry;
 use crate::sink_clickhouse::ClickHouseSink;
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::OwnedMessage;
@@ -33,6 +33,8 @@ pub struct BatchRunner {
     pub reference: SharedReference,
     pub metrics: Arc<Metrics>,
     pub tolerance: Decimal,
+    /// When a sink's circuit opens (sink steps retry until the sink answers).
+    pub breaker: breaker::Policy,
 }
 
 impl BatchRunner {
@@ -98,9 +100,10 @@ impl BatchRunner {
                 self.cfg.kafka.usage_topic.clone(),
             );
             let producer = self.dlq.clone();
-            retry(
+            breaker::call(
                 &self.metrics,
-                self.cfg.pipeline.max_retries,
+                &self.breaker,
+                Sink::Dlq,
                 "dead-letter send",
                 || dlq::send_all(&producer, &dlq_topic, &src, &poison),
             )
@@ -131,9 +134,10 @@ impl BatchRunner {
             .map(|(e, _)| (e.event_id, e.occurred_at))
             .collect();
         let ledger = self.ledger.clone();
-        let (batch, owned) = retry(
+        let (batch, owned) = breaker::call(
             &self.metrics,
-            self.cfg.pipeline.max_retries,
+            &self.breaker,
+            Sink::Postgres,
             "claim",
             || {
                 let (ledger, ids) = (ledger.clone(), ids.clone());
@@ -168,9 +172,17 @@ impl BatchRunner {
             .into_iter()
             .map(|(e, off)| enrich(e, &reference, self.tolerance, p, off))
             .collect();
-        self.ledger
-            .flag_over_quota(&mut enriched, &reference)
-            .await?;
+        let mut probe = breaker::Probe::new(&self.metrics, &self.breaker, Sink::Postgres, "quota");
+        loop {
+            let started = Instant::now();
+            match self.ledger.flag_over_quota(&mut enriched, &reference).await {
+                Err(e) if e.is_retryable() => probe.failed(started, &e).await,
+                r => {
+                    probe.answered();
+                    break r?;
+                }
+            }
+        }
 
         self.metrics.stage(3, t);
         t = Instant::now();
@@ -179,9 +191,10 @@ impl BatchRunner {
         let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
         let mut attempt = 0u32;
         let events_ref = &enriched;
-        let outcome = retry(
+        let outcome = breaker::call(
             &self.metrics,
-            self.cfg.pipeline.max_retries,
+            &self.breaker,
+            Sink::ClickHouse,
             "clickhouse write",
             || {
                 let verify = replay.is_some() || attempt > 0;
@@ -213,9 +226,10 @@ impl BatchRunner {
         };
         let input_ref = &input;
         crate::failpoint::hit("before_commit").await?;
-        let committed = retry(
+        let committed = breaker::call(
             &self.metrics,
-            self.cfg.pipeline.max_retries,
+            &self.breaker,
+            Sink::Postgres,
             "commit",
             || {
                 let ledger = ledger.clone();

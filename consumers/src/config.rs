@@ -74,6 +74,9 @@ pub struct PipelineConfig {
     pub reference_refresh_ms: u64,
     pub fairness_events_per_sec: u32,
     pub max_retries: usize,
+    pub circuit_open_after_failures: u32,
+    pub circuit_open_after_ms: u64,
+    pub circuit_max_backoff_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]

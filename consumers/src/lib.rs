@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod breaker;
 pub mod config;
 pub mod cost;
 pub mod decode;
@@ -22,6 +23,7 @@ pub mod rebalance;
 pub mod reference;
 pub mod registry_client;
 pub mod relay;
+pub mod relay_watch;
 pub mod report;
 pub mod retry;
 pub mod rollup;

@@ -26,6 +26,7 @@ use tally_schemas::{encode_json, ComplianceViolation, Severity};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+#[derive(Clone)]
 pub struct RelayConfig {
     pub brokers: String,
     pub topic: String,
@@ -83,6 +84,7 @@ async fn relay_while_leader(
         if got {
             break;
         }
+        metrics.relay.progressed(); // a follower that can poll the lock works
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.changed() => return Ok(()),
@@ -95,6 +97,7 @@ async fn relay_while_leader(
             return Ok(());
         }
         let sent = publish_once(cfg, pool, producer).await?;
+        metrics.relay.progressed();
         metrics.add(&metrics.violations_published_total, sent as u64);
         if sent == 0 {
             // keep the lock connection alive and notice if it died

@@ -100,8 +100,9 @@ async fn relay_that_cannot_publish_fails_readiness_then_publishes_each_violation
         if let Ok((503, body)) = http_get_once(&listen, READY) {
             not_ready.get_or_insert(body);
         }
-        backlog_seen = metric(&listen, "tally_violations_unpublished")?.max(backlog_seen);
-        restarts = metric(&listen, "tally_relay_restarts_total")?;
+        let gauge = metric(&listen, "tally_violations_unpublished").unwrap_or(0.0);
+        backlog_seen = gauge.max(backlog_seen);
+        restarts = metric(&listen, "tally_relay_restarts_total").unwrap_or(0.0);
         if not_ready.is_some() && backlog_seen > 0.0 && restarts >= 2.0 {
             break;
         }
@@ -163,11 +164,12 @@ async fn relay_that_cannot_publish_fails_readiness_then_publishes_each_violation
 
 /// Produces `msgs` in transactions of `per_txn` messages; every third
 /// transaction is aborted. Returns the messages of committed transactions.
-fn produce_transactional(
+async fn produce_transactional(
     env: &TestEnv,
     msgs: &[tally_producers::GenMessage],
     per_txn: usize,
 ) -> anyhow::Result<Vec<tally_producers::GenMessage>> {
+    use tokio::task::block_in_place;
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &env.cfg.kafka.brokers)
         .set(
@@ -178,25 +180,33 @@ fn produce_transactional(
         .set("acks", "all")
         .create()?;
     let t = Duration::from_secs(30);
-    producer.init_transactions(t)?;
+    block_in_place(|| producer.init_transactions(t))?;
     let mut committed = Vec::new();
     for (i, chunk) in msgs.chunks(per_txn).enumerate() {
         producer.begin_transaction()?;
+        let mut deliveries = Vec::with_capacity(chunk.len());
         for m in chunk {
             let mut record = FutureRecord::<[u8], [u8]>::to(&env.cfg.kafka.usage_topic)
                 .payload(m.payload.as_slice());
             if let Some(k) = &m.key {
                 record = record.key(k.as_slice());
             }
-            // Delivery reports arrive at commit; a failed send fails the commit.
-            let _ = producer
-                .send_result(record)
-                .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?;
+            deliveries.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
+            );
         }
         if i % 3 == 1 {
-            producer.abort_transaction(t)?;
+            block_in_place(|| producer.abort_transaction(t))?;
+            drop(deliveries); // purged with the transaction
         } else {
-            producer.commit_transaction(t)?;
+            block_in_place(|| producer.commit_transaction(t))?;
+            for d in deliveries {
+                if !matches!(d.await, Ok(Ok(_))) {
+                    anyhow::bail!("a delivery of a committed transaction failed");
+                }
+            }
             committed.extend_from_slice(chunk);
         }
     }
@@ -222,7 +232,7 @@ async fn transaction_markers_are_not_lag_once_everything_is_counted() -> anyhow:
     gen.encoding = Encoding::Mixed;
     gen.start = change - ChronoDuration::hours(1);
     let msgs = generate(gen);
-    let committed = tokio::task::block_in_place(|| produce_transactional(&env, &msgs, 100))?;
+    let committed = produce_transactional(&env, &msgs, 100).await?;
     let exp = expected(&committed, &world);
     assert!(
         committed.len() < msgs.len(),

@@ -26,7 +26,7 @@ help:
 	@echo "make migrate                create topics and tables (tally migrate)"
 	@echo "make demo                   up + build + an end-to-end run with a report"
 	@echo "make test                   up + cargo test --workspace + ClickHouse dialect check (chdb)"
-	@echo "make test-chaos             up + the ignored chaos tests"
+	@echo "make test-chaos             up + the ignored chaos tests (kills, rebalances, long sink outages)"
 	@echo "make bench                  up + release build + tally bench (BENCH_COUNT=1000000)"
 	@echo "make fmt | lint             rustfmt / rustfmt --check + clippy -D warnings"
 	@echo "make validate-deploy        check deploy/ Dockerfile, compose and k8s files"
@@ -65,6 +65,7 @@ test: up check-cargo
 test-chaos: up check-cargo
 	$(CARGO) build --workspace --bins --features tally/failpoints
 	$(ENV) $(CARGO) test -p tally-tests --test exactly_once -- --ignored --nocapture --test-threads=1
+	$(ENV) $(CARGO) test -p tally-tests --test outages -- --ignored --nocapture --test-threads=1
 
 bench: up check-cargo
 	$(CARGO) build --release -p tally

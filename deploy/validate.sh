@@ -138,9 +138,9 @@ for dep in kinds.get("Deployment", []):
     c = pod["containers"][0]
     report(spec.get("replicas") == 2, f"Deployment {dep['metadata']['name']}: replicas 2")
     report(pod.get("terminationGracePeriodSeconds") == 30, "Deployment: terminationGracePeriodSeconds 30")
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
         hg = (c.get(probe) or {}).get("httpGet") or {}
-        report(hg.get("path") == "/health", f"Deployment: {probe} GET /health")
+        report(hg.get("path") == path, f"Deployment: {probe} GET {path}")
     ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
     report(9898 in ports.values(), "Deployment: container port 9898")
     res = c.get("resources") or {}

@@ -8,6 +8,7 @@
 //! clock and cutoff, same reference snapshot, same claimed keys).
 
 use crate::claim::{dedup_key, fingerprint, ClaimInput, KeyClaim, PendingBatch};
+use crate::breaker::{self, Sink};
 use crate::config::Config;
 use crate::decode::{Decoded, UsageDecoding};
 use crate::dlq::{self, Poison};
@@ -17,7 +18,6 @@ use crate::ledger::{CommitInput, DeadLetter, Ledger};
 use crate::metrics::Metrics;
 use crate::ownership::Fence;
 use crate::reference::SharedReference;
-use crate::retry::retry;
 use crate::sink_clickhouse::ClickHouseSink;
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::OwnedMessage;
@@ -38,6 +38,8 @@ pub struct BatchRunner {
     pub reference: SharedReference,
     pub metrics: Arc<Metrics>,
     pub tolerance: Decimal,
+    /// When a sink's circuit opens (sink steps retry until the sink answers).
+    pub breaker: breaker::Policy,
     /// The last reference snapshot loaded for a replay (by version).
     pub replay_reference: Mutex<Option<Arc<Reference>>>,
 }
@@ -139,9 +141,10 @@ impl BatchRunner {
             dedup_cutoff: cutoff,
             keys: &keys,
         };
-        let claimed = retry(
+        let claimed = breaker::call(
             &self.metrics,
-            self.cfg.pipeline.max_retries,
+            &self.breaker,
+            Sink::Postgres,
             "claim",
             || self.ledger.claim(&input),
         )
@@ -171,9 +174,18 @@ impl BatchRunner {
                 enrich(c.event, &reference, self.tolerance, p, off)
             })
             .collect();
-        self.ledger
-            .flag_over_quota(&mut enriched, &reference)
-            .await?;
+        let mut probe = breaker::Probe::new(&self.metrics, &self.breaker, Sink::Postgres, "quota");
+        loop {
+            let started = Instant::now();
+            match self.ledger.flag_over_quota(&mut enriched, &reference).await {
+                Err(e) if e.is_retryable() => probe.failed(started, &e).await,
+                r => {
+                    probe.answered();
+                    break r?;
+                }
+            }
+        }
+
         self.metrics.stage(3, t);
         t = Instant::now();
 
@@ -199,9 +211,10 @@ impl BatchRunner {
         let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
         let mut attempt = 0u32;
         let (events_ref, fence_ref) = (&enriched, &fence);
-        let outcome = retry(
+        let outcome = breaker::call(
             &self.metrics,
-            self.cfg.pipeline.max_retries,
+            &self.breaker,
+            Sink::ClickHouse,
             "clickhouse write",
             || {
                 let verify = w.replay.is_some() || attempt > 0;
@@ -235,9 +248,10 @@ impl BatchRunner {
             dedup_cutoff: cutoff,
         };
         crate::failpoint::hit("before_commit").await?;
-        let committed = retry(
+        let committed = breaker::call(
             &self.metrics,
-            self.cfg.pipeline.max_retries,
+            &self.breaker,
+            Sink::Postgres,
             "commit",
             || self.commit_once(p, batch, &input),
         )
@@ -313,9 +327,10 @@ impl BatchRunner {
         }
         let pool = self.ledger.pool().clone();
         let r = Arc::new(
-            retry(
+            breaker::call(
                 &self.metrics,
-                self.cfg.pipeline.max_retries,
+                &self.breaker,
+                Sink::Postgres,
                 "load reference snapshot",
                 || crate::reference::load_snapshot(&pool, &version),
             )
@@ -386,9 +401,10 @@ impl BatchRunner {
             })
             .collect();
         let (dlq_topic, src) = (&self.cfg.kafka.dlq_topic, &self.cfg.kafka.usage_topic);
-        retry(
+        breaker::call(
             &self.metrics,
-            self.cfg.pipeline.max_retries,
+            &self.breaker,
+            Sink::Dlq,
             "dead-letter send",
             || dlq::send_all(&self.dlq, dlq_topic, src, &poison),
         )

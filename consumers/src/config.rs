@@ -76,6 +76,9 @@ pub struct PipelineConfig {
     pub max_retries: usize,
     pub takeover_grace_ms: u64,
     pub prune_interval_ms: u64,
+    pub circuit_open_after_failures: u32,
+    pub circuit_open_after_ms: u64,
+    pub circuit_max_backoff_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]

@@ -25,6 +25,13 @@ pub struct Metrics {
     /// Time per stage of a batch, in microseconds (see `STAGES`).
     pub stage_micros_total: [AtomicU64; 7],
     progress: Mutex<Progress>,
+    /// Circuit breakers and retry counts per sink (`breaker.rs`).
+    pub sinks: crate::breaker::SinkBreakers,
+    /// Whether the violation relay runs and progresses (`health.rs`).
+    pub relay: crate::health::RelayHealth,
+    pub relay_restarts_total: AtomicU64,
+    /// Gauge: violations in the outbox not yet published (read from Postgres).
+    pub violations_unpublished: AtomicU64,
 }
 
 struct Progress {
@@ -177,6 +184,13 @@ impl Metrics {
                 m % 1_000_000
             ));
         }
+        out.push_str(&self.sinks.render());
+        out.push_str(&format!(
+            "# HELP tally_relay_restarts_total Violation relay restarts after it failed.\n# TYPE tally_relay_restarts_total counter\ntally_relay_restarts_total {}\n\
+             # HELP tally_violations_unpublished Violations in the outbox not yet published.\n# TYPE tally_violations_unpublished gauge\ntally_violations_unpublished {}\n",
+            self.relay_restarts_total.load(Ordering::Relaxed),
+            self.violations_unpublished.load(Ordering::Relaxed)
+        ));
         out
     }
 }

@@ -19,6 +19,7 @@
 //! partition at once, even mid-rebalance.
 
 use crate::batch::{BatchResult, BatchRunner, BatchWork};
+use crate::breaker::Sink;
 use crate::config::Config;
 use crate::decode::UsageDecoding;
 use crate::dlq;
@@ -67,6 +68,10 @@ struct PartState {
     /// Buffered messages were dropped while a batch ran (a revoke): ignore
     /// messages until that batch ends, then seek to its end.
     resync: bool,
+    /// The fetcher reached the partition's end (PartitionEOF) and nothing
+    /// arrived or was sought since: every message was delivered to us (the
+    /// high watermark may still count transaction markers, never delivered).
+    eof: bool,
 }
 
 pub struct Pipeline {
@@ -85,6 +90,10 @@ pub struct Pipeline {
     /// Who this instance is, in `tally.partition_owners`.
     owner: String,
     parts: BTreeMap<i32, PartState>,
+    /// Partitions paused because a sink's circuit is open (`hold`).
+    breaker_paused: std::collections::BTreeSet<i32>,
+    /// Next reconnect attempt of a dead lock connection, and its backoff.
+    lock_retry: Option<(Instant, Box<dyn Iterator<Item = Duration> + Send>)>,
 }
 
 /// What a finished batch task reports: partition, start, outcome.
@@ -125,6 +134,9 @@ impl Pipeline {
                 cfg.kafka.receive_message_max_bytes.to_string(),
             )
             .set("queued.max.messages.kbytes", "65536")
+            // Tells `lagging` a partition was read to its end (transaction
+            // markers keep the high watermark past the last message).
+            .set("enable.partition.eof", "true")
             .create_with_context(ctx)
             .map_err(|e| StageError::Fatal(format!("kafka consumer: {e}")))?;
         consumer
@@ -144,6 +156,7 @@ impl Pipeline {
             metrics: metrics.clone(),
             tolerance: cfg.cost_mismatch_tolerance(),
             replay_reference: std::sync::Mutex::new(None),
+            breaker: crate::breaker::Policy::from_config(&cfg),
         });
         let host = std::env::var("HOSTNAME").unwrap_or_default();
         let owner = format!(
@@ -168,6 +181,8 @@ impl Pipeline {
             held: BTreeSet::new(),
             owner,
             parts: BTreeMap::new(),
+            breaker_paused: Default::default(),
+            lock_retry: None,
             cfg,
         })
     }
@@ -181,7 +196,7 @@ impl Pipeline {
         let mut lagging = false;
         loop {
             self.apply_rebalances().await?;
-            if self.lock_conn_dead {
+            if self.lock_conn_dead && self.in_flight.is_empty() {
                 self.recover_locks().await?;
             }
             let now = Instant::now();
@@ -214,14 +229,17 @@ impl Pipeline {
                                     self.accept(owned).await?;
                                 }
                                 Some(Err(e)) => {
-                                    tracing::warn!(error = %e, "kafka consumer error");
-                                    break;
+                                    if !self.on_consumer_error(e) {
+                                        break;
+                                    }
                                 }
                                 None => break,
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                    Err(e) => {
+                        self.on_consumer_error(e);
+                    }
                 },
                 Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
                     self.on_batch_done(done).await?;
@@ -335,27 +353,60 @@ impl Pipeline {
     /// finish (their fences keep them safe), reconnect, forget all ownership and
     /// buffered work, and take every assigned partition again at its offset of record.
     async fn recover_locks(&mut self) -> Result<(), StageError> {
-        tracing::warn!("advisory lock connection lost; reconnecting and re-taking partitions");
+        if self.lock_retry.is_none() {
+            tracing::warn!("advisory lock connection lost; reconnecting and re-taking partitions");
+        }
         while let Some(done) = self.in_flight.join_next().await {
             self.on_batch_done(done).await?;
         }
-        let mut delays = backoff(self.cfg.pipeline.max_retries);
-        loop {
-            match sqlx::PgConnection::connect_with(&lock_options(&self.cfg)?).await {
-                Ok(c) => {
-                    self.lock_conn = c;
-                    self.lock_conn_dead = false;
-                    self.held.clear();
-                    break;
+        // One attempt per turn of the main loop, so polling (and the group
+        // membership) goes on during a Postgres outage; never gives up.
+        if self
+            .lock_retry
+            .as_ref()
+            .is_some_and(|(at, _)| Instant::now() < *at)
+        {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::PgConnection::connect_with(&lock_options(&self.cfg)?),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(c)) => {
+                self.lock_conn = c;
+                self.lock_conn_dead = false;
+                self.lock_retry = None;
+                self.held.clear();
+                crate::breaker::answered(&self.metrics, Sink::Postgres, "lock reconnect");
+            }
+            failed => {
+                let e = match failed {
+                    Ok(Err(e)) => crate::errors::classify_pg("advisory lock reconnect", e),
+                    _ => StageError::Retryable("advisory lock reconnect timed out".into()),
+                };
+                if !e.is_retryable() {
+                    return Err(e);
                 }
-                Err(e) => match delays.next() {
-                    Some(d) => {
-                        tracing::warn!(error = %e, "advisory lock reconnect: retrying");
-                        self.metrics.add(&self.metrics.retries_total, 1);
-                        tokio::time::sleep(d).await;
-                    }
-                    None => return Err(crate::errors::classify_pg("advisory lock reconnect", e)),
-                },
+                let policy = self.runner.breaker;
+                crate::breaker::failed(
+                    &self.metrics,
+                    &policy,
+                    Sink::Postgres,
+                    "lock reconnect",
+                    started,
+                    &e,
+                );
+                let mut delays = match self.lock_retry.take() {
+                    Some((_, d)) => d,
+                    None => Box::new(crate::breaker::probe_backoff(policy.max_backoff)),
+                };
+                let d = delays.next().unwrap_or(policy.max_backoff);
+                tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "advisory lock reconnect: retrying");
+                self.lock_retry = Some((Instant::now() + d, delays));
+                return Ok(());
             }
         }
         let parts: Vec<i32> = self.parts.keys().copied().collect();
@@ -459,6 +510,9 @@ impl Pipeline {
             return Ok(());
         }
         let p = m.partition();
+        if let Some(st) = self.parts.get_mut(&p) {
+            st.eof = false;
+        }
         let owned = self.parts.get(&p).is_some_and(|s| s.owned);
         if !owned {
             let st = self.parts.entry(p).or_default();
@@ -516,7 +570,10 @@ impl Pipeline {
     }
 
     /// Seeks partition `p`; librdkafka discards anything fetched before the seek.
-    fn seek(&self, p: i32, offset: i64) -> bool {
+    fn seek(&mut self, p: i32, offset: i64) -> bool {
+        if let Some(st) = self.parts.get_mut(&p) {
+            st.eof = false;
+        }
         match self.consumer.seek(
             &self.cfg.kafka.usage_topic,
             p,
@@ -536,6 +593,9 @@ impl Pipeline {
     /// batches run as concurrent tasks while the consumer keeps polling; a
     /// partition never has more than one batch running, so its batches stay in order.
     async fn process_ready(&mut self, draining: bool) -> Result<(), StageError> {
+        if self.hold() {
+            return Ok(());
+        }
         let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
         let max = self.cfg.pipeline.batch_max_messages;
         let ready: Vec<i32> = self
@@ -712,6 +772,52 @@ impl Pipeline {
         self.pause(p);
     }
 
+    /// A consumer error; PartitionEOF is not one (returns true for it): it
+    /// marks the partition as read to its end (see `lagging`).
+    fn on_consumer_error(&mut self, e: rdkafka::error::KafkaError) -> bool {
+        match e {
+            rdkafka::error::KafkaError::PartitionEOF(p) => {
+                if let Some(st) = self.parts.get_mut(&p) {
+                    st.eof = true;
+                }
+                true
+            }
+            e => {
+                tracing::warn!(error = %e, "kafka consumer error");
+                false
+            }
+        }
+    }
+
+    /// Circuit breaker gate (`breaker.rs`): while a sink's circuit is open or
+    /// the lock connection is gone, no batch starts and every assigned
+    /// partition is paused, so memory holds only what was already fetched; the
+    /// running batches keep probing. Resumes when all is well. Returns whether
+    /// consumption is on hold.
+    fn hold(&mut self) -> bool {
+        let blocked = self.lock_conn_dead || self.metrics.sinks.any_open();
+        if blocked {
+            let running: Vec<i32> = self
+                .parts
+                .iter()
+                .filter(|(_, s)| !s.paused)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in running {
+                self.pause(p);
+                if self.parts.get(&p).is_some_and(|s| s.paused) {
+                    self.breaker_paused.insert(p);
+                }
+            }
+        } else if !self.breaker_paused.is_empty() {
+            tracing::info!(partitions = ?self.breaker_paused, "sinks answer again: resuming consumption");
+            for p in std::mem::take(&mut self.breaker_paused) {
+                self.resume_if_paused(p);
+            }
+        }
+        blocked
+    }
+
     /// Stops fetching partition `p` until `resume_if_paused`.
     fn pause(&mut self, p: i32) {
         let Some(st) = self.parts.get_mut(&p) else {
@@ -742,12 +848,20 @@ impl Pipeline {
 
     /// Whether an owned partition has messages beyond its offset of record
     /// (a short watermark request per owned partition, every few seconds). It
-    /// feeds `/health`: lag that makes no progress is a stall, even when nothing
-    /// arrives any more (e.g. a partition left paused).
+    /// feeds `/readyz`: lag that makes no progress is a stall, even when nothing
+    /// arrives any more (e.g. a partition left paused). A partition read to its
+    /// end with nothing buffered or running is not lagging, whatever the
+    /// watermark says (it counts transaction markers, which are never delivered).
     fn lagging(&self) -> bool {
         tokio::task::block_in_place(|| {
             self.parts.iter().any(|(p, st)| {
+                let drained = st.eof
+                    && st.buf.is_empty()
+                    && !st.in_flight
+                    && !st.paused
+                    && st.replay.is_none();
                 st.owned
+                    && !drained
                     && self
                         .consumer
                         .fetch_watermarks(

@@ -18,7 +18,16 @@ pub struct TallyContext {
     pub topic: String,
 }
 
-impl ClientContext for TallyContext {}
+impl ClientContext for TallyContext {
+    /// With `enable.partition.eof` the end of a partition reaches the context
+    /// too: it is an event (`pipeline.rs` handles it), not an error.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        if !matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
 
 impl ConsumerContext for TallyContext {
     fn pre_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {

@@ -63,6 +63,7 @@ pub const SETTLE_MARGIN: Duration = Duration::from_secs(5);
 /// so operators and tests can find the leader in `pg_stat_activity`.
 pub const LOCK_APPLICATION_NAME: &str = "tally-relay-lock";
 
+#[derive(Clone)]
 pub struct RelayConfig {
     pub brokers: String,
     pub topic: String,
@@ -128,6 +129,7 @@ async fn relay_while_leader(
         if got {
             break;
         }
+        metrics.relay.progressed(); // a follower that can poll the lock works
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.changed() => return Ok(()),
@@ -146,6 +148,7 @@ async fn relay_while_leader(
             .map_err(pg("relay lock ping"))?;
         reconcile(cfg, pool).await?;
         let sent = publish_once(cfg, pool, producer, owner).await?;
+        metrics.relay.progressed();
         metrics.add(&metrics.violations_published_total, sent as u64);
         if sent == 0 {
             tokio::select! {

@@ -3,6 +3,8 @@
 //! Guarantee: only steps that are safe to repeat are retried (every pipeline
 //! step is idempotent or checked before it is repeated); running out of
 //! retries turns the error Fatal, which stops the pipeline without committing.
+//! Used where a limit makes sense (schema registry lookups, taking a
+//! partition); sink writes never give up: see `breaker.rs`.
 
 use crate::errors::StageError;
 use crate::metrics::Metrics;

@@ -11,7 +11,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::reference::{self, SharedReference};
-use crate::relay::{self, RelayConfig};
+use crate::relay::RelayConfig;
 use crate::sink_clickhouse::ClickHouseSink;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
@@ -108,7 +108,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
             postgres_url: cfg.postgres.url.clone(),
             batch: 1000,
         };
-        tokio::spawn(relay::run(
+        tokio::spawn(crate::relay_watch::supervise(
             rc,
             pool.clone(),
             metrics.clone(),

@@ -19,6 +19,7 @@ use tally_schemas::UsageEvent;
 
 mod checks;
 pub use checks::*;
+pub mod servers;
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,6 +61,20 @@ pub async fn test_env(
     partitions: i32,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<TestEnv> {
+    let ch_url =
+        std::env::var("TALLY__CLICKHOUSE__URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    test_env_on(name, partitions, extra, &admin_pg_url(), &ch_url).await
+}
+
+/// Like [`test_env`], with the Postgres and ClickHouse servers given (e.g. the
+/// private ones of `servers`): `pg_admin` is a URL of any database there.
+pub async fn test_env_on(
+    name: &str,
+    partitions: i32,
+    extra: &[(&str, &str)],
+    pg_admin: &str,
+    ch_url: &str,
+) -> anyhow::Result<TestEnv> {
     services_up();
     let suffix = format!(
         "{}_{}",
@@ -67,7 +82,7 @@ pub async fn test_env(
         Utc::now().timestamp_millis() % 100_000_000
     );
     let db = format!("tally_t_{name}_{suffix}");
-    let admin = PgPool::connect(&admin_pg_url())
+    let admin = PgPool::connect(pg_admin)
         .await
         .context("connect admin postgres")?;
     // Drop what earlier runs of this test left behind (Postgres and ClickHouse).
@@ -76,20 +91,18 @@ pub async fn test_env(
             .bind(format!("tally_t_{name}_%").replace('_', "\\_"))
             .fetch_all(&admin)
             .await?;
-    let ch_url =
-        std::env::var("TALLY__CLICKHOUSE__URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
     for stale in old {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {stale} WITH (FORCE)"))
             .execute(&admin)
             .await?;
-        ch_query(&ch_url, &format!("DROP DATABASE IF EXISTS {stale}")).await?;
+        ch_query(ch_url, &format!("DROP DATABASE IF EXISTS {stale}")).await?;
     }
     sqlx::query(&format!("CREATE DATABASE {db}"))
         .execute(&admin)
         .await
         .context("create test database")?;
     admin.close().await;
-    let base = admin_pg_url();
+    let base = pg_admin.to_string();
     let pg_url = match base.rsplit_once('/') {
         Some((head, _)) => format!("{head}/{db}"),
         None => bail!("bad postgres url {base}"),
@@ -122,11 +135,10 @@ pub async fn test_env(
         env.retain(|(key, _)| key != k);
         env.push((k.to_string(), v.to_string()));
     }
-    for key in ["TALLY__KAFKA__BROKERS", "TALLY__CLICKHOUSE__URL"] {
-        if let Ok(v) = std::env::var(key) {
-            env.push((key.into(), v));
-        }
+    if let Ok(v) = std::env::var("TALLY__KAFKA__BROKERS") {
+        env.push(("TALLY__KAFKA__BROKERS".into(), v));
     }
+    env.push(("TALLY__CLICKHOUSE__URL".into(), ch_url.to_string()));
     let cfg = Config::load_from(None, &env).context("test config")?;
     let pool = tally::runner::connect_pg(&cfg).await?;
     tally::migrate::postgres(&pool).await?;
@@ -693,32 +705,98 @@ pub fn spawn_producer(
 /// A minimal HTTP GET against the health server: (status, body), retried a
 /// few times (a fresh connection each time).
 pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
     let mut last = None;
     for _ in 0..5 {
-        let attempt = (|| -> anyhow::Result<(u16, String)> {
-            let mut sock = std::net::TcpStream::connect(addr)?;
-            sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-            sock.write_all(
-                format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                    .as_bytes(),
-            )?;
-            let mut text = String::new();
-            sock.read_to_string(&mut text)?;
-            let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
-            Ok((status, body))
-        })();
-        match attempt {
+        match http_get_once(addr, path) {
             Ok(r) => return Ok(r),
             Err(e) => last = Some(e),
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+}
+
+/// Inserts a violation into the outbox, as a commit would.
+pub async fn insert_violation(
+    pool: &PgPool,
+    v: &tally_schemas::ComplianceViolation,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO tally.violations (violation_id, rule, severity, tenant_id, subject_type, subject_id, \
+         window_start, window_end, observed, threshold, evidence_event_ids, detected_at, message) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(v.violation_id)
+    .bind(&v.rule)
+    .bind(v.severity.as_str())
+    .bind(&v.tenant_id)
+    .bind(&v.subject_type)
+    .bind(&v.subject_id)
+    .bind(v.window_start)
+    .bind(v.window_end)
+    .bind(v.observed)
+    .bind(v.threshold)
+    .bind(&v.evidence_event_ids)
+    .bind(v.detected_at)
+    .bind(&v.message)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A `tally run` child process that is killed if the test ends without
+/// stopping it (a failed assertion must not leave it running).
+pub struct TallyProcess(pub Child);
+
+impl TallyProcess {
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for TallyProcess {
+    fn drop(&mut self) {
+        if self.alive() {
+            kill9(&mut self.0);
+        }
+    }
+}
+
+/// One value from tally's `/metrics` at `addr`: `series` is the name with its
+/// labels as rendered, e.g. `tally_sink_circuit_open{sink="clickhouse"}`.
+pub fn metric(addr: &str, series: &str) -> anyhow::Result<f64> {
+    let (status, body) = http_get_once(addr, "/metrics")?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    for line in body.lines() {
+        if let Some(v) = line.strip_prefix(series).and_then(|r| r.strip_prefix(' ')) {
+            return Ok(v.trim().parse()?);
+        }
+    }
+    bail!("{series} not in /metrics")
+}
+
+/// One HTTP GET: (status, body).
+pub fn http_get_once(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let to = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no address for {addr}"))?;
+    let mut sock = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut text = String::new();
+    sock.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// A Kafka message's headers as strings (lossy UTF-8).

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod cli_reset;
 pub mod config;
 pub mod cost;
 pub mod decode;
@@ -17,6 +18,7 @@ pub mod health;
 pub mod ledger;
 pub mod metrics;
 pub mod migrate;
+pub mod offsets_reset;
 pub mod pipeline;
 pub mod rebalance;
 pub mod reference;

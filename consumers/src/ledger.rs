@@ -213,8 +213,10 @@ impl Ledger {
             let classes: Vec<String> = dead.iter().map(|d| d.class.clone()).collect();
             let messages: Vec<String> = dead.iter().map(|d| d.message.clone()).collect();
             sqlx::query(
-                "INSERT INTO tally.dead_letters (topic, partition, \"offset\", error_class, error_message) \
-                 SELECT $1, u.p, u.o, u.c, u.m FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::text[]) AS u(p, o, c, m) \
+                // topic_epoch: the topic's incarnation (0004_topic_epochs.sql).
+                "INSERT INTO tally.dead_letters (topic, topic_epoch, partition, \"offset\", error_class, error_message) \
+                 SELECT $1, coalesce((SELECT epoch FROM tally.topic_epochs WHERE topic = $1), 0), u.p, u.o, u.c, u.m \
+                 FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::text[]) AS u(p, o, c, m) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(&self.topic)

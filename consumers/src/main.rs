@@ -1,4 +1,4 @@
-//! The `tally` command: migrate, seed, run, gen, report, wait-idle, bench.
+//! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle, bench.
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
@@ -65,6 +65,21 @@ enum Command {
     },
     /// Print spend, budgets, violations and dead letters from ClickHouse and Postgres.
     Report,
+    /// Move the offsets of record of a topic (e.g. after it was deleted and created
+    /// again), abandoning the partitions' pending batches. Without --yes: prints the plan only.
+    ResetOffsets {
+        #[arg(long)]
+        topic: String,
+        /// Only this partition (default: every partition of the topic).
+        #[arg(long)]
+        partition: Option<i32>,
+        /// earliest (first offset on the broker), latest (the end) or an offset.
+        #[arg(long)]
+        to: tally::cli_reset::ResetTo,
+        /// Apply the plan (stop every tally instance of the group first).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Wait until the pipeline has caught up with the usage topic.
     WaitIdle {
         #[arg(long, default_value_t = 120)]
@@ -186,7 +201,8 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                     format!("created {}", created.join(", "))
                 }
             );
-            let forgotten = tally::migrate::forget_offsets_of_new_topics(&pool, &created).await?;
+            let forgotten =
+                tally::migrate::forget_offsets_of_new_topics(&pool, &cfg, &created).await?;
             if forgotten > 0 {
                 println!(
                     "postgres: forgot {forgotten} offsets of record kept for an earlier topic of the same name \
@@ -281,6 +297,20 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Report => {
             let pool = tally::runner::connect_pg(&cfg).await?;
             print!("{}", tally::report::report(&cfg, &pool).await?);
+        }
+        Command::ResetOffsets {
+            topic,
+            partition,
+            to,
+            yes,
+        } => {
+            let args = tally::cli_reset::ResetArgs {
+                topic,
+                partition,
+                to,
+                yes,
+            };
+            print!("{}", tally::cli_reset::run(&cfg, &args).await?);
         }
         Command::WaitIdle { timeout } => {
             let pool = tally::runner::connect_pg(&cfg).await?;

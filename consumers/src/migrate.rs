@@ -3,7 +3,7 @@
 //! Idempotent: re-running applies nothing new and says so.
 
 use crate::config::Config;
-use crate::errors::{pg, StageError};
+use crate::errors::StageError;
 use crate::sink_clickhouse::ClickHouseSink;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -129,27 +129,20 @@ pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
 /// A topic that `topics` just created has no history: offsets of record and
 /// pending batches stored for an earlier topic of the same name (deleted, or a
 /// broker that lost its data) point past its end and would skip its messages.
+/// They are forgotten like `tally reset-offsets` does: the pending batches'
+/// ClickHouse rows and claimed event ids go too, and the topic's epoch moves on
+/// (see `offsets_reset`). Returns the number of offsets of record forgotten.
 pub async fn forget_offsets_of_new_topics(
     pool: &PgPool,
+    cfg: &Config,
     created: &[String],
 ) -> Result<u64, StageError> {
     if created.is_empty() {
         return Ok(0);
     }
-    let mut tx = pool.begin().await.map_err(pg("forget offsets begin"))?;
-    let n = sqlx::query("DELETE FROM tally.consumer_offsets WHERE topic = ANY($1)")
-        .bind(created)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg("forget offsets"))?
-        .rows_affected();
-    sqlx::query("DELETE FROM tally.batches WHERE topic = ANY($1) AND state = 'pending'")
-        .bind(created)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg("forget pending batches"))?;
-    tx.commit().await.map_err(pg("forget offsets commit"))?;
-    Ok(n)
+    let ch = ClickHouseSink::new(&cfg.clickhouse);
+    let grace = std::time::Duration::from_millis(cfg.pipeline.takeover_grace_ms);
+    crate::offsets_reset::forget_topics(pool, &ch, created, grace).await
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use crate::errors::StageError;
 use crate::fairness::Fairness;
 use crate::ledger::{Ledger, PendingBatch};
 use crate::metrics::Metrics;
+use crate::offsets_reset;
 use crate::rebalance::{RebalanceLog, TallyContext};
 use crate::reference::SharedReference;
 use crate::retry::backoff;
@@ -72,6 +73,8 @@ struct PartState {
     /// arrived or was sought since: every message was delivered to us (the
     /// high watermark may still count transaction markers, never delivered).
     eof: bool,
+    /// Messages were accepted since ownership: the stream is past `expected`.
+    streaming: bool,
 }
 
 pub struct Pipeline {
@@ -278,9 +281,10 @@ impl Pipeline {
     }
 
     fn lock_key(&self, partition: i32) -> String {
-        format!(
-            "tally:{}:{}:{partition}",
-            self.cfg.kafka.group_id, self.cfg.kafka.usage_topic
+        offsets_reset::partition_lock_key(
+            &self.cfg.kafka.group_id,
+            &self.cfg.kafka.usage_topic,
+            partition,
         )
     }
 
@@ -464,25 +468,13 @@ impl Pipeline {
             crate::ownership::take_epoch(ledger.pool(), &ledger.partition_key(p), &self.owner)
                 .await?;
         let state = self.runner.ledger.partition_state(p).await?;
-        if let Some(n) = state.next_offset {
-            let topic = &self.cfg.kafka.usage_topic;
-            let end = tokio::task::block_in_place(|| {
-                self.consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(2))
-            });
-            if let Ok((_, high)) = end {
-                if n > high {
-                    tracing::error!(
-                        partition = p,
-                        offset_of_record = n,
-                        end = high,
-                        "offset of record is past the end of the partition: was the topic recreated or its data \
-                         lost? Messages before the offset of record will not be read (`tally migrate` forgets \
-                         the offsets of topics it creates)"
-                    );
-                }
-            }
-        }
+        let need = state
+            .next_offset
+            .into_iter()
+            .chain(state.pending.map(|b| b.last + 1))
+            .max()
+            .unwrap_or(0);
+        self.refuse_if_past_end(p, state.next_offset, state.pending, need)?;
         let st = self.parts.entry(p).or_default();
         st.owned = true;
         st.epoch = epoch;
@@ -491,6 +483,7 @@ impl Pipeline {
         st.replay = state.pending;
         st.expected = state.pending.map(|b| b.first).or(state.next_offset);
         st.seeked = false;
+        st.streaming = false;
         st.buf.clear();
         st.buf_since = None;
         if let Some(b) = state.pending {
@@ -503,6 +496,41 @@ impl Pipeline {
             );
         }
         Ok(true)
+    }
+
+    /// A hard stop when the offset of record (or the pending batch) lies past
+    /// the partition's end: the topic was recreated or lost its data, and
+    /// consuming would skip the new messages as already counted. Only
+    /// `tally reset-offsets` resolves it (see `offsets_reset`).
+    fn refuse_if_past_end(
+        &self,
+        p: i32,
+        next_offset: Option<i64>,
+        pending: Option<PendingBatch>,
+        need: i64,
+    ) -> Result<(), StageError> {
+        if need <= 0 {
+            return Ok(());
+        }
+        let topic = &self.cfg.kafka.usage_topic;
+        let end = tokio::task::block_in_place(|| {
+            offsets_reset::confirmed_end_below(&self.consumer, topic, p, need)
+        });
+        match end {
+            None => Ok(()),
+            Some(end) => {
+                let msg = offsets_reset::past_end_message(
+                    &self.cfg.kafka.group_id,
+                    topic,
+                    p,
+                    next_offset,
+                    pending.map(|b| (b.batch_id, b.first, b.last)),
+                    end,
+                );
+                tracing::error!("{msg}");
+                Err(StageError::Fatal(msg))
+            }
+        }
     }
 
     async fn accept(&mut self, m: OwnedMessage) -> Result<(), StageError> {
@@ -550,6 +578,13 @@ impl Pipeline {
         }
         if let Some(exp) = st.expected {
             if m.offset() < exp {
+                if std::mem::take(&mut st.streaming) {
+                    // Behind what this partition already delivered, with no seek
+                    // of ours: the broker reset the position (out of range). Was
+                    // the topic recreated under us?
+                    let record = st.record_next;
+                    self.refuse_if_past_end(p, record, None, exp)?;
+                }
                 return Ok(()); // already counted or before the range
             }
             if m.offset() > exp && !st.seeked {
@@ -562,6 +597,7 @@ impl Pipeline {
             }
         }
         st.seeked = false;
+        st.streaming = true;
         st.expected = Some(m.offset() + 1);
         st.buf_since.get_or_insert_with(Instant::now);
         st.buf.push(m);

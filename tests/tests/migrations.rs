@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 use tally_tests::*;
 
-const PG_TABLES: [&str; 14] = [
+const PG_TABLES: [&str; 15] = [
     "tenants",
     "teams",
     "projects",
@@ -24,6 +24,7 @@ const PG_TABLES: [&str; 14] = [
     "seen_events",
     "dead_letters",
     "relay_attempts",
+    "topic_epochs",
 ];
 
 const CH_TABLES: [&str; 6] = [
@@ -257,7 +258,9 @@ async fn analyst_queries_run_against_the_schema() -> anyhow::Result<()> {
 
 /// Offsets of record kept for an earlier topic of the same name (a deleted
 /// topic, or a broker that lost its data) would make tally skip the new
-/// topic's messages: `migrate` forgets them when it creates the topic.
+/// topic's messages: `migrate` forgets them when it creates the topic, and
+/// abandons the pending batch the way `tally reset-offsets` does: its
+/// ClickHouse rows and claimed event ids go, and the topic's epoch moves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_a_topic_forgets_stale_offsets_of_record() -> anyhow::Result<()> {
     let env = tally_tests::test_env("staleoffsets", 2, &[]).await?;
@@ -274,23 +277,103 @@ async fn creating_a_topic_forgets_stale_offsets_of_record() -> anyhow::Result<()
         .execute(&env.pool)
         .await?;
     }
+    // A pending batch of the old topic, with rows in ClickHouse and claimed
+    // ids; and a done batch of another topic that must stay.
+    let mut ids = Vec::new();
+    for (topic, state) in [(fresh.as_str(), "pending"), ("other", "done")] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO tally.batches (group_id, topic, partition, first_offset, last_offset, state) \
+             VALUES ($1, $2, 1, 5000, 5009, $3) RETURNING batch_id",
+        )
+        .bind(&cfg.kafka.group_id)
+        .bind(topic)
+        .bind(state)
+        .fetch_one(&env.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tally.seen_events (event_id, occurred_at, batch_id) \
+             SELECT gen_random_uuid(), now(), $1 FROM generate_series(1, 3)",
+        )
+        .bind(id)
+        .execute(&env.pool)
+        .await?;
+        ch_query(
+            &cfg.clickhouse.url,
+            &format!(
+                "INSERT INTO {}.usage_1h (bucket, tenant_id, requests, cost, batch_id) VALUES (now(), 't', 1, 1, {id})",
+                cfg.clickhouse.database
+            ),
+        )
+        .await?;
+        ids.push(id);
+    }
+    sqlx::query(
+        "INSERT INTO tally.dead_letters (topic, partition, \"offset\", error_class, error_message) VALUES ($1, 0, 7, 'c', 'm')",
+    )
+    .bind(&fresh)
+    .execute(&env.pool)
+    .await?;
+
     let created = tally::migrate::topics(&cfg).await?;
     assert!(created.contains(&fresh), "{created:?}");
     assert_eq!(
-        tally::migrate::forget_offsets_of_new_topics(&env.pool, &created).await?,
+        tally::migrate::forget_offsets_of_new_topics(&env.pool, &cfg, &created).await?,
         2
     );
-    let left: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM tally.consumer_offsets WHERE topic = $1")
-            .bind(&fresh)
-            .fetch_one(&env.pool)
-            .await?;
-    assert_eq!(left, 0);
+    let count = |sql: String| {
+        let pool = env.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await }
+    };
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM tally.consumer_offsets WHERE topic = '{fresh}'"
+        ))
+        .await?,
+        0
+    );
+    let (gone, kept) = (ids[0], ids[1]);
+    for (id, n) in [(gone, 0), (kept, 1)] {
+        assert_eq!(
+            count(format!(
+                "SELECT count(*) FROM tally.batches WHERE batch_id = {id}"
+            ))
+            .await?,
+            n
+        );
+        assert_eq!(
+            count(format!(
+                "SELECT count(*) FROM tally.seen_events WHERE batch_id = {id}"
+            ))
+            .await?,
+            3 * n
+        );
+        let ch = ch_query(
+            &cfg.clickhouse.url,
+            &format!(
+                "SELECT count() FROM {}.usage_1h WHERE batch_id = {id}",
+                cfg.clickhouse.database
+            ),
+        )
+        .await?;
+        assert_eq!(ch.trim(), n.to_string(), "clickhouse rows of batch {id}");
+    }
+    assert_eq!(
+        count(format!(
+            "SELECT epoch::bigint FROM tally.topic_epochs WHERE topic = '{fresh}'"
+        ))
+        .await?,
+        1
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tally.dead_letters".into()).await?,
+        1,
+        "dead letters of the old incarnation are kept"
+    );
     // a second migrate creates nothing and forgets nothing
     let again = tally::migrate::topics(&cfg).await?;
     assert!(again.is_empty());
     assert_eq!(
-        tally::migrate::forget_offsets_of_new_topics(&env.pool, &again).await?,
+        tally::migrate::forget_offsets_of_new_topics(&env.pool, &cfg, &again).await?,
         0
     );
     Ok(())

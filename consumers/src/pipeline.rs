@@ -303,10 +303,10 @@ impl Pipeline {
                         st.buf.clear();
                         st.buf_since = None;
                     }
-                } else if let Some(st) = self.parts.remove(&p) {
-                    if st.owned {
-                        self.unlock(p).await?;
-                    }
+                } else {
+                    // Whatever the partition's state, a lock held for it goes.
+                    self.parts.remove(&p);
+                    self.unlock(p).await?;
                 }
             }
         }
@@ -320,20 +320,16 @@ impl Pipeline {
             return Ok(());
         }
         let key = self.lock_key(p);
-        // Held once by construction; unlock until Postgres says it is free, so
-        // that no path can leave this session holding it after a revoke.
-        for _ in 0..8 {
-            match sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock(hashtext($1))")
-                .bind(&key)
-                .fetch_one(&mut self.lock_conn)
-                .await
-            {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "advisory unlock failed; the lock connection is gone and the lock with it");
-                    break;
-                }
+        // Held exactly once (`held`), so one unlock frees it.
+        match sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock(hashtext($1))")
+            .bind(&key)
+            .fetch_one(&mut self.lock_conn)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(partition = p, "advisory lock was not held at unlock"),
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "advisory unlock failed; the lock connection is gone and the lock with it");
             }
         }
         Ok(())
@@ -741,11 +737,8 @@ impl Pipeline {
             Err(e) => return Err(e),
         }
         if revoked {
-            if let Some(st) = self.parts.remove(&p) {
-                if st.owned {
-                    self.unlock(p).await?;
-                }
-            }
+            self.parts.remove(&p);
+            self.unlock(p).await?;
         } else {
             self.resume_if_paused(p);
         }

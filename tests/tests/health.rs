@@ -103,7 +103,9 @@ async fn relay_that_cannot_publish_fails_readiness_then_publishes_each_violation
         let gauge = metric(&listen, "tally_violations_unpublished").unwrap_or(0.0);
         backlog_seen = gauge.max(backlog_seen);
         restarts = metric(&listen, "tally_relay_restarts_total").unwrap_or(0.0);
-        if not_ready.is_some() && backlog_seen > 0.0 && restarts >= 2.0 {
+        // (A restarted relay dies again only when it settles its
+        // predecessor's attempt, after the attempt's settle deadline, 30 s.)
+        if not_ready.is_some() && backlog_seen > 0.0 && restarts >= 1.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -112,7 +114,7 @@ async fn relay_that_cannot_publish_fails_readiness_then_publishes_each_violation
         .ok_or_else(|| anyhow::anyhow!("{READY} never failed while the relay could not publish"))?;
     assert!(body.contains("relay"), "{READY} body: {body}");
     assert_eq!(backlog_seen, 8.0, "tally_violations_unpublished");
-    assert!(restarts >= 2.0, "relay restarted {restarts} times");
+    assert!(restarts >= 1.0, "relay restarted {restarts} times");
     assert_eq!(metric(&listen, "tally_relay_alive")?, 0.0);
     assert_eq!(unpublished(&env).await?, 8);
 

@@ -249,12 +249,15 @@ pub fn tally_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let (built, tested) = (compiled_root(), repo_root());
     if built.canonicalize().ok() != tested.canonicalize().ok() {
-        eprintln!(
-            "warning: this test binary was built from {} but tests the checkout {}; \
-             give each checkout its own CARGO_TARGET_DIR (the Makefile's default)",
-            built.display(),
-            tested.display()
-        );
+        static WARNED: Once = Once::new();
+        WARNED.call_once(|| {
+            eprintln!(
+                "warning: this test binary was built from {} but tests the checkout {}; \
+                 give each checkout its own CARGO_TARGET_DIR (the Makefile's default)",
+                built.display(),
+                tested.display()
+            )
+        });
     }
     let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     if dir.ends_with("deps") {

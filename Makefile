@@ -1,13 +1,17 @@
-# tally: developer entry points. Local services run from deploy/local/ (state in .local/).
+# tally: developer entry points. Local services run from deploy/local/ (state in .local/;
+# services that another checkout started are reused as they are).
 # Assumes a Rust toolchain (rustup/cargo) on PATH.
 
 SHELL := /usr/bin/env bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-# One shared target dir, so a fresh clone on the same machine reuses earlier builds.
-CARGO_TARGET_DIR ?= $(HOME)/.cache/tally/target
+# Per checkout: binaries from one clone must never run as another clone's (a shared dir
+# lets two clones overwrite each other's test binaries mid-run). Set it to share on purpose.
+CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
+# The checkout that tests drive (deploy/local scripts, SQL, logs), decided at run time.
+export TALLY_REPO_ROOT := $(CURDIR)
 
 # rustup installs into ~/.cargo/bin, which a non-login shell (CI) may not have on PATH.
 ifneq ($(wildcard $(HOME)/.cargo/bin/cargo),)
@@ -18,7 +22,7 @@ LOCAL := deploy/local
 ENV   := $(LOCAL)/env.sh
 CARGO := cargo
 
-.PHONY: help up down status build migrate demo test test-chaos bench fmt lint clean-state validate-deploy check-cargo
+.PHONY: help up down status build migrate demo test test-chaos bench fuzz fmt lint clean-state validate-deploy check-cargo
 
 help:
 	@echo "make up | down | status     local broker (TALLY_BROKER=noida|tansu), ClickHouse, PostgreSQL"
@@ -28,6 +32,7 @@ help:
 	@echo "make test                   up + cargo test --workspace + ClickHouse dialect check (chdb)"
 	@echo "make test-chaos             up + the ignored chaos tests (kills, rebalances, long sink outages)"
 	@echo "make bench                  up + release build + tally bench (BENCH_COUNT=1000000)"
+	@echo "make fuzz                   decoders fuzzed, FUZZ_INPUTS=10000000 per codec (optimised, overflow checks)"
 	@echo "make fmt | lint             rustfmt / rustfmt --check + clippy -D warnings"
 	@echo "make validate-deploy        check deploy/ Dockerfile, compose and k8s files"
 	@echo "make clean-state            down + delete .local/"
@@ -70,6 +75,15 @@ test-chaos: up check-cargo
 bench: up check-cargo
 	$(CARGO) build --release -p tally
 	TALLY_BIN=$(CARGO_TARGET_DIR)/release/tally $(LOCAL)/bench.sh
+
+# Decoder fuzzing (schemas/tests/fuzz.rs; `make test` runs 100k inputs per codec). Peak RSS
+# of the fuzz process itself, not cargo's, via /usr/bin/time when installed.
+FUZZ_INPUTS ?= 10000000
+fuzz: check-cargo
+	@bin="$$($(CARGO) test --profile fuzz -p tally-schemas --test fuzz --no-run --message-format=json \
+	  | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)"; \
+	time="$$(test -x /usr/bin/time && echo /usr/bin/time -v || true)"; \
+	cd schemas && TALLY_FUZZ_INPUTS=$(FUZZ_INPUTS) nice -n 19 $$time "$$bin" --nocapture
 
 fmt: check-cargo
 	$(CARGO) fmt --all

@@ -11,7 +11,7 @@ source "$here/common.sh"
 # shellcheck source=env.sh
 source "$here/env.sh"
 
-TALLY_BIN="${TALLY_BIN:-${CARGO_TARGET_DIR:-$CACHE/target}/release/tally}"
+TALLY_BIN="${TALLY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/tally}"
 [[ -x "$TALLY_BIN" ]] || die "tally binary not found at $TALLY_BIN (run: cargo build --release -p tally, or set TALLY_BIN)"
 
 log "restarting the broker on empty state"

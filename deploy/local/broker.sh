@@ -36,6 +36,32 @@ ours() {
   esac
 }
 
+# shared KIND: "PID STATE_DIR" of a KIND broker on $HOST:$PORT that another tally checkout
+# started (STATE_DIR is "-" when unknown: Tansu keeps no state); fails if there is none.
+shared() {
+  local kind="$1" pid state
+  case "$kind" in
+    noida)
+      for pid in $(pids_with_arg '.*/noida/bin/noida-db'); do
+        [[ "$pid" != "$(read_pid broker-noida)" ]] || continue
+        [[ "$(arg_value "$pid" --kafka-port)" == "$PORT" ]] || continue
+        state="$(arg_value "$pid" --data-dir)" || continue
+        printf '%s %s\n' "$pid" "${state%/noida}"
+        return 0
+      done
+      ;;
+    tansu)
+      for pid in $(pids_with_arg '.*/tansu/tansu'); do
+        [[ "$pid" != "$(read_pid broker-tansu)" ]] || continue
+        [[ "$(arg_value "$pid" --listener-url)" == "tcp://$HOST:$PORT" ]] || continue
+        printf '%s -\n' "$pid"
+        return 0
+      done
+      ;;
+  esac
+  return 1
+}
+
 install_noida() {
   [[ -x "$NOIDA_BIN" ]] && return 0
   have cargo || die "cargo not found on PATH (install Rust with rustup); needed to build noida-db"
@@ -88,6 +114,12 @@ cmd_up() {
     err "Stop it first: make down   (or: TALLY_BROKER=$other $0 down)"
     exit 1
   fi
+  local spid sstate
+  if read -r spid sstate < <(shared "$other"); then
+    err "a $other broker that another tally checkout started (pid $spid, state $sstate) runs on $HOST:$PORT, but TALLY_BROKER=$KIND."
+    err "Use TALLY_BROKER=$other, or stop it $(stop_hint "$sstate")"
+    exit 1
+  fi
   if ours "$KIND"; then
     if [[ "$KIND" == noida ]]; then ensure_kcat; fi
     wait_for 10 "$KIND broker on $HOST:$PORT" ready "$KIND" ||
@@ -96,6 +128,13 @@ cmd_up() {
     return 0
   fi
   clear_pid "broker-$KIND"
+  if read -r spid sstate < <(shared "$KIND"); then
+    if [[ "$KIND" == noida ]]; then ensure_kcat; fi
+    wait_for 10 "$KIND broker on $HOST:$PORT" ready "$KIND" ||
+      die "the $KIND broker another tally checkout started (pid $spid, state $sstate) is not answering"
+    log "broker: reusing the $KIND broker another tally checkout started (pid $spid, state $sstate) on $HOST:$PORT"
+    return 0
+  fi
   if port_open "$HOST" "$PORT"; then
     err "port $HOST:$PORT is already in use by a process that tally did not start (no matching pid file in $PIDS)."
     if have ss; then ss -ltnp "sport = :$PORT" 2>/dev/null | sed 's/^/    /' >&2 || true; fi
@@ -144,6 +183,13 @@ cmd_down() {
       clear_pid "broker-$k"
     fi
   done
+  local spid sstate
+  for k in noida tansu; do
+    if read -r spid sstate < <(shared "$k"); then
+      log "broker: $k (pid $spid) left running: another tally checkout started it (state $sstate); stop it $(stop_hint "$sstate")"
+      stopped=1
+    fi
+  done
   [[ -n "$stopped" ]] || log "broker: not running"
 }
 
@@ -159,6 +205,17 @@ cmd_status() {
       return 0
     fi
   done
+  local spid sstate
+  for k in noida tansu; do
+    if read -r spid sstate < <(shared "$k"); then
+      if ready "$k"; then
+        printf '%-11s %-22s %-28s %s\n' "broker" "$HOST:$PORT" "$(version_of "$k")" "up (shared: started by another checkout, state $sstate)"
+      else
+        printf '%-11s %-22s %-28s %s\n' "broker" "$HOST:$PORT" "$(version_of "$k")" "DOWN (shared process $spid running, not answering)"
+      fi
+      return 0
+    fi
+  done
   if port_open "$HOST" "$PORT"; then
     printf '%-11s %-22s %-28s %s\n' "broker" "$HOST:$PORT" "unknown" "up (FOREIGN: not started by tally)"
   else
@@ -167,9 +224,28 @@ cmd_status() {
   return 0
 }
 
+# The state dir of whichever tally checkout runs the broker (ours if none runs), so that
+# a caller can act on it as its owner: TALLY_STATE_DIR="$(broker.sh owner)" broker.sh down.
+cmd_owner() {
+  local k spid sstate
+  for k in noida tansu; do
+    if ours "$k"; then
+      printf '%s\n' "$STATE"
+      return 0
+    fi
+    if read -r spid sstate < <(shared "$k"); then
+      [[ "$sstate" != - ]] || die "the $k broker (pid $spid) was started by another checkout whose state dir is unknown"
+      printf '%s\n' "$sstate"
+      return 0
+    fi
+  done
+  printf '%s\n' "$STATE"
+}
+
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) die "usage: $0 up|down|status   (TALLY_BROKER=noida|tansu)" ;;
+  owner) cmd_owner ;;
+  *) die "usage: $0 up|down|status|owner   (TALLY_BROKER=noida|tansu)" ;;
 esac

@@ -24,6 +24,21 @@ ours() {
   [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && [[ "$(pid_cmd "$pid")" == *clickhouse* ]]
 }
 
+# shared: "PID STATE_DIR" of a ClickHouse serving $HTTP_PORT that another tally checkout
+# started (its config file is STATE_DIR/clickhouse/etc/config.xml); fails if there is none.
+shared() {
+  local pid cfg
+  for pid in $(pids_with_arg '.*clickhouse(-server)?'); do
+    [[ "$pid" != "$(read_pid clickhouse)" ]] || continue
+    cfg="$(arg_value "$pid" --config-file)" || continue
+    [[ "$cfg" == */clickhouse/etc/config.xml ]] || continue
+    grep -q "<http_port>$HTTP_PORT</http_port>" "$cfg" 2>/dev/null || continue
+    printf '%s %s\n' "$pid" "${cfg%/clickhouse/etc/config.xml}"
+    return 0
+  done
+  return 1
+}
+
 ch_query() { curl -sS --fail-with-body --max-time 10 "$URL/" --data-binary "$1"; }
 
 install_clickhouse() {
@@ -120,6 +135,14 @@ cmd_up() {
     return 0
   fi
   clear_pid clickhouse
+  local spid sstate
+  if read -r spid sstate < <(shared); then
+    wait_for 30 "ClickHouse /ping at $URL" ping_ok ||
+      die "the ClickHouse another tally checkout started (pid $spid, state $sstate) is not answering"
+    create_db
+    log "clickhouse: reusing the one another tally checkout started (pid $spid, state $sstate) at $URL"
+    return 0
+  fi
   if ping_ok; then
     if [[ "$EXTERNAL" == 1 ]]; then
       create_db
@@ -158,7 +181,12 @@ cmd_down() {
     stop_pid clickhouse 60
   else
     clear_pid clickhouse
-    log "clickhouse: not running (not started by tally)"
+    local spid sstate
+    if read -r spid sstate < <(shared); then
+      log "clickhouse: (pid $spid) left running: another tally checkout started it (state $sstate); stop it $(stop_hint "$sstate")"
+    else
+      log "clickhouse: not running (not started by tally)"
+    fi
   fi
 }
 
@@ -166,8 +194,11 @@ cmd_status() {
   local version state
   if ping_ok; then
     version="$(curl -s --max-time 2 "$URL/" --data-binary 'SELECT version()' 2>/dev/null || echo '?')"
+    local spid sstate
     if ours; then
       state=up
+    elif read -r spid sstate < <(shared); then
+      state="up (shared: started by another checkout, state $sstate)"
     elif [[ "$EXTERNAL" == 1 ]]; then
       state="up (external)"
     else
@@ -180,9 +211,21 @@ cmd_status() {
   printf '%-11s %-22s %-28s %s\n' clickhouse "$HOST:$HTTP_PORT" "ClickHouse $version" "$state"
 }
 
+# The state dir of whichever tally checkout runs ClickHouse (ours if none runs); its
+# run/clickhouse.pid names the server process.
+cmd_owner() {
+  local spid sstate
+  if ! ours && read -r spid sstate < <(shared); then
+    printf '%s\n' "$sstate"
+  else
+    printf '%s\n' "$STATE"
+  fi
+}
+
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) die "usage: $0 up|down|status" ;;
+  owner) cmd_owner ;;
+  *) die "usage: $0 up|down|status|owner" ;;
 esac

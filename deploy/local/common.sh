@@ -107,6 +107,45 @@ start_bg() {
   write_pid "$name" "$!"
 }
 
+# ---- services another checkout started -----------------------------------------
+# Every checkout keeps its own state dir, but the ports are the machine's: a service that
+# another tally checkout (or TALLY_STATE_DIR) started is found by its command line and
+# reused as it is, like the machine's PostgreSQL; `down` leaves it to its owner.
+
+# pids_with_arg REGEX: pids whose command line has an argument matching REGEX (whole arg).
+pids_with_arg() {
+  grep -lzxE -- "$1" /proc/[0-9]*/cmdline 2>/dev/null | while IFS= read -r f; do
+    f="${f#/proc/}"
+    printf '%s\n' "${f%/cmdline}"
+  done
+}
+
+# arg_value PID FLAG: the value after FLAG (or of FLAG=VALUE) in the process's command line.
+arg_value() {
+  local prev="" a
+  while IFS= read -r -d '' a; do
+    if [[ "$prev" == "$2" ]]; then
+      printf '%s\n' "$a"
+      return 0
+    fi
+    if [[ "$a" == "$2="* ]]; then
+      printf '%s\n' "${a#"$2="}"
+      return 0
+    fi
+    prev="$a"
+  done 2>/dev/null <"/proc/$1/cmdline"
+  return 1
+}
+
+# stop_hint STATE_DIR: how to stop a service that the checkout with STATE_DIR started.
+stop_hint() {
+  if [[ "$1" == - ]]; then
+    printf 'from the checkout that started it (make down there)'
+  else
+    printf 'with: TALLY_STATE_DIR=%s make down' "$1"
+  fi
+}
+
 # ---- misc --------------------------------------------------------------------
 have() { command -v "$1" >/dev/null 2>&1; }
 

@@ -10,7 +10,7 @@ source "$here/common.sh"
 # shellcheck source=env.sh
 source "$here/env.sh"
 
-TALLY_BIN="${TALLY_BIN:-${CARGO_TARGET_DIR:-$CACHE/target}/debug/tally}"
+TALLY_BIN="${TALLY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/debug/tally}"
 [[ -x "$TALLY_BIN" ]] || die "tally binary not found at $TALLY_BIN (run: make build, or set TALLY_BIN)"
 RUN_LOG="$LOGS/demo-run.log"
 

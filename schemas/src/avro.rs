@@ -56,9 +56,14 @@ pub(crate) fn unscaled_bytes(u: i128) -> ([u8; 16], usize) {
 }
 
 /// Decimal from big-endian two's-complement unscaled bytes at scale 9.
+///
+/// No bytes is no number (Java's `BigInteger` and `apache_avro` refuse it too), so both
+/// decode paths reject it alike.
 pub(crate) fn decimal_from_bytes(b: &[u8], field: &str) -> Result<Decimal, DecodeError> {
     if b.is_empty() {
-        return Ok(Decimal::ZERO);
+        return Err(DecodeError::InvalidDecimal(format!(
+            "{field}: no bytes for the unscaled value"
+        )));
     }
     let (head, tail) = b.split_at(b.len().saturating_sub(16));
     let sign = if tail[0] & 0x80 != 0 { 0xff } else { 0x00 };
@@ -614,6 +619,11 @@ mod tests {
             assert_eq!(back, d, "{s}");
         }
         assert_eq!(unscaled_bytes(0).1, 15);
+        // Found by the fuzzer: the fast path read no bytes as 0, apache_avro refuses them.
+        assert_eq!(
+            decimal_from_bytes(&[], "x").unwrap_err().class(),
+            "invalid_decimal"
+        );
         assert_eq!(unscaled_bytes(127).1, 15);
         assert_eq!(unscaled_bytes(128).1, 14);
         assert_eq!(unscaled_bytes(-128).1, 15);

@@ -3,6 +3,7 @@
 //! the hand-written fast path when the writer schema is a bundled layout,
 //! otherwise through `apache_avro` schema resolution — and validates.
 
+use crate::bounds::{self, Names};
 use crate::error::from_avro_decode_error;
 use crate::fast::FastLayout;
 use crate::json::decode_json;
@@ -17,6 +18,8 @@ use std::sync::{Arc, RwLock};
 #[derive(Debug)]
 struct Writer {
     schema: Schema,
+    /// Its named types, for the bounds check of the general path.
+    names: Names,
     /// Full record name, to reject other subjects early.
     name: Option<String>,
     /// Hand-written decoder for this exact layout, if any.
@@ -36,6 +39,7 @@ impl Writer {
             .map(|b| b.subject);
         Writer {
             name: record_name(&schema),
+            names: Names::of(&schema),
             schema,
             fast,
             current_of,
@@ -148,7 +152,7 @@ impl Decoder {
             }
         }
         decode_with_values::<T>(
-            &writer.schema,
+            writer,
             writer.current_of == Some(T::SUBJECT),
             &reader.schema,
             body,
@@ -175,14 +179,16 @@ impl std::io::Read for EofWatch<'_> {
     }
 }
 
-/// The general path: decode with the writer schema into a `Value`, resolve
-/// it to the reader schema unless they are the same, then map to `T`.
+/// The general path: check the body's bounds, decode with the writer schema into a
+/// `Value`, resolve it to the reader schema unless they are the same, then map to `T`.
 fn decode_with_values<T: Event>(
-    writer: &Schema,
+    writer: &Writer,
     writer_is_reader: bool,
     reader: &Schema,
     body: &[u8],
 ) -> Result<T, DecodeError> {
+    bounds::check(&writer.schema, &writer.names, body)?;
+    let writer = &writer.schema;
     let mut cursor = EofWatch {
         rest: body,
         hit_eof: false,

@@ -45,7 +45,7 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
-    fn truncated(&self) -> DecodeError {
+    pub(crate) fn truncated(&self) -> DecodeError {
         DecodeError::Truncated {
             what: "avro body",
             offset: self.buf.len(),
@@ -74,8 +74,22 @@ impl<'a> Reader<'a> {
         Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
     }
 
+    /// Bytes not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Skips `n` bytes.
+    pub(crate) fn skip(&mut self, n: usize) -> Result<(), DecodeError> {
+        if n > self.remaining() {
+            return Err(self.truncated());
+        }
+        self.pos += n;
+        Ok(())
+    }
+
     #[inline]
-    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.long()?;
         let len = usize::try_from(len)
             .map_err(|_| DecodeError::Avro(format!("negative length {len}")))?;

@@ -17,6 +17,7 @@
 //! ```
 
 mod avro;
+mod bounds;
 pub mod compat;
 mod decoder;
 mod error;
@@ -28,6 +29,7 @@ mod types;
 mod wire;
 
 pub use avro::AvroRecord;
+pub use bounds::{MAX_DEPTH, MAX_EMPTY_ITEMS};
 pub use decoder::Decoder;
 pub use error::DecodeError;
 pub use event::{Event, MAX_ID_LEN, MAX_MS, MAX_TEXT_LEN, MAX_TOKENS};

@@ -9,9 +9,9 @@ use rust_decimal::Decimal;
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 use tally::config::Config;
 use tally_producers::{GenKind, GenMessage, World};
@@ -21,11 +21,56 @@ mod checks;
 pub use checks::*;
 pub mod servers;
 
+/// The checkout under test, decided at run time so that a test binary never drives
+/// another checkout's scripts (see [`find_repo_root`]); resolved once per process.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        find_repo_root(
+            std::env::var_os("TALLY_REPO_ROOT").map(PathBuf::from),
+            std::env::current_dir().ok(),
+            std::env::current_exe().ok(),
+        )
+    })
+    .clone()
+}
+
+/// The directory this test binary was compiled from (baked in by cargo).
+fn compiled_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Whether `dir` is a tally checkout: a workspace `Cargo.toml` beside `deploy/local`.
+pub fn is_repo_root(dir: &Path) -> bool {
+    dir.join("deploy/local/up.sh").is_file()
+        && std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
+}
+
+/// Resolves the checkout under test, in this order: `TALLY_REPO_ROOT` (the Makefile
+/// exports it), the nearest checkout above the current directory (cargo runs tests in the
+/// package directory), the nearest one above the test executable (its target dir is inside
+/// the checkout by default), and only last the path baked in at compile time, which names
+/// whichever clone built the binary.
+pub fn find_repo_root(env: Option<PathBuf>, cwd: Option<PathBuf>, exe: Option<PathBuf>) -> PathBuf {
+    if let Some(dir) = env.filter(|d| !d.as_os_str().is_empty()) {
+        assert!(
+            is_repo_root(&dir),
+            "TALLY_REPO_ROOT={} is not a tally checkout",
+            dir.display()
+        );
+        return dir;
+    }
+    [cwd, exe]
+        .into_iter()
+        .flatten()
+        .find_map(|start| {
+            start
+                .ancestors()
+                .find(|d| is_repo_root(d))
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(compiled_root)
 }
 
 static UP: Once = Once::new();
@@ -225,9 +270,25 @@ impl TestEnv {
     }
 }
 
-/// The `tally` binary next to the test executable (built by `cargo build`).
+/// The `tally` binary to test: `TALLY_BIN` if set, else the one next to the test
+/// executable (the same build, so the same sources, as the test itself).
 pub fn tally_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("TALLY_BIN").filter(|b| !b.is_empty()) {
+        return Ok(PathBuf::from(bin));
+    }
     let exe = std::env::current_exe()?;
+    let (built, tested) = (compiled_root(), repo_root());
+    if built.canonicalize().ok() != tested.canonicalize().ok() {
+        static WARNED: Once = Once::new();
+        WARNED.call_once(|| {
+            eprintln!(
+                "warning: this test binary was built from {} but tests the checkout {}; \
+                 give each checkout its own CARGO_TARGET_DIR (the Makefile's default)",
+                built.display(),
+                tested.display()
+            )
+        });
+    }
     let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     if dir.ends_with("deps") {
         dir.pop();

@@ -10,14 +10,28 @@ use std::time::Duration;
 use tally_producers::{demo_world, Encoding, GenConfig};
 use tally_tests::*;
 
-fn local(script: &str, action: &str) -> anyhow::Result<()> {
+/// Runs a deploy/local script as the owner of the service (the checkout that started it,
+/// maybe another one: see `owner`), so that `down` really stops it and `up` restarts it
+/// from the same state.
+fn local(script: &str, action: &str, state: &str) -> anyhow::Result<()> {
     let status = Command::new("bash")
         .arg(repo_root().join("deploy/local").join(script))
         .arg(action)
+        .env("TALLY_STATE_DIR", state)
         .stdout(std::process::Stdio::null())
         .status()?;
     anyhow::ensure!(status.success(), "{script} {action} failed");
     Ok(())
+}
+
+/// The state dir of the checkout that started the service behind `script`.
+fn owner(script: &str) -> anyhow::Result<String> {
+    let out = Command::new("bash")
+        .arg(repo_root().join("deploy/local").join(script))
+        .arg("owner")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{script} owner failed");
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// Restarts the machine's PostgreSQL cluster (pg_ctlcluster), if it has one.
@@ -75,13 +89,10 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
     tokio::time::sleep(Duration::from_secs(3)).await;
     eprintln!("restarting ClickHouse (handled {})", env.handled().await?);
     // A crash, not a polite stop (18.16 can take a minute to shut down).
-    let pid = std::fs::read_to_string(repo_root().join(".local/run/clickhouse.pid"))?;
+    let ch_state = owner("clickhouse.sh")?;
+    let pid = std::fs::read_to_string(std::path::Path::new(&ch_state).join("run/clickhouse.pid"))?;
     let killed = Command::new("kill").args(["-KILL", pid.trim()]).status()?;
-    anyhow::ensure!(
-        killed.success(),
-        "could not kill ClickHouse (pid {})",
-        pid.trim()
-    );
+    anyhow::ensure!(killed.success(), "could not kill ClickHouse (pid {})", pid.trim());
     // With ClickHouse gone and messages waiting, no batch can finish: /health
     // must say so (a stalled consumer must not look healthy).
     let mut stalled = false;
@@ -96,7 +107,7 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
             break;
         }
     }
-    local("clickhouse.sh", "up")?;
+    local("clickhouse.sh", "up", &ch_state)?;
     assert!(
         stalled,
         "/health never reported the stall while ClickHouse was down"
@@ -112,8 +123,9 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
 
     producer.await??;
     eprintln!("restarting the broker (handled {})", env.handled().await?);
-    local("broker.sh", "down")?;
-    local("broker.sh", "up")?;
+    let broker_state = owner("broker.sh")?;
+    local("broker.sh", "down", &broker_state)?;
+    local("broker.sh", "up", &broker_state)?;
     spawn_producer(&env, &msgs[half..], 2_000).await??;
     let caught_up = env
         .wait_handled(exp.messages as i64, Duration::from_secs(240))

@@ -7,8 +7,8 @@
 //! and a replay decides exactly what the first attempt decided (same dedup
 //! clock and cutoff, same reference snapshot, same claimed keys).
 
-use crate::claim::{dedup_key, fingerprint, ClaimInput, KeyClaim, PendingBatch};
 use crate::breaker::{self, Sink};
+use crate::claim::{dedup_key, fingerprint, ClaimInput, KeyClaim, PendingBatch};
 use crate::config::Config;
 use crate::decode::{Decoded, UsageDecoding};
 use crate::dlq::{self, Poison};

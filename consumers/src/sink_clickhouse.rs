@@ -324,7 +324,8 @@ impl ClickHouseSink {
                         "partly landed insert: writing only the missing rows"
                     );
                     fence.check().await?;
-                    self.insert(table, &query_id, missing.iter().copied()).await?;
+                    self.insert(table, &query_id, missing.iter().copied())
+                        .await?;
                     out.parts_written += 1;
                     out.rows_written += missing.len() as u64;
                     continue;
@@ -374,8 +375,7 @@ impl ClickHouseSink {
             .fetch_all()
             .await
             .map_err(|e| classify_ch("clickhouse batch keys", e))?;
-        let present: std::collections::HashSet<String> =
-            present.into_iter().map(|r| r.k).collect();
+        let present: std::collections::HashSet<String> = present.into_iter().map(|r| r.k).collect();
         let missing: Vec<&T> = rows
             .iter()
             .filter(|r| !present.contains(&r.part_key()))

@@ -92,7 +92,11 @@ async fn clickhouse_postgres_and_broker_restarts_keep_totals_exact() -> anyhow::
     let ch_state = owner("clickhouse.sh")?;
     let pid = std::fs::read_to_string(std::path::Path::new(&ch_state).join("run/clickhouse.pid"))?;
     let killed = Command::new("kill").args(["-KILL", pid.trim()]).status()?;
-    anyhow::ensure!(killed.success(), "could not kill ClickHouse (pid {})", pid.trim());
+    anyhow::ensure!(
+        killed.success(),
+        "could not kill ClickHouse (pid {})",
+        pid.trim()
+    );
     // With ClickHouse gone and messages waiting, no batch can finish: /health
     // must say so (a stalled consumer must not look healthy).
     let mut stalled = false;

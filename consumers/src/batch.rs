@@ -64,6 +64,9 @@ pub struct BatchResult {
     pub dedup_cutoff: DateTime<Utc>,
 }
 
+/// A message to dead-letter: its index in the batch, class and reason.
+type DeadItem = (usize, &'static str, String);
+
 /// A decoded event that survived in-batch dedup, with its message index.
 struct Candidate {
     event: UsageEvent,
@@ -99,7 +102,7 @@ impl BatchRunner {
 
         // 1. Dead letters, acknowledged before anything commits.
         let mut dead = Vec::new();
-        let poison: Vec<(usize, &'static str, String)> = decoded
+        let poison: Vec<DeadItem> = decoded
             .iter()
             .enumerate()
             .filter_map(|(i, d)| match d {
@@ -154,7 +157,7 @@ impl BatchRunner {
         if w.replay.is_some() {
             self.metrics.add(&self.metrics.batches_replayed_total, 1);
         }
-        let conflicts: Vec<(usize, &'static str, String)> = candidates
+        let conflicts: Vec<DeadItem> = candidates
             .iter()
             .filter(|c| claimed.conflicts.contains(&c.key))
             .map(|c| (c.msg, "dedup_conflict", conflict_message(&c.event, false)))
@@ -379,7 +382,7 @@ impl BatchRunner {
         &self,
         p: i32,
         msgs: &[OwnedMessage],
-        items: &[(usize, &'static str, String)],
+        items: &[DeadItem],
         dead: &mut Vec<DeadLetter>,
     ) -> Result<(), StageError> {
         if items.is_empty() {
@@ -442,9 +445,7 @@ fn conflict_message(e: &UsageEvent, in_batch: bool) -> String {
 /// one with the same payload is a duplicate, with another payload a conflict.
 /// Returns the candidates, the duplicate count and the conflicts (message
 /// index, class, reason).
-fn in_batch_dedup(
-    decoded: Vec<Decoded>,
-) -> (Vec<Candidate>, u64, Vec<(usize, &'static str, String)>) {
+fn in_batch_dedup(decoded: Vec<Decoded>) -> (Vec<Candidate>, u64, Vec<DeadItem>) {
     let mut seen: HashMap<Uuid, i64> = HashMap::new();
     let mut out = Vec::new();
     let mut dups = 0u64;

@@ -61,10 +61,12 @@ migrate: build
 demo: up build
 	TALLY_BIN=$(CARGO_TARGET_DIR)/debug/tally $(LOCAL)/demo.sh
 
+# Tests run the tally binary built with failpoints (`cargo run`/`cargo build` without the
+# feature would rebuild it without them, and every failpoint test would then refuse to run).
 test: up check-cargo
 	$(CARGO) build --workspace --bins --features tally/failpoints
-	$(ENV) $(CARGO) run -q -p tally -- migrate
-	$(ENV) $(CARGO) test --workspace --no-fail-fast
+	$(ENV) $(CARGO_TARGET_DIR)/debug/tally migrate
+	$(ENV) $(CARGO) test --workspace --features tally/failpoints --no-fail-fast
 	python3 tests/chdb/check_dialect.py
 
 test-chaos: up check-cargo

@@ -115,7 +115,8 @@ async fn relay_that_cannot_publish_fails_readiness_then_publishes_each_violation
     assert!(body.contains("relay"), "{READY} body: {body}");
     assert_eq!(backlog_seen, 8.0, "tally_violations_unpublished");
     assert!(restarts >= 1.0, "relay restarted {restarts} times");
-    assert_eq!(metric(&listen, "tally_relay_alive")?, 0.0);
+    // (tally_relay_alive is 1 again while a restarted relay waits for the
+    // settle deadline, so readiness and restarts are what this checks.)
     assert_eq!(unpublished(&env).await?, 8);
 
     // It recovers: the next restart reconciles what reached the topic.

@@ -136,3 +136,42 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::Ex
     }
     None
 }
+
+/// Waits up to `within` for a child to exit; kills it (and fails) if it does not.
+pub fn wait_exit_or_kill(
+    child: &mut Child,
+    within: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            kill9(child);
+            anyhow::bail!("tally did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child's log without ANSI colour codes.
+pub fn log_plain(env: &TestEnv, name: &str) -> String {
+    let raw =
+        std::fs::read_to_string(repo_root().join(format!(".local/logs/{}-{name}.log", env.name)))
+            .unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -7,8 +7,7 @@
 
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, TimeZone, Utc};
 use std::collections::BTreeMap;
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tally_producers::{demo_world, Encoding, GenConfig, GenMessage, World};
 use tally_tests::*;
 
@@ -78,41 +77,6 @@ fn with_env(env: &TestEnv, extra: &[(&str, &str)]) -> TestEnv {
     }
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            kill9(child);
-            anyhow::bail!("tally did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A child's log without ANSI colour codes.
-fn log_of(env: &TestEnv, name: &str) -> String {
-    let raw =
-        std::fs::read_to_string(repo_root().join(format!(".local/logs/{}-{name}.log", env.name)))
-            .unwrap_or_default();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Rows per (table, month) of one batch in ClickHouse.
 async fn batch_parts(env: &TestEnv, batch_id: i64) -> anyhow::Result<BTreeMap<(String, u32), u64>> {
     let mut out = BTreeMap::new();
@@ -174,12 +138,12 @@ async fn month_spanning_batch_killed_between_parts_loses_nothing() -> anyhow::Re
         &[("TALLY_FAILPOINTS", "between_insert_parts=abort@1")],
     );
     let mut child = armed.spawn_tally("abort")?;
-    let status = wait_exit(&mut child, Duration::from_secs(120))?;
+    let status = wait_exit_or_kill(&mut child, Duration::from_secs(120))?;
     assert!(
         !status.success(),
         "tally should have been aborted: {status}"
     );
-    let log = log_of(&env, "abort");
+    let log = log_plain(&env, "abort");
     assert!(
         log.contains("failpoint between_insert_parts fired"),
         "the failpoint was not reached:\n{log}"
@@ -204,7 +168,7 @@ async fn month_spanning_batch_killed_between_parts_loses_nothing() -> anyhow::Re
         .await;
     terminate(&mut child, Duration::from_secs(30))?;
     caught_up?;
-    let log = log_of(&env, "replay");
+    let log = log_plain(&env, "replay");
     assert!(
         log.contains("replaying pending batch") && log.contains(&format!("batch_id={batch_id}")),
         "no replay of batch {batch_id} in the log:\n{log}"
@@ -308,7 +272,7 @@ async fn replay_completes_a_partly_landed_month_and_writes_the_missing_one() -> 
     // A pending batch with nothing in ClickHouse yet.
     let armed = with_env(&env, &[("TALLY_FAILPOINTS", "after_claim=abort@1")]);
     let mut child = armed.spawn_tally("claim")?;
-    let status = wait_exit(&mut child, Duration::from_secs(120))?;
+    let status = wait_exit_or_kill(&mut child, Duration::from_secs(120))?;
     assert!(
         !status.success(),
         "tally should have been aborted: {status}"
@@ -335,7 +299,7 @@ async fn replay_completes_a_partly_landed_month_and_writes_the_missing_one() -> 
         .await;
     terminate(&mut child, Duration::from_secs(30))?;
     caught_up?;
-    let log = log_of(&env, "replay");
+    let log = log_plain(&env, "replay");
     assert!(log.contains("replaying pending batch"));
     assert!(
         log.contains("partly landed insert: writing only the missing rows"),

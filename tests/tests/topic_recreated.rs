@@ -8,7 +8,7 @@ use chrono::{Duration as ChronoDuration, DurationRound, Utc};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tally_producers::{demo_world, Encoding, GenConfig, GenMessage, World};
 use tally_tests::*;
@@ -24,41 +24,6 @@ fn gen(world: &World, count: u64, seed: u64) -> Vec<GenMessage> {
     g.start = change - ChronoDuration::hours(1);
     g.span = ChronoDuration::hours(2);
     generate(g)
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            kill9(child);
-            anyhow::bail!("tally did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A child's log without ANSI colour codes.
-fn log_of(env: &TestEnv, name: &str) -> String {
-    let raw =
-        std::fs::read_to_string(repo_root().join(format!(".local/logs/{}-{name}.log", env.name)))
-            .unwrap_or_default();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn tally(env: &TestEnv, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
@@ -183,9 +148,9 @@ async fn recreated_topic_stops_tally_until_reset_offsets_then_counts_exactly() -
         pool: env.pool.clone(),
     };
     let mut child = armed.spawn_tally("pending")?;
-    let status = wait_exit(&mut child, Duration::from_secs(120))?;
+    let status = wait_exit_or_kill(&mut child, Duration::from_secs(120))?;
     assert!(!status.success());
-    assert!(log_of(&env, "pending").contains("failpoint after_clickhouse fired"));
+    assert!(log_plain(&env, "pending").contains("failpoint after_clickhouse fired"));
     let (pending_id, pending_first): (i64, i64) =
         sqlx::query_as("SELECT batch_id, first_offset FROM tally.batches WHERE state = 'pending'")
             .fetch_one(&env.pool)
@@ -204,8 +169,8 @@ async fn recreated_topic_stops_tally_until_reset_offsets_then_counts_exactly() -
 
     // tally refuses: exit 1, naming partition, offsets and the command.
     let mut child = env.spawn_tally("refused")?;
-    let status = wait_exit(&mut child, Duration::from_secs(60));
-    let log = log_of(&env, "refused");
+    let status = wait_exit_or_kill(&mut child, Duration::from_secs(60));
+    let log = log_plain(&env, "refused");
     let status = status.map_err(|e| anyhow::anyhow!("{e}\n{log}"))?;
     assert_eq!(status.code(), Some(1), "{log}");
     for needle in [
@@ -345,8 +310,8 @@ async fn topic_recreated_under_a_running_tally_stops_it() -> anyhow::Result<()> 
     recreate_topic(&env.cfg.kafka.brokers, &topic, 1).await?;
     let b = gen(&world, 600, 52);
     produce(&env, &b, None).await?;
-    let status = wait_exit(&mut child, Duration::from_secs(90));
-    let log = log_of(&env, "running");
+    let status = wait_exit_or_kill(&mut child, Duration::from_secs(90));
+    let log = log_plain(&env, "running");
     let status = status.map_err(|e| anyhow::anyhow!("{e}\n{log}"))?;
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(

@@ -98,6 +98,89 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub pipeline: PipelineConfig,
     pub server: ServerConfig,
+    pub streams: StreamsConfig,
+    pub policy: PolicyConfig,
+    pub opa: crate::streams::policy::opa::OpaMapping,
+    pub audit: AuditConfig,
+}
+
+/// Which input streams `tally run` consumes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    pub usage: bool,
+    pub policy: bool,
+    pub audit: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub topic: String,
+    pub dlq_topic: String,
+    pub partitions: i32,
+    pub rules: crate::streams::policy::rules::PolicyRules,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    pub topic: String,
+    pub dlq_topic: String,
+    pub partitions: i32,
+    pub checkpoint_topic: String,
+    pub signing_key: String,
+    pub pseudonym_key: String,
+    pub pseudonym_key_version: u32,
+    pub max_user_agent_bytes: usize,
+    pub max_details_bytes: usize,
+    pub checkpoint_interval_ms: u64,
+    pub rules: crate::streams::audit::rules::AuditRules,
+}
+
+impl fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("topic", &self.topic)
+            .field("checkpoint_topic", &self.checkpoint_topic)
+            .field("signing_key", &"***")
+            .field("pseudonym_key", &"***")
+            .field("pseudonym_key_version", &self.pseudonym_key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditConfig {
+    /// The checkpoint signer (validated at load when the audit stream is on).
+    pub fn signer(&self) -> Result<crate::audit::note::NoteSigner, ConfigError> {
+        crate::audit::note::NoteSigner::from_key_string(self.signing_key.trim()).map_err(|e| {
+            ConfigError::Invalid {
+                key: "audit.signing_key".into(),
+                message: format!("{e} (expected PRIVATE+KEY+<name>+<key id>+<base64>; `tally audit keygen NAME` makes one)"),
+            }
+        })
+    }
+
+    /// The pseudonym key (validated at load when the audit stream is on).
+    pub fn pseudonym_key(&self) -> Result<crate::audit::pseudonym::PseudonymKey, ConfigError> {
+        crate::audit::pseudonym::PseudonymKey::from_base64(
+            self.pseudonym_key_version,
+            self.pseudonym_key.trim(),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            key: "audit.pseudonym_key".into(),
+            message: format!(
+                "{e} (base64 of at least 32 random bytes, e.g. `openssl rand -base64 32`)"
+            ),
+        })
+    }
+
+    pub fn limits(&self) -> crate::audit::leaf::FieldLimits {
+        crate::audit::leaf::FieldLimits {
+            max_user_agent_bytes: self.max_user_agent_bytes,
+            max_details_bytes: self.max_details_bytes,
+        }
+    }
 }
 
 impl Config {
@@ -233,6 +316,78 @@ impl Config {
         {
             return Err(invalid("server.listen", "must be empty or host:port"));
         }
+        for (key, topic) in [
+            ("policy.topic", &self.policy.topic),
+            ("policy.dlq_topic", &self.policy.dlq_topic),
+            ("audit.topic", &self.audit.topic),
+            ("audit.dlq_topic", &self.audit.dlq_topic),
+            ("audit.checkpoint_topic", &self.audit.checkpoint_topic),
+        ] {
+            if topic.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.policy.partitions < 1 {
+            return Err(invalid("policy.partitions", "must be >= 1"));
+        }
+        if self.audit.partitions < 1 {
+            return Err(invalid("audit.partitions", "must be >= 1"));
+        }
+        if let Err(m) = self.opa.check() {
+            let key = m
+                .split(':')
+                .next()
+                .unwrap_or("opa")
+                .split(' ')
+                .next()
+                .unwrap_or("opa");
+            return Err(invalid(key, &m));
+        }
+        if self.audit.checkpoint_interval_ms < 1000 {
+            return Err(invalid("audit.checkpoint_interval_ms", "must be >= 1000"));
+        }
+        // Keys are checked when set; `require_audit_keys` (tally run) demands them.
+        if !self.audit.signing_key.trim().is_empty() {
+            self.audit.signer()?;
+        }
+        if !self.audit.pseudonym_key.trim().is_empty() {
+            self.audit.pseudonym_key()?;
+        }
+        if !(self.streams.usage || self.streams.policy || self.streams.audit) {
+            return Err(invalid(
+                "streams",
+                "at least one of streams.usage, streams.policy, streams.audit must be on",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `tally run` with the audit stream on needs both audit keys.
+    pub fn require_audit_keys(&self) -> Result<(), ConfigError> {
+        if !self.streams.audit {
+            return Ok(());
+        }
+        for (key, value, how) in [
+            (
+                "audit.signing_key",
+                &self.audit.signing_key,
+                "`tally audit keygen NAME` makes one",
+            ),
+            (
+                "audit.pseudonym_key",
+                &self.audit.pseudonym_key,
+                "`openssl rand -base64 32` makes one",
+            ),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!(
+                        "must be set while streams.audit is on ({how}; or set streams.audit = false)"
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -332,6 +487,10 @@ fn build(merged: toml::Table) -> Result<Config, ConfigError> {
         registry: section(&merged, "registry")?,
         pipeline: section(&merged, "pipeline")?,
         server: section(&merged, "server")?,
+        streams: section(&merged, "streams")?,
+        policy: section(&merged, "policy")?,
+        opa: section(&merged, "opa")?,
+        audit: section(&merged, "audit")?,
     })
 }
 
@@ -383,16 +542,69 @@ impl fmt::Debug for Config {
 mod tests {
     use super::*;
 
+    /// The test keys of docs/audit-log.md (never use them for anything else).
+    const KEYS: [(&str, &str); 2] = [
+        (
+            "TALLY__AUDIT__SIGNING_KEY",
+            "PRIVATE+KEY+tally.example/audit+50f02fb7+AQcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH",
+        ),
+        (
+            "TALLY__AUDIT__PSEUDONYM_KEY",
+            "a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=",
+        ),
+    ];
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
+        KEYS.iter()
+            .chain(pairs.iter())
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
 
     #[test]
-    fn defaults_load() {
+    fn the_audit_stream_needs_its_keys() {
         let c = Config::load_from(None, &[]).unwrap();
+        let err = c.require_audit_keys().unwrap_err().to_string();
+        assert!(err.contains("audit.signing_key"), "{err}");
+        let off = [("TALLY__STREAMS__AUDIT".to_string(), "false".to_string())];
+        Config::load_from(None, &off)
+            .unwrap()
+            .require_audit_keys()
+            .unwrap();
+        Config::load_from(None, &env(&[]))
+            .unwrap()
+            .require_audit_keys()
+            .unwrap();
+        let bad = env(&[("TALLY__AUDIT__PSEUDONYM_KEY", "c2hvcnQ=")]);
+        let err = Config::load_from(None, &bad).unwrap_err().to_string();
+        assert!(err.contains("audit.pseudonym_key"), "{err}");
+    }
+
+    #[test]
+    fn stream_rules_load_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("tally-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("rules.toml");
+        std::fs::write(
+            &f,
+            "[policy]\nrules = { deny_rate = { threshold = 5, window_secs = 60 } }\n\
+             [audit]\nrules = { privileged_action = { actions = [{ action = \"role.*\", severity = \"high\" }] } }\n",
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&f), &env(&[])).unwrap();
+        assert_eq!(c.policy.rules.deny_rate.threshold, 5);
+        assert!(c.policy.rules.policy_denied.enabled);
+        assert_eq!(c.audit.rules.privileged_action.actions.len(), 1);
+        std::fs::write(&f, "[policy]\nrules = { deny_rat = {} }\n").unwrap();
+        let err = Config::load_from(Some(&f), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.rules"), "{err}");
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::load_from(None, &env(&[])).unwrap();
         assert_eq!(c.kafka.usage_topic, "llm.usage.v1");
         assert_eq!(c.pipeline.batch_max_messages, 20000);
     }
@@ -447,11 +659,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.toml");
         std::fs::write(&good, "[kafka]\ngroup_id = \"from-file\"\n").unwrap();
-        let c = Config::load_from(Some(&good), &[]).unwrap();
+        let c = Config::load_from(Some(&good), &env(&[])).unwrap();
         assert_eq!(c.kafka.group_id, "from-file");
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, "[clickhouse]\nuri = \"http://x\"\n").unwrap();
-        let err = Config::load_from(Some(&bad), &[]).unwrap_err();
+        let err = Config::load_from(Some(&bad), &env(&[])).unwrap_err();
         assert!(err.to_string().contains("clickhouse.uri"), "{err}");
     }
 

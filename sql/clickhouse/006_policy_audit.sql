@@ -24,6 +24,7 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMM(occurred_at)
 ORDER BY (tenant_id, occurred_at, event_id);
 
+-- user_id, actor_id (of users) and ip hold keyed pseudonyms, never the values sent.
 CREATE TABLE IF NOT EXISTS tally.audit_events
 (
     event_id       UUID,
@@ -43,7 +44,12 @@ CREATE TABLE IF NOT EXISTS tally.audit_events
     user_agent     String,
     details        String,
     personal_data  UInt8,
-    chain_hash     FixedString(64),
+    -- The Merkle log (docs/audit-log.md): position in the tenant's tree, the
+    -- event time at full precision, and the pseudonym key version. Together with
+    -- the columns above these are exactly the leaf's fields.
+    leaf_index             UInt64,
+    occurred_at_us         Int64,
+    pseudonym_key_version  UInt32,
     batch_id       UInt64
 )
 ENGINE = MergeTree

@@ -113,7 +113,7 @@ fn scoped(cfg: &Config, topic: &str, group: &str) -> Config {
 async fn create_topics(cfg: &Config) -> anyhow::Result<()> {
     let mut attempts = 0;
     loop {
-        match crate::migrate::topics(cfg).await {
+        match crate::cli::migrate::topics(cfg).await {
             Ok(_) => return Ok(()),
             Err(crate::errors::StageError::Retryable(m)) if attempts < 10 => {
                 attempts += 1;
@@ -129,7 +129,7 @@ async fn create_topics(cfg: &Config) -> anyhow::Result<()> {
 /// Postgres and ClickHouse) so it neither disturbs nor is disturbed by real data.
 async fn bench_databases(cfg: &Config) -> anyhow::Result<Config> {
     const DB: &str = "tally_bench";
-    let admin = crate::runner::connect_pg(cfg).await?;
+    let admin = crate::engine::runner::connect_pg(cfg).await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
         .execute(&admin)
         .await?;
@@ -147,7 +147,7 @@ async fn bench_databases(cfg: &Config) -> anyhow::Result<Config> {
     out.clickhouse.database = DB.into();
     let mut ch_cfg = cfg.clickhouse.clone();
     ch_cfg.database = "default".into();
-    crate::sink_clickhouse::ClickHouseSink::new(&ch_cfg)
+    crate::sinks::clickhouse::ClickHouseSink::new(&ch_cfg)
         .execute(&format!("DROP DATABASE IF EXISTS {DB}"))
         .await?;
     Ok(out)
@@ -160,10 +160,10 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
     let ts = Utc::now().timestamp();
     let bench_cfg = bench_databases(cfg).await?;
     let cfg = &bench_cfg;
-    let pool = crate::runner::connect_pg(cfg).await?;
-    crate::migrate::postgres(&pool).await?;
-    crate::migrate::clickhouse(cfg).await?;
-    crate::seed::seed(&pool, &demo_world(60, demo_price_change_at())).await?;
+    let pool = crate::engine::runner::connect_pg(cfg).await?;
+    crate::cli::migrate::postgres(&pool).await?;
+    crate::cli::migrate::clickhouse(cfg).await?;
+    crate::cli::seed::seed(&pool, &demo_world(60, demo_price_change_at())).await?;
 
     let drain_cfg = scoped(cfg, &format!("bench.usage.{ts}"), &format!("bench-{ts}"));
     create_topics(&drain_cfg).await?;
@@ -442,7 +442,7 @@ async fn run_child(
         .env("TALLY__CLICKHOUSE__DATABASE", &cfg.clickhouse.database)
         .env("TALLY__SERVER__LISTEN", "")
         // warn, plus the runner's start/stop lines (the stop line carries the counters)
-        .env("TALLY_LOG", "warn,tally::runner=info")
+        .env("TALLY_LOG", "warn,tally::engine::runner=info")
         .env_remove("TALLY_LOG_FORMAT")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -858,7 +858,7 @@ mod tests {
         let p = dir.join("log");
         std::fs::write(
             &p,
-            "2025 WARN x\n2025  \u{1b}[32m INFO\u{1b}[0m tally::runner: tally run stopped \u{1b}[3mmetrics\u{1b}[0m\u{1b}[2m=\u{1b}[0mtally_messages_consumed_total 5, tally_events_counted_total 5\n",
+            "2025 WARN x\n2025  \u{1b}[32m INFO\u{1b}[0m tally::engine::runner: tally run stopped \u{1b}[3mmetrics\u{1b}[0m\u{1b}[2m=\u{1b}[0mtally_messages_consumed_total 5, tally_events_counted_total 5\n",
         )
         .unwrap();
         assert_eq!(

@@ -1,39 +1,19 @@
 //! tally: an exactly-once audit and cost pipeline for LLM platforms.
 //!
-//! The data path and the exactly-once state machine are described in
-//! `docs/architecture.md`; [`pipeline`] implements the state machine.
+//! The data path, in folders: [`engine`] (the exactly-once state machine every
+//! stream runs on: ownership, claims and dedup, dead letters, the single Postgres
+//! commit, offsets of record, the outbox relay, health), [`streams`] (what makes
+//! usage, policy decisions and audit events different: decode, enrich, rows,
+//! rules, commit effects), [`sinks`] (ClickHouse), [`audit`] (the Merkle log's
+//! pure primitives) and [`cli`] (the operator commands). `docs/architecture.md`
+//! describes the state machine and the guarantee.
 
 pub mod audit;
-pub mod batch;
 pub mod bench;
-pub mod breaker;
-pub mod claim;
-pub mod cli_reset;
+pub mod cli;
 pub mod config;
-pub mod cost;
-pub mod decode;
-pub mod dlq;
-pub mod enrich;
+pub mod engine;
 pub mod errors;
-pub mod failpoint;
-pub mod fairness;
-pub mod health;
-pub mod ledger;
 pub mod metrics;
-pub mod migrate;
-pub mod offsets_reset;
-pub mod ownership;
-pub mod pipeline;
-pub mod rebalance;
-pub mod reference;
-pub mod registry_client;
-pub mod relay;
-pub mod relay_watch;
-pub mod report;
-pub mod retry;
-pub mod rollup;
-pub mod rules;
-pub mod runner;
-pub mod seed;
-pub mod sink_clickhouse;
+pub mod sinks;
 pub mod streams;

@@ -75,7 +75,7 @@ enum Command {
         partition: Option<i32>,
         /// earliest (first offset on the broker), latest (the end) or an offset.
         #[arg(long)]
-        to: tally::cli_reset::ResetTo,
+        to: tally::cli::reset::ResetTo,
         /// Apply the plan (stop every tally instance of the group first).
         #[arg(long)]
         yes: bool,
@@ -146,7 +146,7 @@ fn shutdown_on_signals() -> watch::Receiver<bool> {
 async fn main() {
     init_logging();
     let cli = Cli::parse();
-    if let Err(e) = tally::failpoint::check_env() {
+    if let Err(e) = tally::engine::failpoint::check_env() {
         eprintln!("tally: {e}");
         std::process::exit(2);
     }
@@ -166,8 +166,8 @@ async fn main() {
 async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
-            let pool = tally::runner::connect_pg(&cfg).await?;
-            let applied = tally::migrate::postgres(&pool).await?;
+            let pool = tally::engine::runner::connect_pg(&cfg).await?;
+            let applied = tally::cli::migrate::postgres(&pool).await?;
             println!(
                 "postgres: {}",
                 if applied.is_empty() {
@@ -176,14 +176,14 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                     format!("applied {}", applied.join(", "))
                 }
             );
-            let n = tally::migrate::clickhouse(&cfg).await?;
+            let n = tally::cli::migrate::clickhouse(&cfg).await?;
             println!(
                 "clickhouse: {n} DDL statements applied (all IF NOT EXISTS) to database {}",
                 cfg.clickhouse.database
             );
             let mut attempts = 0;
             let created = loop {
-                match tally::migrate::topics(&cfg).await {
+                match tally::cli::migrate::topics(&cfg).await {
                     Ok(c) => break c,
                     Err(StageError::Retryable(m)) if attempts < 10 => {
                         attempts += 1;
@@ -202,7 +202,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 }
             );
             let forgotten =
-                tally::migrate::forget_offsets_of_new_topics(&pool, &cfg, &created).await?;
+                tally::cli::migrate::forget_offsets_of_new_topics(&pool, &cfg, &created).await?;
             if forgotten > 0 {
                 println!(
                     "postgres: forgot {forgotten} offsets of record kept for an earlier topic of the same name \
@@ -214,7 +214,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             if scale <= rust_decimal::Decimal::ZERO {
                 bail!("--scale must be > 0");
             }
-            let pool = tally::runner::connect_pg(&cfg).await?;
+            let pool = tally::engine::runner::connect_pg(&cfg).await?;
             let mut world = demo_world(tenants, demo_price_change_at());
             for b in &mut world.budgets {
                 b.amount = (b.amount * scale)
@@ -233,7 +233,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 t.requests_per_minute = scaled(t.requests_per_minute);
                 t.tokens_per_minute = scaled(t.tokens_per_minute);
             }
-            tally::seed::seed(&pool, &world).await?;
+            tally::cli::seed::seed(&pool, &world).await?;
             println!(
                 "seeded {} tenants, {} prices, {} budgets",
                 world.tenants.len(),
@@ -243,7 +243,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         }
         Command::Run => {
             let shutdown = shutdown_on_signals();
-            tally::runner::run(cfg, shutdown).await?;
+            tally::engine::runner::run(cfg, shutdown).await?;
         }
         Command::Gen {
             count,
@@ -295,8 +295,8 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             );
         }
         Command::Report => {
-            let pool = tally::runner::connect_pg(&cfg).await?;
-            print!("{}", tally::report::report(&cfg, &pool).await?);
+            let pool = tally::engine::runner::connect_pg(&cfg).await?;
+            print!("{}", tally::cli::report::report(&cfg, &pool).await?);
         }
         Command::ResetOffsets {
             topic,
@@ -304,17 +304,17 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             to,
             yes,
         } => {
-            let args = tally::cli_reset::ResetArgs {
+            let args = tally::cli::reset::ResetArgs {
                 topic,
                 partition,
                 to,
                 yes,
             };
-            print!("{}", tally::cli_reset::run(&cfg, &args).await?);
+            print!("{}", tally::cli::reset::run(&cfg, &args).await?);
         }
         Command::WaitIdle { timeout } => {
-            let pool = tally::runner::connect_pg(&cfg).await?;
-            if !tally::report::wait_idle(&cfg, &pool, Duration::from_secs(timeout)).await? {
+            let pool = tally::engine::runner::connect_pg(&cfg).await?;
+            if !tally::cli::report::wait_idle(&cfg, &pool, Duration::from_secs(timeout)).await? {
                 bail!("the pipeline did not catch up within {timeout} s");
             }
             println!("caught up");

@@ -26,9 +26,9 @@ pub struct Metrics {
     pub stage_micros_total: [AtomicU64; 7],
     progress: Mutex<Progress>,
     /// Circuit breakers and retry counts per sink (`breaker.rs`).
-    pub sinks: crate::breaker::SinkBreakers,
+    pub sinks: crate::engine::breaker::SinkBreakers,
     /// Whether the violation relay runs and progresses (`health.rs`).
-    pub relay: crate::health::RelayHealth,
+    pub relay: crate::engine::health::RelayHealth,
     pub relay_restarts_total: AtomicU64,
     /// Gauge: violations in the outbox not yet published (read from Postgres).
     pub violations_unpublished: AtomicU64,

@@ -185,10 +185,10 @@ pub async fn test_env_on(
     }
     env.push(("TALLY__CLICKHOUSE__URL".into(), ch_url.to_string()));
     let cfg = Config::load_from(None, &env).context("test config")?;
-    let pool = tally::runner::connect_pg(&cfg).await?;
-    tally::migrate::postgres(&pool).await?;
-    tally::migrate::clickhouse(&cfg).await?;
-    tally::migrate::topics(&cfg).await?;
+    let pool = tally::engine::runner::connect_pg(&cfg).await?;
+    tally::cli::migrate::postgres(&pool).await?;
+    tally::cli::migrate::clickhouse(&cfg).await?;
+    tally::cli::migrate::topics(&cfg).await?;
     Ok(TestEnv {
         name: name.into(),
         cfg,
@@ -199,7 +199,7 @@ pub async fn test_env_on(
 
 impl TestEnv {
     pub async fn seed(&self, world: &World) -> anyhow::Result<()> {
-        tally::seed::seed(&self.pool, world).await?;
+        tally::cli::seed::seed(&self.pool, world).await?;
         Ok(())
     }
 
@@ -265,8 +265,8 @@ impl TestEnv {
         Ok(cmd.spawn()?)
     }
 
-    pub fn ch(&self) -> tally::sink_clickhouse::ClickHouseSink {
-        tally::sink_clickhouse::ClickHouseSink::new(&self.cfg.clickhouse)
+    pub fn ch(&self) -> tally::sinks::clickhouse::ClickHouseSink {
+        tally::sinks::clickhouse::ClickHouseSink::new(&self.cfg.clickhouse)
     }
 }
 

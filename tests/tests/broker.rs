@@ -18,8 +18,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
+use tally::engine::registry_client::{Lookup, RegistryClient};
 use tally::errors::StageError;
-use tally::registry_client::{Lookup, RegistryClient};
 use tally_schemas::{
     current_schema_text, detect, encode_confluent, encode_confluent_with, encode_json,
     encode_single_object, encode_single_object_with, sample_audit_event,
@@ -367,7 +367,7 @@ fn decode_as<T: Event + PartialEq + std::fmt::Debug>(
 async fn every_event_type_round_trips_through_the_broker_in_all_three_encodings(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    // test_env creates the topics with tally::migrate::topics (2 partitions).
+    // test_env creates the topics with tally::cli::migrate::topics (2 partitions).
     let env = test_env("broker", 2, &[]).await?;
     let topic = env.cfg.kafka.usage_topic.clone();
     let schema = |s: &str| current_schema_text(s).expect("bundled schema").to_string();

@@ -62,19 +62,19 @@ async fn ch_tables(url: &str, db: &str) -> anyhow::Result<BTreeSet<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_reapply_as_no_ops_and_create_every_table() -> anyhow::Result<()> {
     let env = test_env("migrate", 1, &[]).await?; // migrated once already
-    let again = tally::migrate::postgres(&env.pool)
+    let again = tally::cli::migrate::postgres(&env.pool)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(
         again.is_empty(),
         "second postgres migration applied {again:?}"
     );
-    let n = tally::migrate::clickhouse(&env.cfg)
+    let n = tally::cli::migrate::clickhouse(&env.cfg)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let expected_stmts: usize = tally::migrate::CLICKHOUSE_DDL
+    let expected_stmts: usize = tally::cli::migrate::CLICKHOUSE_DDL
         .iter()
-        .map(|(_, sql)| tally::migrate::statements(sql).len())
+        .map(|(_, sql)| tally::cli::migrate::statements(sql).len())
         .sum();
     assert_eq!(n, expected_stmts);
 
@@ -94,7 +94,7 @@ async fn migrations_reapply_as_no_ops_and_create_every_table() -> anyhow::Result
     );
 
     // A third ClickHouse run changes nothing either.
-    tally::migrate::clickhouse(&env.cfg)
+    tally::cli::migrate::clickhouse(&env.cfg)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(ch_tables(&env.cfg.clickhouse.url, db).await?, ch);
@@ -314,10 +314,10 @@ async fn creating_a_topic_forgets_stale_offsets_of_record() -> anyhow::Result<()
     .execute(&env.pool)
     .await?;
 
-    let created = tally::migrate::topics(&cfg).await?;
+    let created = tally::cli::migrate::topics(&cfg).await?;
     assert!(created.contains(&fresh), "{created:?}");
     assert_eq!(
-        tally::migrate::forget_offsets_of_new_topics(&env.pool, &cfg, &created).await?,
+        tally::cli::migrate::forget_offsets_of_new_topics(&env.pool, &cfg, &created).await?,
         2
     );
     let count = |sql: String| {
@@ -370,10 +370,10 @@ async fn creating_a_topic_forgets_stale_offsets_of_record() -> anyhow::Result<()
         "dead letters of the old incarnation are kept"
     );
     // a second migrate creates nothing and forgets nothing
-    let again = tally::migrate::topics(&cfg).await?;
+    let again = tally::cli::migrate::topics(&cfg).await?;
     assert!(again.is_empty());
     assert_eq!(
-        tally::migrate::forget_offsets_of_new_topics(&env.pool, &cfg, &again).await?,
+        tally::cli::migrate::forget_offsets_of_new_topics(&env.pool, &cfg, &again).await?,
         0
     );
     Ok(())

@@ -10,8 +10,8 @@ use rust_decimal::Decimal;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tally::engine::relay::{self, RelayConfig};
 use tally::metrics::Metrics;
-use tally::relay::{self, RelayConfig};
 use tally_schemas::{encode_json, sample_compliance_violation, ComplianceViolation};
 use tally_tests::*;
 use uuid::Uuid;
@@ -67,7 +67,7 @@ async fn interrupted_publish_is_reconciled_not_repeated() -> anyhow::Result<()> 
     .bind(&ids)
     .execute(&env.pool)
     .await?;
-    let producer = tally::dlq::producer(&env.cfg.kafka.brokers, &[])?;
+    let producer = tally::engine::dlq::producer(&env.cfg.kafka.brokers, &[])?;
     for v in &vs[..6] {
         let payload = encode_json(v);
         let record = rdkafka::producer::FutureRecord::to(&topic)

@@ -20,6 +20,7 @@
 
 pub mod audit;
 pub mod policy;
+pub mod usage;
 pub mod window;
 
 /// At most `max` bytes of `s`, cut at a character boundary, `…` marking a cut.

@@ -2,7 +2,7 @@
 //! `failed_action_burst`.
 //!
 //! Guarantee: a violation id is derived only from what it is about, with
-//! [`crate::rules::violation_id`]: `personal_data_access` and `privileged_action` once
+//! [`crate::streams::usage::rules::violation_id`]: `personal_data_access` and `privileged_action` once
 //! per (tenant, event id), `failed_action_burst` once per (tenant, actor, event-time
 //! window, window length, threshold). Given the failure count earlier batches left in
 //! a window, any split of the same events into batches raises the same set of ids.
@@ -27,7 +27,7 @@
 
 use super::super::clip;
 use super::super::window::{self, Window};
-use crate::rules::violation_id;
+use crate::streams::usage::rules::violation_id;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;

@@ -5,7 +5,7 @@
 //! each decision's `occurred_at` (the usage rollups' [`bucket_start`]); summing the
 //! rows of any granularity gives exactly the batch's count and evaluation time.
 
-use crate::rollup::{bucket_start, Granularity};
+use crate::streams::usage::rollup::{bucket_start, Granularity};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use tally_schemas::{Decision, Enforcement, PolicyDecision};

@@ -2,7 +2,7 @@
 //! `deny_rate`.
 //!
 //! Guarantee: a violation id is derived only from what it is about, with
-//! [`crate::rules::violation_id`]: `policy_denied` and `unenforced_deny` once per
+//! [`crate::streams::usage::rules::violation_id`]: `policy_denied` and `unenforced_deny` once per
 //! (tenant, decision id), `deny_rate` once per (tenant, policy, event-time window,
 //! window length, threshold). Given the deny count earlier batches left in a window,
 //! any split of the same decisions into batches raises the same set of ids.
@@ -19,7 +19,7 @@
 
 use super::super::clip;
 use super::super::window::{self, Window, WindowStep};
-use crate::rules::violation_id;
+use crate::streams::usage::rules::violation_id;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;

@@ -79,7 +79,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StageError> {
     let timeout_ms = DELIVERY_TIMEOUT.as_millis().to_string();
-    let producer = crate::dlq::producer(&cfg.brokers, &[("message.timeout.ms", &timeout_ms)])?;
+    let producer =
+        crate::engine::dlq::producer(&cfg.brokers, &[("message.timeout.ms", &timeout_ms)])?;
     // Recorded with each attempt, for operators: which process claimed what.
     let host = std::env::var("HOSTNAME")
         .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
@@ -258,7 +259,7 @@ async fn publish_once(
     let Some((attempt_id, violations)) = claim(cfg, pool, owner, &ends).await? else {
         return Ok(0);
     };
-    crate::failpoint::hit("relay_before_send").await?;
+    crate::engine::failpoint::hit("relay_before_send").await?;
     let mut pending = Vec::with_capacity(violations.len());
     let mut enqueue_error = None;
     for v in &violations {
@@ -309,7 +310,7 @@ async fn publish_once(
     if let Some(e) = enqueue_error {
         return Err(e);
     }
-    crate::failpoint::hit("relay_after_publish").await?;
+    crate::engine::failpoint::hit("relay_after_publish").await?;
     let mut tx = pool.begin().await.map_err(pg("relay mark begin"))?;
     let ours: Option<i64> = sqlx::query_scalar(
         "SELECT attempt_id FROM tally.relay_attempts WHERE attempt_id = $1 FOR UPDATE",

@@ -6,10 +6,10 @@
 //! once. The claim (phase 1) records the batch range and which event ids this
 //! batch owns, so a replay after a crash rebuilds the very same batch.
 
-use crate::enrich::{Enriched, Reference};
 use crate::errors::{pg, StageError};
-use crate::rollup::spend_daily;
-use crate::rules::{self, QuotaKind};
+use crate::streams::usage::enrich::{Enriched, Reference};
+use crate::streams::usage::rollup::spend_daily;
+use crate::streams::usage::rules::{self, QuotaKind};
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPool;
@@ -17,7 +17,7 @@ use sqlx::Row;
 use std::collections::{BTreeMap, HashSet};
 use tally_schemas::ComplianceViolation;
 
-pub use crate::claim::{ClaimInput, Claimed, PartitionState, PendingBatch};
+pub use crate::engine::claim::{ClaimInput, Claimed, PartitionState, PendingBatch};
 
 /// A message that goes to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl Ledger {
     pub async fn flag_over_quota(
         &self,
         events: &mut [Enriched],
-        reference: &crate::enrich::Reference,
+        reference: &crate::streams::usage::enrich::Reference,
     ) -> Result<(), StageError> {
         let keys: Vec<(String, DateTime<Utc>)> = events
             .iter()
@@ -112,9 +112,9 @@ impl Ledger {
             .map(|e| {
                 (
                     e.event.tenant_id.clone(),
-                    crate::rollup::bucket_start(
+                    crate::streams::usage::rollup::bucket_start(
                         e.event.occurred_at,
-                        crate::rollup::Granularity::Minute,
+                        crate::streams::usage::rollup::Granularity::Minute,
                     ),
                 )
             })
@@ -131,9 +131,9 @@ impl Ledger {
             };
             let key = (
                 e.event.tenant_id.clone(),
-                crate::rollup::bucket_start(
+                crate::streams::usage::rollup::bucket_start(
                     e.event.occurred_at,
-                    crate::rollup::Granularity::Minute,
+                    crate::streams::usage::rollup::Granularity::Minute,
                 ),
             );
             let c = counts.entry(key).or_insert((0, 0));
@@ -185,7 +185,8 @@ impl Ledger {
         let mut tx = self.pool.begin().await.map_err(pg("commit begin"))?;
 
         // Fence: the partition's epoch must still be ours, the batch still pending.
-        crate::ownership::check_epoch_in(&mut tx, &self.partition_key(partition), epoch).await?;
+        crate::engine::ownership::check_epoch_in(&mut tx, &self.partition_key(partition), epoch)
+            .await?;
         let done = sqlx::query(
             "UPDATE tally.batches SET state = 'done', done_at = now(), events = $2 \
              WHERE batch_id = $1 AND state = 'pending'",
@@ -295,7 +296,7 @@ impl Ledger {
             c.unpriced.push(t.unpriced_requests);
         }
         sqlx::query(include_str!(
-            "../../sql/postgres/queries/upsert_spend_daily.sql"
+            "../../../sql/postgres/queries/upsert_spend_daily.sql"
         ))
         .bind(&c.day)
         .bind(&c.tenant)
@@ -332,9 +333,9 @@ impl Ledger {
             if t.requests_per_minute.is_none() && t.tokens_per_minute.is_none() {
                 continue;
             }
-            let minute = crate::rollup::bucket_start(
+            let minute = crate::streams::usage::rollup::bucket_start(
                 e.event.occurred_at,
-                crate::rollup::Granularity::Minute,
+                crate::streams::usage::rollup::Granularity::Minute,
             );
             groups
                 .entry((e.event.tenant_id.clone(), minute))
@@ -478,7 +479,7 @@ impl Ledger {
         .into_iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
-        crate::failpoint::hit("commit_after_budget_read").await?;
+        crate::engine::failpoint::hit("commit_after_budget_read").await?;
         let mut out = Vec::new();
         let mut deltas = Vec::new();
         for ((i, start), evs) in &groups {
@@ -541,7 +542,7 @@ async fn insert_violations(
     let mut seen = HashSet::new();
     let vs: Vec<&ComplianceViolation> = vs.iter().filter(|v| seen.insert(v.violation_id)).collect();
     let r = sqlx::query(include_str!(
-        "../../sql/postgres/queries/insert_violations.sql"
+        "../../../sql/postgres/queries/insert_violations.sql"
     ))
     .bind(vs.iter().map(|v| v.violation_id).collect::<Vec<_>>())
     .bind(vs.iter().map(|v| v.rule.clone()).collect::<Vec<_>>())

@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::errors::{classify_ch, pg, StageError};
-use crate::sink_clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::ClickHouseSink;
 use clickhouse::Row;
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -126,7 +126,8 @@ pub async fn wait_idle(cfg: &Config, pool: &PgPool, timeout: Duration) -> Result
     let deadline = Instant::now() + timeout;
     let mut stable = 0;
     while Instant::now() < deadline {
-        let ends = crate::relay::end_offsets(&cfg.kafka.brokers, &cfg.kafka.usage_topic).await?;
+        let ends =
+            crate::engine::relay::end_offsets(&cfg.kafka.brokers, &cfg.kafka.usage_topic).await?;
         let offsets: Vec<(i32, i64)> = sqlx::query_as(
             "SELECT partition, next_offset FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2",
         )

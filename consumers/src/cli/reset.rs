@@ -8,9 +8,9 @@
 //! (ClickHouse rows, claimed ids, the batch; see `offsets_reset`).
 
 use crate::config::Config;
+use crate::engine::offsets_reset::{self, partition_lock_key, PendingRow};
 use crate::errors::{pg, StageError};
-use crate::offsets_reset::{self, partition_lock_key, PendingRow};
-use crate::sink_clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::ClickHouseSink;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::Connection;
 use std::collections::BTreeMap;
@@ -87,9 +87,9 @@ pub async fn run(cfg: &Config, args: &ResetArgs) -> Result<String, StageError> {
         .await
         .map_err(|e| StageError::Fatal(format!("reading watermarks: {e}")))??;
 
-    let pool = crate::runner::connect_pg(cfg).await?;
+    let pool = crate::engine::runner::connect_pg(cfg).await?;
     // Hold every partition's lock for the whole reset: no instance consumes them.
-    let mut locks = sqlx::PgConnection::connect_with(&crate::runner::pg_options(cfg)?)
+    let mut locks = sqlx::PgConnection::connect_with(&crate::engine::runner::pg_options(cfg)?)
         .await
         .map_err(pg("advisory lock connection"))?;
     for p in watermarks.keys() {

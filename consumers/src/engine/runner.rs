@@ -6,13 +6,13 @@
 //! the deadline. Anything cut short is safe: Postgres state is the truth.
 
 use crate::config::Config;
+use crate::engine::ledger::Ledger;
+use crate::engine::pipeline::Pipeline;
+use crate::engine::reference::{self, SharedReference};
+use crate::engine::relay::RelayConfig;
 use crate::errors::StageError;
-use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
-use crate::reference::{self, SharedReference};
-use crate::relay::RelayConfig;
-use crate::sink_clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::ClickHouseSink;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -96,7 +96,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
         );
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::health::serve(listen, m, stall, stop).await {
+            if let Err(e) = crate::engine::health::serve(listen, m, stall, stop).await {
                 tracing::error!(error = %e, "health server failed");
             }
         }));
@@ -108,7 +108,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
             postgres_url: cfg.postgres.url.clone(),
             batch: 1000,
         };
-        tokio::spawn(crate::relay_watch::supervise(
+        tokio::spawn(crate::engine::relay_watch::supervise(
             rc,
             pool.clone(),
             metrics.clone(),

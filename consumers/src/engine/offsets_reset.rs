@@ -14,7 +14,7 @@
 //! offsets of record.
 
 use crate::errors::{pg, StageError};
-use crate::sink_clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::ClickHouseSink;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use sqlx::postgres::PgPool;
 use sqlx::Row;
@@ -143,12 +143,12 @@ pub async fn fence_out(
         return Ok(());
     }
     for b in batches {
-        let key = crate::ownership::PartitionKey {
+        let key = crate::engine::ownership::PartitionKey {
             group: b.group.clone(),
             topic: b.topic.clone(),
             partition: b.partition,
         };
-        crate::ownership::take_epoch(pool, &key, "tally reset-offsets").await?;
+        crate::engine::ownership::take_epoch(pool, &key, "tally reset-offsets").await?;
     }
     tokio::time::sleep(grace).await;
     Ok(())

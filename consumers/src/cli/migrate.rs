@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::errors::StageError;
-use crate::sink_clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::ClickHouseSink;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -15,27 +15,27 @@ use std::time::Duration;
 pub const CLICKHOUSE_DDL: [(&str, &str); 6] = [
     (
         "001_database.sql",
-        include_str!("../../sql/clickhouse/001_database.sql"),
+        include_str!("../../../sql/clickhouse/001_database.sql"),
     ),
     (
         "002_usage_events.sql",
-        include_str!("../../sql/clickhouse/002_usage_events.sql"),
+        include_str!("../../../sql/clickhouse/002_usage_events.sql"),
     ),
     (
         "003_usage_1m.sql",
-        include_str!("../../sql/clickhouse/003_usage_1m.sql"),
+        include_str!("../../../sql/clickhouse/003_usage_1m.sql"),
     ),
     (
         "004_usage_1h.sql",
-        include_str!("../../sql/clickhouse/004_usage_1h.sql"),
+        include_str!("../../../sql/clickhouse/004_usage_1h.sql"),
     ),
     (
         "005_usage_1d.sql",
-        include_str!("../../sql/clickhouse/005_usage_1d.sql"),
+        include_str!("../../../sql/clickhouse/005_usage_1d.sql"),
     ),
     (
         "006_policy_audit.sql",
-        include_str!("../../sql/clickhouse/006_policy_audit.sql"),
+        include_str!("../../../sql/clickhouse/006_policy_audit.sql"),
     ),
 ];
 
@@ -142,7 +142,7 @@ pub async fn forget_offsets_of_new_topics(
     }
     let ch = ClickHouseSink::new(&cfg.clickhouse);
     let grace = std::time::Duration::from_millis(cfg.pipeline.takeover_grace_ms);
-    crate::offsets_reset::forget_topics(pool, &ch, created, grace).await
+    crate::engine::offsets_reset::forget_topics(pool, &ch, created, grace).await
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 //! bucketed by the event's `occurred_at` (so a late event lands in its own
 //! bucket); summing rollup rows over any key gives exactly the raw totals.
 
-use crate::cost::Tokens;
-use crate::enrich::Enriched;
+use crate::streams::usage::cost::Tokens;
+use crate::streams::usage::enrich::Enriched;
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Timelike, Utc};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
@@ -132,7 +132,7 @@ pub fn spend_daily(events: &[Enriched]) -> Vec<(SpendKey<'_>, Totals)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::tests::enriched;
+    use crate::streams::usage::enrich::tests::enriched;
     use proptest::prelude::*;
 
     #[test]

@@ -8,9 +8,9 @@
 //! dedup key is (tenant, event id), and a key already claimed with another
 //! payload fingerprint is a conflict (dead-lettered), never silently dropped.
 
+use crate::engine::ledger::Ledger;
+use crate::engine::ownership::{check_epoch_in, PartitionKey};
 use crate::errors::{classify_pg, pg, StageError};
-use crate::ledger::Ledger;
-use crate::ownership::{check_epoch_in, PartitionKey};
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use std::collections::HashSet;

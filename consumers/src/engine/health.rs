@@ -204,17 +204,17 @@ mod tests {
         m.relay.progressed();
         let stall = Duration::from_secs(60);
         assert!(not_ready(&m, stall).is_empty());
-        let p = crate::breaker::Policy {
+        let p = crate::engine::breaker::Policy {
             open_after_failures: 1,
             open_after: Duration::from_secs(60),
             max_backoff: Duration::from_secs(1),
         };
         m.sinks
-            .failure(crate::breaker::Sink::ClickHouse, Instant::now(), &p);
+            .failure(crate::engine::breaker::Sink::ClickHouse, Instant::now(), &p);
         let problems = not_ready(&m, stall);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("clickhouse"), "{problems:?}");
-        m.sinks.success(crate::breaker::Sink::ClickHouse);
+        m.sinks.success(crate::engine::breaker::Sink::ClickHouse);
         assert!(not_ready(&m, stall).is_empty());
     }
 }

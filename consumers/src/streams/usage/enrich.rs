@@ -8,7 +8,7 @@
 //! book, its reported cost is not compared (`currency_mismatch`, a violation
 //! downstream), and nothing is ever added across currencies.
 
-use crate::cost::{cost_of, is_mismatch, PriceBook, Tokens};
+use crate::streams::usage::cost::{cost_of, is_mismatch, PriceBook, Tokens};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -164,7 +164,7 @@ pub fn enrich(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::cost::PriceVersion;
+    use crate::streams::usage::cost::PriceVersion;
     use chrono::TimeZone;
     use std::str::FromStr;
 

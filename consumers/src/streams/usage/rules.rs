@@ -6,7 +6,7 @@
 //! subject, window, threshold), never from time or randomness, so replaying any
 //! batch can only ever re-derive the same id; storage dedups on it.
 
-use crate::enrich::{Budget, BudgetPeriod, Enriched};
+use crate::streams::usage::enrich::{Budget, BudgetPeriod, Enriched};
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
 use tally_schemas::{ComplianceViolation, Severity};

@@ -18,20 +18,20 @@
 //! while holding its Postgres advisory lock, so two instances never work on one
 //! partition at once, even mid-rebalance.
 
-use crate::batch::{BatchResult, BatchRunner, BatchWork};
-use crate::breaker::Sink;
 use crate::config::Config;
-use crate::decode::UsageDecoding;
-use crate::dlq;
+use crate::engine::batch::{BatchResult, BatchRunner, BatchWork};
+use crate::engine::breaker::Sink;
+use crate::engine::decode::UsageDecoding;
+use crate::engine::dlq;
+use crate::engine::fairness::Fairness;
+use crate::engine::ledger::{Ledger, PendingBatch};
+use crate::engine::offsets_reset;
+use crate::engine::rebalance::{RebalanceLog, TallyContext};
+use crate::engine::reference::SharedReference;
+use crate::engine::retry::backoff;
 use crate::errors::StageError;
-use crate::fairness::Fairness;
-use crate::ledger::{Ledger, PendingBatch};
 use crate::metrics::Metrics;
-use crate::offsets_reset;
-use crate::rebalance::{RebalanceLog, TallyContext};
-use crate::reference::SharedReference;
-use crate::retry::backoff;
-use crate::sink_clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::ClickHouseSink;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -159,7 +159,7 @@ impl Pipeline {
             metrics: metrics.clone(),
             tolerance: cfg.cost_mismatch_tolerance(),
             replay_reference: std::sync::Mutex::new(None),
-            breaker: crate::breaker::Policy::from_config(&cfg),
+            breaker: crate::engine::breaker::Policy::from_config(&cfg),
         });
         let host = std::env::var("HOSTNAME").unwrap_or_default();
         let owner = format!(
@@ -380,7 +380,7 @@ impl Pipeline {
                 self.lock_conn_dead = false;
                 self.lock_retry = None;
                 self.held.clear();
-                crate::breaker::answered(&self.metrics, Sink::Postgres, "lock reconnect");
+                crate::engine::breaker::answered(&self.metrics, Sink::Postgres, "lock reconnect");
             }
             failed => {
                 let e = match failed {
@@ -391,7 +391,7 @@ impl Pipeline {
                     return Err(e);
                 }
                 let policy = self.runner.breaker;
-                crate::breaker::failed(
+                crate::engine::breaker::failed(
                     &self.metrics,
                     &policy,
                     Sink::Postgres,
@@ -401,7 +401,7 @@ impl Pipeline {
                 );
                 let mut delays = match self.lock_retry.take() {
                     Some((_, d)) => d,
-                    None => Box::new(crate::breaker::probe_backoff(policy.max_backoff)),
+                    None => Box::new(crate::engine::breaker::probe_backoff(policy.max_backoff)),
                 };
                 let d = delays.next().unwrap_or(policy.max_backoff);
                 tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "advisory lock reconnect: retrying");
@@ -458,11 +458,14 @@ impl Pipeline {
             return Ok(false);
         }
         self.held.insert(p);
-        crate::failpoint::hit("take_ownership_after_lock").await?;
+        crate::engine::failpoint::hit("take_ownership_after_lock").await?;
         let ledger = &self.runner.ledger;
-        let epoch =
-            crate::ownership::take_epoch(ledger.pool(), &ledger.partition_key(p), &self.owner)
-                .await?;
+        let epoch = crate::engine::ownership::take_epoch(
+            ledger.pool(),
+            &ledger.partition_key(p),
+            &self.owner,
+        )
+        .await?;
         let state = self.runner.ledger.partition_state(p).await?;
         let need = state
             .next_offset
@@ -923,5 +926,5 @@ impl Pipeline {
 /// Options of the connection that holds the partition locks; named so that
 /// operators (and tests) can find it in `pg_stat_activity`.
 fn lock_options(cfg: &Config) -> Result<sqlx::postgres::PgConnectOptions, StageError> {
-    Ok(crate::runner::pg_options(cfg)?.application_name("tally-locks"))
+    Ok(crate::engine::runner::pg_options(cfg)?.application_name("tally-locks"))
 }

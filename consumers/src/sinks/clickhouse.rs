@@ -17,9 +17,9 @@
 //! Every insert is preceded by the batch's ownership fence (`ownership.rs`).
 
 use crate::config::ClickHouseConfig;
-use crate::enrich::Enriched;
 use crate::errors::{classify_ch, StageError};
-use crate::rollup::{rollup, Granularity};
+use crate::streams::usage::enrich::Enriched;
+use crate::streams::usage::rollup::{rollup, Granularity};
 use chrono::{DateTime, Datelike, Utc};
 use clickhouse::Row;
 use rust_decimal::Decimal;
@@ -230,7 +230,7 @@ impl ClickHouseSink {
         batch_id: u64,
         events: &[Enriched],
         verify_first: bool,
-        fence: &crate::ownership::Fence,
+        fence: &crate::engine::ownership::Fence,
     ) -> Result<WriteOutcome, StageError> {
         let mut outcome = WriteOutcome::default();
         if events.is_empty() {
@@ -289,7 +289,7 @@ impl ClickHouseSink {
         batch_id: u64,
         parts: Vec<(u32, Vec<T>)>,
         verify_first: bool,
-        fence: &crate::ownership::Fence,
+        fence: &crate::engine::ownership::Fence,
     ) -> Result<TableOutcome, StageError>
     where
         T: clickhouse::RowWrite + for<'a> Row<Value<'a> = T> + PartKey,
@@ -297,7 +297,7 @@ impl ClickHouseSink {
         let mut out = TableOutcome::default();
         for (i, (yyyymm, rows)) in parts.iter().enumerate() {
             if i > 0 {
-                crate::failpoint::hit("between_insert_parts").await?;
+                crate::engine::failpoint::hit("between_insert_parts").await?;
             }
             let query_id = self.query_id(table, batch_id, *yyyymm);
             let expected = rows.len() as u64;
@@ -332,7 +332,7 @@ impl ClickHouseSink {
                 }
             }
             if out.parts_written == 0 {
-                crate::failpoint::hit("before_clickhouse_insert").await?;
+                crate::engine::failpoint::hit("before_clickhouse_insert").await?;
             }
             fence.check().await?;
             self.insert(table, &query_id, rows.iter()).await?;
@@ -340,7 +340,7 @@ impl ClickHouseSink {
             out.rows_written += expected;
         }
         if out.parts_written > 0 {
-            crate::failpoint::hit("after_clickhouse_table").await?;
+            crate::engine::failpoint::hit("after_clickhouse_table").await?;
         }
         Ok(out)
     }
@@ -745,7 +745,7 @@ mod tests {
     /// into one part per month, and the parts hold all the table's rows.
     #[test]
     fn a_month_spanning_batch_is_cut_into_two_parts_per_table() {
-        use crate::enrich::tests::enriched;
+        use crate::streams::usage::enrich::tests::enriched;
         // -7200 s .. +7200 s around 2026-01-01T00:00:00Z, one event a minute.
         let events: Vec<Enriched> = (-120i64..120)
             .map(|m| enriched("t1", "m1", m * 60 + 7, 100, 10, Decimal::ONE))

@@ -7,18 +7,18 @@
 //! and a replay decides exactly what the first attempt decided (same dedup
 //! clock and cutoff, same reference snapshot, same claimed keys).
 
-use crate::breaker::{self, Sink};
-use crate::claim::{dedup_key, fingerprint, ClaimInput, KeyClaim, PendingBatch};
 use crate::config::Config;
-use crate::decode::{Decoded, UsageDecoding};
-use crate::dlq::{self, Poison};
-use crate::enrich::{enrich, Enriched, Reference};
+use crate::engine::breaker::{self, Sink};
+use crate::engine::claim::{dedup_key, fingerprint, ClaimInput, KeyClaim, PendingBatch};
+use crate::engine::decode::{Decoded, UsageDecoding};
+use crate::engine::dlq::{self, Poison};
+use crate::engine::ledger::{CommitInput, DeadLetter, Ledger};
+use crate::engine::ownership::Fence;
+use crate::engine::reference::SharedReference;
 use crate::errors::StageError;
-use crate::ledger::{CommitInput, DeadLetter, Ledger};
 use crate::metrics::Metrics;
-use crate::ownership::Fence;
-use crate::reference::SharedReference;
-use crate::sink_clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::ClickHouseSink;
+use crate::streams::usage::enrich::{enrich, Enriched, Reference};
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Timestamp};
@@ -112,7 +112,7 @@ impl BatchRunner {
             .collect();
         self.dead_letter(p, &w.msgs, &poison, &mut dead).await?;
         if !poison.is_empty() {
-            crate::failpoint::hit("after_dlq_ack").await?;
+            crate::engine::failpoint::hit("after_dlq_ack").await?;
         }
 
         // In-batch re-sends: the first occurrence wins; another payload under
@@ -152,7 +152,7 @@ impl BatchRunner {
             || self.ledger.claim(&input),
         )
         .await?;
-        crate::failpoint::hit("after_claim").await?;
+        crate::engine::failpoint::hit("after_claim").await?;
         let batch = claimed.batch;
         if w.replay.is_some() {
             self.metrics.add(&self.metrics.batches_replayed_total, 1);
@@ -227,7 +227,7 @@ impl BatchRunner {
             },
         )
         .await?;
-        crate::failpoint::hit("after_clickhouse").await?;
+        crate::engine::failpoint::hit("after_clickhouse").await?;
         self.metrics.add(
             &self.metrics.clickhouse_rows_written_total,
             outcome.rows_written,
@@ -250,7 +250,7 @@ impl BatchRunner {
             epoch: w.epoch,
             dedup_cutoff: cutoff,
         };
-        crate::failpoint::hit("before_commit").await?;
+        crate::engine::failpoint::hit("before_commit").await?;
         let committed = breaker::call(
             &self.metrics,
             &self.breaker,
@@ -259,7 +259,7 @@ impl BatchRunner {
             || self.commit_once(p, batch, &input),
         )
         .await?;
-        crate::failpoint::hit("after_commit").await?;
+        crate::engine::failpoint::hit("after_commit").await?;
         self.metrics.stage(5, t);
         let violations = committed.map(|c| c.violations_new).unwrap_or(0);
         let m = &self.metrics;
@@ -293,7 +293,7 @@ impl BatchRunner {
         p: i32,
         batch: PendingBatch,
         input: &CommitInput<'_>,
-    ) -> Result<Option<crate::ledger::CommitOutcome>, StageError> {
+    ) -> Result<Option<crate::engine::ledger::CommitOutcome>, StageError> {
         match self.ledger.commit(p, batch, input).await {
             Ok(o) => Ok(Some(o)),
             Err(e @ StageError::Retryable(_)) => match self.ledger.batch_done(batch.batch_id).await
@@ -335,7 +335,7 @@ impl BatchRunner {
                 &self.breaker,
                 Sink::Postgres,
                 "load reference snapshot",
-                || crate::reference::load_snapshot(&pool, &version),
+                || crate::engine::reference::load_snapshot(&pool, &version),
             )
             .await?,
         );

@@ -11,9 +11,9 @@
 //! prices are in the book currency (`tally.price_book`; Postgres rejects a price
 //! row in another currency, and a snapshot holding one is refused, naming it).
 
-use crate::cost::{PriceBook, PriceVersion};
-use crate::enrich::{Budget, BudgetPeriod, Reference, TenantInfo};
 use crate::errors::{pg, StageError};
+use crate::streams::usage::cost::{PriceBook, PriceVersion};
+use crate::streams::usage::enrich::{Budget, BudgetPeriod, Reference, TenantInfo};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};

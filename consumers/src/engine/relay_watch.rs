@@ -7,9 +7,9 @@
 //! restart never publishes a violation twice. `tally_violations_unpublished`
 //! is read from Postgres every few seconds, whether the relay works or not.
 
+use crate::engine::relay::{self, RelayConfig};
 use crate::errors::StageError;
 use crate::metrics::Metrics;
-use crate::relay::{self, RelayConfig};
 use sqlx::postgres::PgPool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

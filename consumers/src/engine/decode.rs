@@ -9,10 +9,10 @@
 //! exactly as before.
 
 use crate::config::Config;
+use crate::engine::registry_client::RegistryClient;
+use crate::engine::retry::retry;
 use crate::errors::StageError;
 use crate::metrics::Metrics;
-use crate::registry_client::RegistryClient;
-use crate::retry::retry;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use std::time::Duration;
 use tally_schemas::{Decoder, UsageEvent, WireFormat};

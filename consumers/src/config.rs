@@ -362,6 +362,29 @@ impl Config {
         Ok(())
     }
 
+    /// The consumer group of a stream: `kafka.group_id` for usage,
+    /// `<kafka.group_id>.<stream>` for the others (each stream rebalances on its own).
+    pub fn group_for(&self, stream: &str) -> String {
+        if stream == "usage" {
+            self.kafka.group_id.clone()
+        } else {
+            format!("{}.{stream}", self.kafka.group_id)
+        }
+    }
+
+    /// Which stream reads `topic` (None: not an input topic).
+    pub fn stream_of_topic(&self, topic: &str) -> Option<&'static str> {
+        if topic == self.kafka.usage_topic {
+            Some("usage")
+        } else if topic == self.policy.topic {
+            Some("policy")
+        } else if topic == self.audit.topic {
+            Some("audit")
+        } else {
+            None
+        }
+    }
+
     /// `tally run` with the audit stream on needs both audit keys.
     pub fn require_audit_keys(&self) -> Result<(), ConfigError> {
         if !self.streams.audit {

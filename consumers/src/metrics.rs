@@ -24,7 +24,8 @@ pub struct Metrics {
     pub batch_micros_total: AtomicU64,
     /// Time per stage of a batch, in microseconds (see `STAGES`).
     pub stage_micros_total: [AtomicU64; 7],
-    progress: Mutex<Progress>,
+    /// Progress per stream (`usage`, `policy`, `audit`).
+    progress: Mutex<std::collections::BTreeMap<&'static str, Progress>>,
     /// Circuit breakers and retry counts per sink (`breaker.rs`).
     pub sinks: crate::engine::breaker::SinkBreakers,
     /// Whether the violation relay runs and progresses (`health.rs`).
@@ -72,15 +73,16 @@ impl Metrics {
         c.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Record that work made progress now.
-    pub fn progressed(&self) {
+    /// Record that `stream`'s work made progress now.
+    pub fn progressed(&self, stream: &'static str) {
         if let Ok(mut p) = self.progress.lock() {
-            p.last_progress = Instant::now();
+            p.entry(stream).or_default().last_progress = Instant::now();
         }
     }
 
-    pub fn set_backlog(&self, backlog: bool) {
+    pub fn set_backlog(&self, stream: &'static str, backlog: bool) {
         if let Ok(mut p) = self.progress.lock() {
+            let p = p.entry(stream).or_default();
             if !backlog {
                 p.last_progress = Instant::now();
             }
@@ -88,10 +90,14 @@ impl Metrics {
         }
     }
 
-    /// Healthy unless buffered work has made no progress for `stall_after`.
+    /// Healthy unless some stream's buffered work has made no progress for
+    /// `stall_after`: the longest such stall.
     pub fn stalled_for(&self) -> Option<std::time::Duration> {
         let p = self.progress.lock().ok()?;
-        p.backlog.then(|| p.last_progress.elapsed())
+        p.values()
+            .filter(|p| p.backlog)
+            .map(|p| p.last_progress.elapsed())
+            .max()
     }
 
     pub fn render(&self) -> String {

@@ -9,35 +9,37 @@
 
 use crate::config::Config;
 use crate::engine::breaker::{self, Sink};
-use crate::engine::claim::{dedup_key, fingerprint, ClaimInput, KeyClaim, PendingBatch};
-use crate::engine::decode::{Decoded, UsageDecoding};
+use crate::engine::claim::{ClaimInput, KeyClaim, PendingBatch};
+use crate::engine::decode::{Decoded, Decoding};
 use crate::engine::dlq::{self, Poison};
 use crate::engine::ledger::{CommitInput, DeadLetter, Ledger};
 use crate::engine::ownership::Fence;
 use crate::engine::reference::SharedReference;
+use crate::engine::stream::{BatchCtx, Owned, Stream};
 use crate::errors::StageError;
 use crate::metrics::Metrics;
 use crate::sinks::clickhouse::ClickHouseSink;
-use crate::streams::usage::enrich::{enrich, Enriched, Reference};
+use crate::streams::usage::enrich::Reference;
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Timestamp};
-use rust_decimal::Decimal;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tally_schemas::UsageEvent;
 use uuid::Uuid;
 
-pub struct BatchRunner {
+pub struct BatchRunner<S: Stream> {
+    pub stream: Arc<S>,
+    /// The stream's source and dead-letter topics.
+    pub topic: String,
+    pub dlq_topic: String,
     pub cfg: Config,
     pub ledger: Ledger,
     pub ch: ClickHouseSink,
     pub dlq: rdkafka::producer::FutureProducer,
-    pub decoding: UsageDecoding,
+    pub decoding: Decoding,
     pub reference: SharedReference,
     pub metrics: Arc<Metrics>,
-    pub tolerance: Decimal,
     /// When a sink's circuit opens (sink steps retry until the sink answers).
     pub breaker: breaker::Policy,
     /// The last reference snapshot loaded for a replay (by version).
@@ -68,14 +70,15 @@ pub struct BatchResult {
 type DeadItem = (usize, &'static str, String);
 
 /// A decoded event that survived in-batch dedup, with its message index.
-struct Candidate {
-    event: UsageEvent,
+struct Candidate<E> {
+    event: E,
     msg: usize,
     key: Uuid,
     fingerprint: i64,
+    occurred_at: DateTime<Utc>,
 }
 
-impl BatchRunner {
+impl<S: Stream> BatchRunner<S> {
     /// Runs one batch through the state machine.
     pub async fn process_batch(&self, w: BatchWork) -> Result<BatchResult, StageError> {
         let p = w.partition;
@@ -93,7 +96,7 @@ impl BatchRunner {
             let payload = m.payload().unwrap_or_default();
             decoded.push(
                 self.decoding
-                    .decode(payload, clock, cutoff, &self.metrics)
+                    .decode(&*self.stream, payload, clock, cutoff, &self.metrics)
                     .await?,
             );
         }
@@ -117,7 +120,8 @@ impl BatchRunner {
 
         // In-batch re-sends: the first occurrence wins; another payload under
         // the same key is a conflict.
-        let (mut candidates, dup_in_batch, in_batch_conflicts) = in_batch_dedup(decoded);
+        let (mut candidates, dup_in_batch, in_batch_conflicts) =
+            in_batch_dedup(&*self.stream, decoded);
         self.dead_letter(p, &w.msgs, &in_batch_conflicts, &mut dead)
             .await?;
         self.metrics.stage(1, t);
@@ -128,7 +132,7 @@ impl BatchRunner {
             .iter()
             .map(|c| KeyClaim {
                 key: c.key,
-                occurred_at: c.event.occurred_at,
+                occurred_at: c.occurred_at,
                 fingerprint: c.fingerprint,
             })
             .collect();
@@ -160,7 +164,10 @@ impl BatchRunner {
         let conflicts: Vec<DeadItem> = candidates
             .iter()
             .filter(|c| claimed.conflicts.contains(&c.key))
-            .map(|c| (c.msg, "dedup_conflict", conflict_message(&c.event, false)))
+            .map(|c| {
+                let why = self.stream.conflict_message(&c.event, false);
+                (c.msg, "dedup_conflict", why)
+            })
             .collect();
         self.dead_letter(p, &w.msgs, &conflicts, &mut dead).await?;
         let before = candidates.len();
@@ -169,18 +176,30 @@ impl BatchRunner {
         self.metrics.stage(2, t);
         t = Instant::now();
 
-        // Enrich against the batch's reference snapshot; flag over-quota events.
-        let mut enriched: Vec<Enriched> = candidates
+        // Enrich against the batch's reference snapshot, then read or reserve
+        // what the records need (retried while Postgres is down; idempotent).
+        let ctx = BatchCtx {
+            partition: p,
+            batch_id: batch.batch_id,
+            epoch: w.epoch,
+            reference: &reference,
+            ledger: &self.ledger,
+            now: Utc::now(),
+        };
+        let owned: Vec<Owned<S::Event>> = candidates
             .into_iter()
-            .map(|c| {
-                let off = w.msgs[c.msg].offset();
-                enrich(c.event, &reference, self.tolerance, p, off)
+            .map(|c| Owned {
+                offset: w.msgs[c.msg].offset(),
+                event: c.event,
+                key: c.key,
             })
             .collect();
-        let mut probe = breaker::Probe::new(&self.metrics, &self.breaker, Sink::Postgres, "quota");
+        let mut records = self.stream.enrich(&ctx, owned);
+        let mut probe =
+            breaker::Probe::new(&self.metrics, &self.breaker, Sink::Postgres, "prepare");
         loop {
             let started = Instant::now();
-            match self.ledger.flag_over_quota(&mut enriched, &reference).await {
+            match self.stream.prepare(&ctx, &mut records).await {
                 Err(e) if e.is_retryable() => probe.failed(started, &e).await,
                 r => {
                     probe.answered();
@@ -213,7 +232,7 @@ impl BatchRunner {
         );
         let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
         let mut attempt = 0u32;
-        let (events_ref, fence_ref) = (&enriched, &fence);
+        let (records_ref, fence_ref) = (&records, &fence);
         let outcome = breaker::call(
             &self.metrics,
             &self.breaker,
@@ -222,8 +241,8 @@ impl BatchRunner {
             || {
                 let verify = w.replay.is_some() || attempt > 0;
                 attempt += 1;
-                self.ch
-                    .write_usage_batch(batch_id, events_ref, verify, fence_ref)
+                self.stream
+                    .write_clickhouse(&self.ch, batch_id, records_ref, verify, fence_ref)
             },
         )
         .await?;
@@ -241,13 +260,16 @@ impl BatchRunner {
 
         // 4. The single Postgres commit.
         let newest = w.msgs.iter().filter_map(message_time).max();
+        let ctx = BatchCtx {
+            now: Utc::now(),
+            ..ctx
+        };
         let input = CommitInput {
-            events: &enriched,
-            reference: &reference,
+            ctx: &ctx,
+            stream: &*self.stream,
+            records: &records,
             dead: &dead,
             newest_message_at: newest,
-            tolerance: self.tolerance,
-            epoch: w.epoch,
             dedup_cutoff: cutoff,
         };
         crate::engine::failpoint::hit("before_commit").await?;
@@ -264,7 +286,7 @@ impl BatchRunner {
         let violations = committed.map(|c| c.violations_new).unwrap_or(0);
         let m = &self.metrics;
         m.add(&m.batches_committed_total, 1);
-        m.add(&m.events_counted_total, enriched.len() as u64);
+        m.add(&m.events_counted_total, records.len() as u64);
         m.add(&m.events_duplicate_total, duplicates);
         m.add(&m.dead_letters_total, dead.len() as u64);
         m.add(&m.violations_raised_total, violations as u64);
@@ -273,7 +295,8 @@ impl BatchRunner {
             batch_id,
             first,
             last,
-            events = enriched.len(),
+            stream = S::NAME,
+            events = records.len(),
             duplicates,
             dead_letters = dead.len(),
             violations,
@@ -292,7 +315,7 @@ impl BatchRunner {
         &self,
         p: i32,
         batch: PendingBatch,
-        input: &CommitInput<'_>,
+        input: &CommitInput<'_, S>,
     ) -> Result<Option<crate::engine::ledger::CommitOutcome>, StageError> {
         match self.ledger.commit(p, batch, input).await {
             Ok(o) => Ok(Some(o)),
@@ -403,7 +426,7 @@ impl BatchRunner {
                 }
             })
             .collect();
-        let (dlq_topic, src) = (&self.cfg.kafka.dlq_topic, &self.cfg.kafka.usage_topic);
+        let (dlq_topic, src) = (&self.dlq_topic, &self.topic);
         breaker::call(
             &self.metrics,
             &self.breaker,
@@ -428,42 +451,32 @@ fn message_time(m: &OwnedMessage) -> Option<DateTime<Utc>> {
         .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
 }
 
-fn conflict_message(e: &UsageEvent, in_batch: bool) -> String {
-    format!(
-        "event {} of tenant {} was {} with different content; the first one counts",
-        e.event_id,
-        e.tenant_id,
-        if in_batch {
-            "sent earlier in this batch"
-        } else {
-            "counted before"
-        }
-    )
-}
-
-/// Keeps the first occurrence of each (tenant, event id) in the batch; a later
-/// one with the same payload is a duplicate, with another payload a conflict.
+/// Keeps the first occurrence of each dedup key in the batch; a later one
+/// with the same fingerprint is a duplicate, with another a conflict.
 /// Returns the candidates, the duplicate count and the conflicts (message
 /// index, class, reason).
-fn in_batch_dedup(decoded: Vec<Decoded>) -> (Vec<Candidate>, u64, Vec<DeadItem>) {
+fn in_batch_dedup<S: Stream>(
+    stream: &S,
+    decoded: Vec<Decoded<S::Event>>,
+) -> (Vec<Candidate<S::Event>>, u64, Vec<DeadItem>) {
     let mut seen: HashMap<Uuid, i64> = HashMap::new();
     let mut out = Vec::new();
     let mut dups = 0u64;
     let mut conflicts = Vec::new();
     for (i, d) in decoded.into_iter().enumerate() {
         let Decoded::Event(e) = d else { continue };
-        let key = dedup_key(&e.tenant_id, e.event_id);
-        let print = fingerprint(&e);
-        match seen.get(&key) {
-            Some(p) if *p == print => dups += 1,
-            Some(_) => conflicts.push((i, "dedup_conflict", conflict_message(&e, true))),
+        let id = stream.identity(&e);
+        match seen.get(&id.key) {
+            Some(p) if *p == id.fingerprint => dups += 1,
+            Some(_) => conflicts.push((i, "dedup_conflict", stream.conflict_message(&e, true))),
             None => {
-                seen.insert(key, print);
+                seen.insert(id.key, id.fingerprint);
                 out.push(Candidate {
                     event: *e,
                     msg: i,
-                    key,
-                    fingerprint: print,
+                    key: id.key,
+                    fingerprint: id.fingerprint,
+                    occurred_at: id.occurred_at,
                 });
             }
         }

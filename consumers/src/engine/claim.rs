@@ -14,7 +14,6 @@ use crate::errors::{classify_pg, pg, StageError};
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use std::collections::HashSet;
-use tally_schemas::UsageEvent;
 use uuid::Uuid;
 
 /// A batch between its claim and its commit.
@@ -69,26 +68,13 @@ pub struct Claimed {
     pub conflicts: HashSet<Uuid>,
 }
 
-const DEDUP_NS: Uuid = Uuid::from_u128(0x7a11_de00_0000_4000_8000_0000_0000_0001);
-const FINGERPRINT_NS: Uuid = Uuid::from_u128(0x7a11_f1a9_0000_4000_8000_0000_0000_0001);
-
-/// The tenant-scoped dedup key: UUID v5 of (tenant length, tenant, event id).
+/// The usage stream's dedup key (see `engine::stream::scoped_key`).
 pub fn dedup_key(tenant_id: &str, event_id: Uuid) -> Uuid {
-    let mut b = Vec::with_capacity(tenant_id.len() + 20);
-    b.extend_from_slice(&(tenant_id.len() as u32).to_be_bytes());
-    b.extend_from_slice(tenant_id.as_bytes());
-    b.extend_from_slice(event_id.as_bytes());
-    Uuid::new_v5(&DEDUP_NS, &b)
-}
-
-/// Fingerprint of an event's content (every field, whatever the encoding it
-/// arrived in): the first 8 bytes of a UUID v5 over its canonical JSON.
-pub fn fingerprint(e: &UsageEvent) -> i64 {
-    let body = tally_schemas::encode_json(e);
-    let u = Uuid::new_v5(&FINGERPRINT_NS, &body);
-    let mut head = [0u8; 8];
-    head.copy_from_slice(&u.as_bytes()[..8]);
-    i64::from_be_bytes(head)
+    crate::engine::stream::scoped_key(
+        &crate::engine::stream::key_space::USAGE,
+        tenant_id,
+        event_id.as_bytes(),
+    )
 }
 
 fn parse_version(v: Option<String>) -> Option<Uuid> {
@@ -300,13 +286,15 @@ impl Ledger {
         })
     }
 
-    /// Deletes claimed keys older than every partition's applied dedup cutoff
-    /// (nothing while any partition of the topic has not applied one yet).
-    /// Events older than a partition's cutoff are dead-lettered, never
-    /// checked against `seen_events`, so what is deleted is never needed again.
+    /// Deletes this stream's claimed keys older than every one of its
+    /// partitions' applied dedup cutoffs (nothing while any partition has not
+    /// applied one yet). Events older than a partition's cutoff are
+    /// dead-lettered, never checked against `seen_events`, so what is deleted
+    /// is never needed again. Keys of other streams (their own cutoffs) stay.
     pub async fn prune_seen(&self) -> Result<u64, StageError> {
         let r = sqlx::query(
-            "DELETE FROM tally.seen_events WHERE occurred_at < \
+            "DELETE FROM tally.seen_events s USING tally.batches b \
+             WHERE s.batch_id = b.batch_id AND b.group_id = $1 AND b.topic = $2 AND s.occurred_at < \
              (SELECT min(dedup_cutoff) FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2 \
               HAVING bool_and(dedup_cutoff IS NOT NULL))",
         )
@@ -336,11 +324,20 @@ mod tests {
     fn fingerprint_sees_every_field() {
         let e = tally_schemas::sample_usage();
         let mut f = e.clone();
-        assert_eq!(fingerprint(&e), fingerprint(&f));
+        assert_eq!(
+            crate::engine::stream::fingerprint(&e),
+            crate::engine::stream::fingerprint(&f)
+        );
         f.output_tokens += 1;
-        assert_ne!(fingerprint(&e), fingerprint(&f));
+        assert_ne!(
+            crate::engine::stream::fingerprint(&e),
+            crate::engine::stream::fingerprint(&f)
+        );
         let mut g = e.clone();
         g.tags.insert("k".into(), "v".into());
-        assert_ne!(fingerprint(&e), fingerprint(&g));
+        assert_ne!(
+            crate::engine::stream::fingerprint(&e),
+            crate::engine::stream::fingerprint(&g)
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Decode stage: wire format detection, schema lookup, decoding and validation
-//! of `llm.usage.v1` messages.
+//! of one stream's messages (the stream parses; see `Stream::parse`).
 //!
 //! Guarantee: every message ends up either as a valid event or as a poison
 //! verdict with a specific error class; nothing is dropped here. A schema
@@ -11,11 +11,12 @@
 use crate::config::Config;
 use crate::engine::registry_client::RegistryClient;
 use crate::engine::retry::retry;
+use crate::engine::stream::Stream;
 use crate::errors::StageError;
 use crate::metrics::Metrics;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use std::time::Duration;
-use tally_schemas::{Decoder, UsageEvent, WireFormat};
+use tally_schemas::{Decoder, WireFormat};
 
 /// An event may claim to occur at most this long after the batch's dedup
 /// clock (clock skew); later than that it would open future rollup buckets
@@ -23,21 +24,21 @@ use tally_schemas::{Decoder, UsageEvent, WireFormat};
 const FUTURE_TOLERANCE_HOURS: i64 = 24;
 
 /// One decoded message of a batch.
-pub enum Decoded {
-    Event(Box<UsageEvent>),
+pub enum Decoded<E> {
+    Event(Box<E>),
     Poison {
         class: &'static str,
         message: String,
     },
 }
 
-pub struct UsageDecoding {
+pub struct Decoding {
     decoder: Decoder,
     registry: Option<RegistryClient>,
     max_retries: usize,
 }
 
-impl UsageDecoding {
+impl Decoding {
     pub fn new(cfg: &Config) -> Self {
         let registry = (!cfg.registry.url.is_empty()).then(|| {
             RegistryClient::new(
@@ -57,13 +58,14 @@ impl UsageDecoding {
     /// older than the cutoff cannot be checked for re-sends and is poison
     /// (`beyond_dedup_horizon`) rather than a possible double count; one more
     /// than a day after the clock is poison too (`future_timestamp`).
-    pub async fn decode(
+    pub async fn decode<S: Stream>(
         &self,
+        stream: &S,
         payload: &[u8],
         clock: DateTime<Utc>,
         cutoff: DateTime<Utc>,
         metrics: &Metrics,
-    ) -> Result<Decoded, StageError> {
+    ) -> Result<Decoded<S::Event>, StageError> {
         if let (Ok(WireFormat::Confluent { schema_id }), Some(reg)) =
             (tally_schemas::detect(payload), &self.registry)
         {
@@ -75,23 +77,24 @@ impl UsageDecoding {
                 .await?;
             }
         }
-        Ok(match self.decoder.decode::<UsageEvent>(payload) {
+        Ok(match stream.parse(&self.decoder, payload) {
             Ok(e) => {
-                if e.occurred_at > clock + ChronoDuration::hours(FUTURE_TOLERANCE_HOURS) {
+                let occurred_at = stream.occurred_at(&e);
+                if occurred_at > clock + ChronoDuration::hours(FUTURE_TOLERANCE_HOURS) {
                     Decoded::Poison {
                         class: "future_timestamp",
                         message: format!(
                             "occurred_at {} is more than {FUTURE_TOLERANCE_HOURS} h after the dedup clock {}",
-                            e.occurred_at.to_rfc3339(),
+                            occurred_at.to_rfc3339(),
                             clock.to_rfc3339()
                         ),
                     }
-                } else if e.occurred_at < cutoff {
+                } else if occurred_at < cutoff {
                     Decoded::Poison {
                         class: "beyond_dedup_horizon",
                         message: format!(
                             "occurred_at {} is older than the dedup cutoff {} (look-back before the dedup clock {})",
-                            e.occurred_at.to_rfc3339(),
+                            occurred_at.to_rfc3339(),
                             cutoff.to_rfc3339(),
                             clock.to_rfc3339()
                         ),
@@ -100,10 +103,7 @@ impl UsageDecoding {
                     Decoded::Event(Box::new(e))
                 }
             }
-            Err(e) => Decoded::Poison {
-                class: e.class(),
-                message: e.to_string(),
-            },
+            Err((class, message)) => Decoded::Poison { class, message },
         })
     }
 }
@@ -112,7 +112,7 @@ impl UsageDecoding {
 mod tests {
     use super::*;
 
-    fn class_of(d: &Decoded) -> &'static str {
+    fn class_of<E>(d: &Decoded<E>) -> &'static str {
         match d {
             Decoded::Event(_) => "event",
             Decoded::Poison { class, .. } => class,
@@ -122,7 +122,8 @@ mod tests {
     #[tokio::test]
     async fn event_time_must_be_near_the_message_time() {
         let cfg = Config::load_from(None, &[]).expect("defaults");
-        let decoding = UsageDecoding::new(&cfg);
+        let decoding = Decoding::new(&cfg);
+        let stream = crate::streams::usage::UsageStream::new(&cfg);
         let metrics = Metrics::default();
         let now = Utc::now();
         let mut e = tally_schemas::sample_usage();
@@ -131,10 +132,11 @@ mod tests {
             let payload = tally_schemas::encode_json(&e);
             let decoding = &decoding;
             let metrics = &metrics;
+            let stream = &stream;
             async move {
                 class_of(
                     &decoding
-                        .decode(&payload, now, now - ChronoDuration::days(7), metrics)
+                        .decode(stream, &payload, now, now - ChronoDuration::days(7), metrics)
                         .await
                         .expect("decode"),
                 )
@@ -155,7 +157,7 @@ mod tests {
             "beyond_dedup_horizon"
         );
         let garbage = decoding
-            .decode(b"{not json", now, now - ChronoDuration::days(7), &metrics)
+            .decode(&stream, b"{not json", now, now - ChronoDuration::days(7), &metrics)
             .await
             .expect("decode");
         assert_eq!(class_of(&garbage), "invalid_json");

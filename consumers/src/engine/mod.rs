@@ -24,3 +24,4 @@ pub mod relay;
 pub mod relay_watch;
 pub mod retry;
 pub mod runner;
+pub mod stream;

@@ -21,7 +21,7 @@
 use crate::config::Config;
 use crate::engine::batch::{BatchResult, BatchRunner, BatchWork};
 use crate::engine::breaker::Sink;
-use crate::engine::decode::UsageDecoding;
+use crate::engine::decode::Decoding;
 use crate::engine::dlq;
 use crate::engine::fairness::Fairness;
 use crate::engine::ledger::{Ledger, PendingBatch};
@@ -29,6 +29,7 @@ use crate::engine::offsets_reset;
 use crate::engine::rebalance::{RebalanceLog, TallyContext};
 use crate::engine::reference::SharedReference;
 use crate::engine::retry::backoff;
+use crate::engine::stream::Stream;
 use crate::errors::StageError;
 use crate::metrics::Metrics;
 use crate::sinks::clickhouse::ClickHouseSink;
@@ -77,11 +78,13 @@ struct PartState {
     streaming: bool,
 }
 
-pub struct Pipeline {
+pub struct Pipeline<S: Stream> {
+    /// The stream's topic, dead-letter topic and consumer group.
+    route: Route,
     cfg: Config,
     consumer: StreamConsumer<TallyContext>,
     log: Arc<RebalanceLog>,
-    runner: Arc<BatchRunner>,
+    runner: Arc<BatchRunner<S>>,
     in_flight: JoinSet<BatchDone>,
     lock_conn_dead: bool,
     metrics: Arc<Metrics>,
@@ -102,9 +105,11 @@ pub struct Pipeline {
 /// What a finished batch task reports: partition, start, outcome.
 type BatchDone = (i32, Instant, Result<BatchResult, StageError>);
 
-impl Pipeline {
+impl<S: Stream> Pipeline<S> {
     pub async fn new(
         cfg: Config,
+        stream: Arc<S>,
+        route: Route,
         ledger: Ledger,
         ch: ClickHouseSink,
         reference: SharedReference,
@@ -113,7 +118,7 @@ impl Pipeline {
         let log = Arc::new(RebalanceLog::default());
         let ctx = TallyContext {
             log: log.clone(),
-            topic: cfg.kafka.usage_topic.clone(),
+            topic: route.topic.clone(),
         };
         let session = cfg.kafka.session_timeout_ms;
         let mut client = rdkafka::ClientConfig::new();
@@ -122,7 +127,7 @@ impl Pipeline {
         }
         let consumer: StreamConsumer<TallyContext> = client
             .set("bootstrap.servers", &cfg.kafka.brokers)
-            .set("group.id", &cfg.kafka.group_id)
+            .set("group.id", &route.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -143,21 +148,23 @@ impl Pipeline {
             .create_with_context(ctx)
             .map_err(|e| StageError::Fatal(format!("kafka consumer: {e}")))?;
         consumer
-            .subscribe(&[&cfg.kafka.usage_topic])
-            .map_err(|e| StageError::Fatal(format!("subscribe {}: {e}", cfg.kafka.usage_topic)))?;
+            .subscribe(&[&route.topic])
+            .map_err(|e| StageError::Fatal(format!("subscribe {}: {e}", route.topic)))?;
         let dlq = dlq::producer(&cfg.kafka.brokers, &[])?;
         let lock_conn = sqlx::PgConnection::connect_with(&lock_options(&cfg)?)
             .await
             .map_err(|e| crate::errors::classify_pg("advisory lock connection", e))?;
         let runner = Arc::new(BatchRunner {
+            stream,
+            topic: route.topic.clone(),
+            dlq_topic: route.dlq_topic.clone(),
             cfg: cfg.clone(),
             ledger,
             ch,
             dlq,
-            decoding: UsageDecoding::new(&cfg),
+            decoding: Decoding::new(&cfg),
             reference,
             metrics: metrics.clone(),
-            tolerance: cfg.cost_mismatch_tolerance(),
             replay_reference: std::sync::Mutex::new(None),
             breaker: crate::engine::breaker::Policy::from_config(&cfg),
         });
@@ -173,6 +180,7 @@ impl Pipeline {
             std::process::id()
         );
         Ok(Self {
+            route,
             consumer,
             log,
             runner,
@@ -255,8 +263,10 @@ impl Pipeline {
                 lagging = self.lagging();
                 last_lag_check = Instant::now();
             }
-            self.metrics
-                .set_backlog(lagging || self.parts.values().any(|s| !s.buf.is_empty()));
+            self.metrics.set_backlog(
+                S::NAME,
+                lagging || self.parts.values().any(|s| !s.buf.is_empty()),
+            );
             if last_commit.elapsed() >= Duration::from_millis(self.cfg.kafka.commit_interval_ms) {
                 self.commit_kafka_copy();
                 last_commit = Instant::now();
@@ -281,11 +291,7 @@ impl Pipeline {
     }
 
     fn lock_key(&self, partition: i32) -> String {
-        offsets_reset::partition_lock_key(
-            &self.cfg.kafka.group_id,
-            &self.cfg.kafka.usage_topic,
-            partition,
-        )
+        offsets_reset::partition_lock_key(&self.route.group, &self.route.topic, partition)
     }
 
     async fn apply_rebalances(&mut self) -> Result<(), StageError> {
@@ -511,7 +517,7 @@ impl Pipeline {
         if need <= 0 {
             return Ok(());
         }
-        let topic = &self.cfg.kafka.usage_topic;
+        let topic = &self.route.topic;
         let end = tokio::task::block_in_place(|| {
             offsets_reset::confirmed_end_below(&self.consumer, topic, p, need)
         });
@@ -519,7 +525,7 @@ impl Pipeline {
             None => Ok(()),
             Some(end) => {
                 let msg = offsets_reset::past_end_message(
-                    &self.cfg.kafka.group_id,
+                    &self.route.group,
                     topic,
                     p,
                     next_offset,
@@ -533,7 +539,7 @@ impl Pipeline {
     }
 
     async fn accept(&mut self, m: OwnedMessage) -> Result<(), StageError> {
-        if m.topic() != self.cfg.kafka.usage_topic {
+        if m.topic() != self.route.topic {
             return Ok(());
         }
         let p = m.partition();
@@ -610,7 +616,7 @@ impl Pipeline {
             st.eof = false;
         }
         match self.consumer.seek(
-            &self.cfg.kafka.usage_topic,
+            &self.route.topic,
             p,
             Offset::Offset(offset),
             Duration::from_secs(5),
@@ -702,7 +708,7 @@ impl Pipeline {
                     &self.metrics.batch_micros_total,
                     started.elapsed().as_micros() as u64,
                 );
-                self.metrics.progressed();
+                self.metrics.progressed(S::NAME);
                 let mut seek_to = None;
                 if let Some(st) = self.parts.get_mut(&p) {
                     st.record_next = Some(next);
@@ -857,7 +863,7 @@ impl Pipeline {
         };
         if !st.paused {
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.cfg.kafka.usage_topic, p);
+            tpl.add_partition(&self.route.topic, p);
             if self.consumer.pause(&tpl).is_ok() {
                 st.paused = true;
             }
@@ -871,7 +877,7 @@ impl Pipeline {
         st.not_before = None;
         if st.paused {
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.cfg.kafka.usage_topic, p);
+            tpl.add_partition(&self.route.topic, p);
             if self.consumer.resume(&tpl).is_ok() {
                 st.paused = false;
             }
@@ -896,11 +902,7 @@ impl Pipeline {
                     && !drained
                     && self
                         .consumer
-                        .fetch_watermarks(
-                            &self.cfg.kafka.usage_topic,
-                            *p,
-                            Duration::from_millis(500),
-                        )
+                        .fetch_watermarks(&self.route.topic, *p, Duration::from_millis(500))
                         .is_ok_and(|(_, high)| high > st.record_next.unwrap_or(0))
             })
         })
@@ -911,8 +913,7 @@ impl Pipeline {
         let mut tpl = TopicPartitionList::new();
         for (p, st) in &self.parts {
             if let (true, Some(n)) = (st.owned, st.record_next) {
-                let _ =
-                    tpl.add_partition_offset(&self.cfg.kafka.usage_topic, *p, Offset::Offset(n));
+                let _ = tpl.add_partition_offset(&self.route.topic, *p, Offset::Offset(n));
             }
         }
         if tpl.count() > 0 {
@@ -921,6 +922,15 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Where a stream's messages come from and go when they are poison, and the
+/// consumer group that reads them.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group: String,
 }
 
 /// Options of the connection that holds the partition locks; named so that

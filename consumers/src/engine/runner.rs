@@ -7,12 +7,16 @@
 
 use crate::config::Config;
 use crate::engine::ledger::Ledger;
-use crate::engine::pipeline::Pipeline;
+use crate::engine::pipeline::{Pipeline, Route};
 use crate::engine::reference::{self, SharedReference};
 use crate::engine::relay::RelayConfig;
+use crate::engine::stream::Stream;
 use crate::errors::StageError;
 use crate::metrics::Metrics;
 use crate::sinks::clickhouse::ClickHouseSink;
+use crate::streams::audit::AuditStream;
+use crate::streams::policy::PolicyStream;
+use crate::streams::usage::UsageStream;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -42,8 +46,18 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
     let pool = connect_pg(&cfg).await?;
     let metrics = Arc::new(Metrics::default());
     let reference = SharedReference::new(reference::load_and_store(&pool).await?);
-    let ledger = Ledger::new(pool.clone(), &cfg.kafka.group_id, &cfg.kafka.usage_topic);
+    let ledgers: Vec<Ledger> = [
+        (cfg.streams.usage, "usage", &cfg.kafka.usage_topic),
+        (cfg.streams.policy, "policy", &cfg.policy.topic),
+        (cfg.streams.audit, "audit", &cfg.audit.topic),
+    ]
+    .into_iter()
+    .filter(|(on, _, _)| *on)
+    .map(|(_, name, topic)| Ledger::new(pool.clone(), &cfg.group_for(name), topic))
+    .collect();
     let ch = ClickHouseSink::new(&cfg.clickhouse);
+    cfg.require_audit_keys()
+        .map_err(|e| StageError::Fatal(e.to_string()))?;
     tracing::info!(config = ?cfg, "tally run starting");
 
     let mut tasks = Vec::new();
@@ -68,8 +82,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
         }));
     }
     {
-        let (ledger, every) = (
-            ledger.clone(),
+        let (ledgers, every) = (
+            ledgers.clone(),
             Duration::from_millis(cfg.pipeline.prune_interval_ms),
         );
         let mut stop = shutdown.clone();
@@ -79,11 +93,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.changed() => return,
                 }
-                match ledger.prune_seen().await {
-                    Ok(n) => {
-                        tracing::info!(pruned = n, "pruned event ids beyond the dedup look-back")
+                for ledger in &ledgers {
+                    match ledger.prune_seen().await {
+                        Ok(n) => tracing::info!(topic = %ledger.topic, pruned = n, "pruned event ids beyond the dedup look-back"),
+                        Err(e) => tracing::warn!(error = %e, "pruning seen events failed"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "pruning seen events failed"),
                 }
             }
         }));
@@ -116,8 +130,20 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
         ))
     };
 
-    let pipeline = Pipeline::new(cfg, ledger, ch, reference, metrics.clone()).await?;
-    let result = pipeline.run(shutdown.clone()).await;
+    if cfg.streams.audit {
+        let c = crate::streams::audit::checkpointer::Checkpointer {
+            pool: pool.clone(),
+            signer: cfg
+                .audit
+                .signer()
+                .map_err(|e| StageError::Fatal(e.to_string()))?,
+            producer: crate::engine::dlq::producer(&cfg.kafka.brokers, &[])?,
+            topic: cfg.audit.checkpoint_topic.clone(),
+            interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
+        };
+        tasks.push(tokio::spawn(c.run(shutdown.clone())));
+    }
+    let result = run_streams(&cfg, &pool, &ch, &reference, &metrics, shutdown.clone()).await;
     if result.is_err() {
         relay_task.abort();
     } else {
@@ -132,4 +158,123 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
     }
     tracing::info!(metrics = %metrics.render().lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join(", "), "tally run stopped");
     result
+}
+
+/// Runs one pipeline per enabled stream until `shutdown` flips; the first
+/// pipeline to fail stops the others (they drain and commit) and its error is returned.
+async fn run_streams(
+    cfg: &Config,
+    pool: &PgPool,
+    ch: &ClickHouseSink,
+    reference: &SharedReference,
+    metrics: &Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StageError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut outer = shutdown.clone();
+    let forward = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            while outer.changed().await.is_ok() {
+                if *outer.borrow() {
+                    let _ = stop_tx.send(true);
+                    return;
+                }
+            }
+        })
+    };
+    let mut set = tokio::task::JoinSet::new();
+    let parts = Parts {
+        cfg,
+        pool,
+        ch,
+        reference,
+        metrics,
+        stop: &stop_rx,
+    };
+    if cfg.streams.usage {
+        let route = Route {
+            topic: cfg.kafka.usage_topic.clone(),
+            dlq_topic: cfg.kafka.dlq_topic.clone(),
+            group: cfg.group_for("usage"),
+        };
+        set.spawn(
+            parts
+                .pipeline(Arc::new(UsageStream::new(cfg)), route)
+                .await?,
+        );
+    }
+    if cfg.streams.policy {
+        let route = Route {
+            topic: cfg.policy.topic.clone(),
+            dlq_topic: cfg.policy.dlq_topic.clone(),
+            group: cfg.group_for("policy"),
+        };
+        set.spawn(
+            parts
+                .pipeline(Arc::new(PolicyStream::new(cfg)), route)
+                .await?,
+        );
+    }
+    if cfg.streams.audit {
+        let route = Route {
+            topic: cfg.audit.topic.clone(),
+            dlq_topic: cfg.audit.dlq_topic.clone(),
+            group: cfg.group_for("audit"),
+        };
+        let stream = Arc::new(AuditStream::new(cfg).map_err(|e| StageError::Fatal(e.to_string()))?);
+        set.spawn(parts.pipeline(stream, route).await?);
+    }
+    let mut result = Ok(());
+    while let Some(done) = set.join_next().await {
+        let r = done
+            .map_err(|e| StageError::Fatal(format!("pipeline task: {e}")))
+            .and_then(|r| r);
+        if let Err(e) = r {
+            tracing::error!(error = %e, "a stream's pipeline stopped; stopping the others");
+            let _ = stop_tx.send(true);
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    forward.abort();
+    result
+}
+
+/// What every stream's pipeline is built from.
+struct Parts<'a> {
+    cfg: &'a Config,
+    pool: &'a PgPool,
+    ch: &'a ClickHouseSink,
+    reference: &'a SharedReference,
+    metrics: &'a Arc<Metrics>,
+    stop: &'a watch::Receiver<bool>,
+}
+
+impl Parts<'_> {
+    /// A pipeline for `stream`, ready to run as a task.
+    async fn pipeline<S: Stream>(
+        &self,
+        stream: Arc<S>,
+        route: Route,
+    ) -> Result<
+        impl std::future::Future<Output = Result<(), StageError>> + Send + 'static,
+        StageError,
+    > {
+        let ledger = Ledger::new(self.pool.clone(), &route.group, &route.topic);
+        tracing::info!(stream = S::NAME, topic = %route.topic, group = %route.group, "consuming");
+        let pipeline = Pipeline::new(
+            self.cfg.clone(),
+            stream,
+            route,
+            ledger,
+            self.ch.clone(),
+            self.reference.clone(),
+            self.metrics.clone(),
+        )
+        .await?;
+        let stop = self.stop.clone();
+        Ok(pipeline.run(stop))
+    }
 }

@@ -1,4 +1,5 @@
-//! ClickHouse sink: raw `usage_events` and the `usage_1m/1h/1d` rollups.
+//! ClickHouse sink: every stream's raw table and rollups (the stream makes the
+//! rows, this writes them: `write_table`).
 //!
 //! Guarantee: exactly once per batch, table and month, without ClickHouse's
 //! insert dedup (18.16 has none). The tables are partitioned by month
@@ -18,13 +19,10 @@
 
 use crate::config::ClickHouseConfig;
 use crate::errors::{classify_ch, StageError};
-use crate::streams::usage::enrich::Enriched;
-use crate::streams::usage::rollup::{rollup, Granularity};
 use chrono::{DateTime, Datelike, Utc};
 use clickhouse::Row;
 use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use serde::Deserialize;
 
 /// Decimal(38, 12) in RowBinary: the value scaled by 10^12 as an i128.
 pub fn decimal_38_12(d: Decimal) -> i128 {
@@ -33,127 +31,13 @@ pub fn decimal_38_12(d: Decimal) -> i128 {
     d.mantissa()
 }
 
-fn epoch(ts: DateTime<Utc>) -> u32 {
+/// Seconds since the epoch, as a `DateTime('UTC')` column holds them.
+pub fn epoch(ts: DateTime<Utc>) -> u32 {
     u32::try_from(ts.timestamp()).unwrap_or(0)
 }
 
-fn non_negative(v: i64) -> u64 {
+pub fn non_negative(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
-}
-
-#[derive(Debug, Row, Serialize)]
-pub struct UsageRow {
-    #[serde(with = "clickhouse::serde::uuid")]
-    pub event_id: Uuid,
-    pub occurred_at: u32,
-    pub ingested_at: u32,
-    pub tenant_id: String,
-    pub tenant_known: u8,
-    pub team_id: String,
-    pub project_id: String,
-    pub user_id: String,
-    pub source: String,
-    pub request_id: String,
-    pub provider: String,
-    pub model: String,
-    pub status: &'static str,
-    pub input_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub cache_write_tokens: u64,
-    pub output_tokens: u64,
-    pub reasoning_tokens: u64,
-    pub latency_ms: u64,
-    pub cost: i128,
-    pub cost_status: &'static str,
-    pub price_effective_from: u32,
-    pub reported_cost: Option<i128>,
-    pub cost_mismatch: u8,
-    pub over_quota: u8,
-    pub currency: String,
-    pub src_partition: u32,
-    pub src_offset: u64,
-    pub batch_id: u64,
-}
-
-impl UsageRow {
-    pub fn new(e: &Enriched, batch_id: u64, ingested_at: DateTime<Utc>) -> Self {
-        let ev = &e.event;
-        UsageRow {
-            event_id: ev.event_id,
-            occurred_at: epoch(ev.occurred_at),
-            ingested_at: epoch(ingested_at),
-            tenant_id: ev.tenant_id.clone(),
-            tenant_known: u8::from(e.tenant_known),
-            team_id: ev.team_id.clone().unwrap_or_default(),
-            project_id: ev.project_id.clone().unwrap_or_default(),
-            user_id: ev.user_id.clone().unwrap_or_default(),
-            source: ev.source.clone(),
-            request_id: ev.request_id.clone(),
-            provider: ev.provider.clone(),
-            model: ev.model.clone(),
-            status: ev.status.as_str(),
-            input_tokens: non_negative(ev.input_tokens),
-            cached_input_tokens: non_negative(ev.cached_input_tokens),
-            cache_write_tokens: non_negative(ev.cache_write_tokens),
-            output_tokens: non_negative(ev.output_tokens),
-            reasoning_tokens: non_negative(ev.reasoning_tokens),
-            latency_ms: non_negative(ev.latency_ms),
-            cost: decimal_38_12(e.cost),
-            cost_status: if e.priced { "priced" } else { "unpriced" },
-            price_effective_from: e.price_effective_from.map(epoch).unwrap_or(0),
-            reported_cost: ev.reported_cost.map(decimal_38_12),
-            cost_mismatch: u8::from(e.cost_mismatch),
-            over_quota: u8::from(e.over_quota),
-            currency: ev.currency.clone(),
-            src_partition: u32::try_from(e.partition).unwrap_or(0),
-            src_offset: non_negative(e.offset),
-            batch_id,
-        }
-    }
-}
-
-#[derive(Debug, Row, Serialize)]
-pub struct RollupRow {
-    pub bucket: u32,
-    pub tenant_id: String,
-    pub team_id: String,
-    pub project_id: String,
-    pub provider: String,
-    pub model: String,
-    pub status: &'static str,
-    pub requests: u64,
-    pub input_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub cache_write_tokens: u64,
-    pub output_tokens: u64,
-    pub reasoning_tokens: u64,
-    pub cost: i128,
-    pub unpriced_requests: u64,
-    pub batch_id: u64,
-}
-
-pub fn rollup_rows(events: &[Enriched], g: Granularity, batch_id: u64) -> Vec<RollupRow> {
-    rollup(events, g)
-        .into_iter()
-        .map(|(k, t)| RollupRow {
-            bucket: epoch(k.bucket),
-            tenant_id: k.tenant_id.to_string(),
-            team_id: k.team_id.to_string(),
-            project_id: k.project_id.to_string(),
-            provider: k.provider.to_string(),
-            model: k.model.to_string(),
-            status: k.status,
-            requests: non_negative(t.requests),
-            input_tokens: non_negative(t.tokens.input),
-            cached_input_tokens: non_negative(t.tokens.cached_input),
-            cache_write_tokens: non_negative(t.tokens.cache_write),
-            output_tokens: non_negative(t.tokens.output),
-            reasoning_tokens: non_negative(t.tokens.reasoning),
-            cost: decimal_38_12(t.cost),
-            unpriced_requests: non_negative(t.unpriced_requests),
-            batch_id,
-        })
-        .collect()
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -166,9 +50,6 @@ pub struct ClickHouseSink {
     client: clickhouse::Client,
     database: String,
 }
-
-/// Tables a usage batch writes, in order.
-pub const USAGE_TABLES: [&str; 4] = ["usage_events", "usage_1m", "usage_1h", "usage_1d"];
 
 impl ClickHouseSink {
     pub fn new(cfg: &ClickHouseConfig) -> Self {
@@ -222,68 +103,13 @@ impl ClickHouseSink {
         Ok(row.n)
     }
 
-    /// Writes a batch's raw rows and rollups. `verify_first`: the outcome of an
-    /// earlier attempt is unknown, so check each (table, month) first.
-    /// `fence`: checked right before every insert, so a stale owner never writes.
-    pub async fn write_usage_batch(
-        &self,
-        batch_id: u64,
-        events: &[Enriched],
-        verify_first: bool,
-        fence: &crate::engine::ownership::Fence,
-    ) -> Result<WriteOutcome, StageError> {
-        let mut outcome = WriteOutcome::default();
-        if events.is_empty() {
-            return Ok(outcome);
-        }
-        let now = Utc::now();
-        // The four tables are independent (each part is checked on its own),
-        // so they run concurrently; a table's parts run one after the other.
-        let write = |table: &'static str| async move {
-            match table {
-                "usage_events" => {
-                    let rows: Vec<UsageRow> = events
-                        .iter()
-                        .map(|e| UsageRow::new(e, batch_id, now))
-                        .collect();
-                    let parts = split_by_month(rows, |r| r.occurred_at);
-                    self.write_table(table, batch_id, parts, verify_first, fence)
-                        .await
-                }
-                _ => {
-                    let g = match table {
-                        "usage_1m" => Granularity::Minute,
-                        "usage_1h" => Granularity::Hour,
-                        _ => Granularity::Day,
-                    };
-                    let parts = split_by_month(rollup_rows(events, g, batch_id), |r| r.bucket);
-                    self.write_table(table, batch_id, parts, verify_first, fence)
-                        .await
-                }
-            }
-        };
-        let results = futures::future::join_all(USAGE_TABLES.map(write)).await;
-        for r in results {
-            let t = r?;
-            outcome.rows_written += t.rows_written;
-            outcome.parts_written += t.parts_written;
-            outcome.parts_skipped += t.parts_skipped;
-            if t.parts_written > 0 {
-                outcome.tables_written += 1;
-            } else {
-                outcome.tables_skipped += 1;
-            }
-        }
-        Ok(outcome)
-    }
-
     /// Writes one table's parts (one INSERT per month), checking each first
     /// when `verify_first`. A part found incomplete is repaired: ClickHouse
     /// commits what it received of an INSERT whose client died mid-request
     /// (measured on 18.16: a truncated body lands as the rows it holds), so
     /// the rows already there are read back by key and only the missing
     /// ones are written.
-    async fn write_table<T>(
+    pub async fn write_table<T>(
         &self,
         table: &'static str,
         batch_id: u64,
@@ -423,7 +249,7 @@ impl ClickHouseSink {
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        for table in USAGE_TABLES {
+        for table in BATCH_TABLES.iter().map(|t| t.name) {
             let count = |sql: String| async move {
                 let row: CountRow = self
                     .client
@@ -592,11 +418,26 @@ pub struct WriteOutcome {
     pub rows_written: u64,
 }
 
+/// What one table's write did.
 #[derive(Debug, Default, Clone, Copy)]
-struct TableOutcome {
-    parts_written: u32,
-    parts_skipped: u32,
-    rows_written: u64,
+pub struct TableOutcome {
+    pub parts_written: u32,
+    pub parts_skipped: u32,
+    pub rows_written: u64,
+}
+
+impl WriteOutcome {
+    /// Adds one table's outcome.
+    pub fn add(&mut self, t: TableOutcome) {
+        self.rows_written += t.rows_written;
+        self.parts_written += t.parts_written;
+        self.parts_skipped += t.parts_skipped;
+        if t.parts_written > 0 {
+            self.tables_written += 1;
+        } else {
+            self.tables_skipped += 1;
+        }
+    }
 }
 
 /// Rows per INSERT block (ClickHouse's default `max_insert_block_size`, set
@@ -613,7 +454,7 @@ pub trait PartKey {
 }
 
 /// Length-prefixed, so no two different keys print alike.
-fn join_key(bucket: u32, parts: &[&str]) -> String {
+pub fn join_key(bucket: u32, parts: &[&str]) -> String {
     let mut k = bucket.to_string();
     for p in parts {
         k.push('|');
@@ -624,42 +465,69 @@ fn join_key(bucket: u32, parts: &[&str]) -> String {
     k
 }
 
-impl PartKey for UsageRow {
-    fn part_key(&self) -> String {
-        self.event_id.to_string()
+/// A table batches write: its name, the column it is partitioned on
+/// (`PARTITION BY toYYYYMM(col)` in sql/clickhouse/) and the dimensions that
+/// identify a rollup row within a batch (none: a raw table, keyed by event id).
+pub struct TableSpec {
+    pub name: &'static str,
+    pub time_column: &'static str,
+    pub dims: &'static [&'static str],
+}
+
+const USAGE_DIMS: &[&str] = &[
+    "tenant_id",
+    "team_id",
+    "project_id",
+    "provider",
+    "model",
+    "status",
+];
+const POLICY_DIMS: &[&str] = &["tenant_id", "policy_id", "decision", "enforcement"];
+
+const fn raw(name: &'static str) -> TableSpec {
+    TableSpec {
+        name,
+        time_column: "occurred_at",
+        dims: &[],
     }
 }
 
-impl PartKey for RollupRow {
-    fn part_key(&self) -> String {
-        join_key(
-            self.bucket,
-            &[
-                &self.tenant_id,
-                &self.team_id,
-                &self.project_id,
-                &self.provider,
-                &self.model,
-                self.status,
-            ],
-        )
+const fn rollup(name: &'static str, dims: &'static [&'static str]) -> TableSpec {
+    TableSpec {
+        name,
+        time_column: "bucket",
+        dims,
     }
 }
 
-/// The same key computed by ClickHouse from the stored columns.
+/// Every table any stream's batches write (`delete_batches` clears them all).
+pub const BATCH_TABLES: [TableSpec; 9] = [
+    raw("usage_events"),
+    rollup("usage_1m", USAGE_DIMS),
+    rollup("usage_1h", USAGE_DIMS),
+    rollup("usage_1d", USAGE_DIMS),
+    raw("policy_decisions"),
+    rollup("policy_decisions_1m", POLICY_DIMS),
+    rollup("policy_decisions_1h", POLICY_DIMS),
+    rollup("policy_decisions_1d", POLICY_DIMS),
+    raw("audit_events"),
+];
+
+fn spec(table: &str) -> &'static TableSpec {
+    BATCH_TABLES
+        .iter()
+        .find(|t| t.name == table)
+        .unwrap_or(&BATCH_TABLES[0])
+}
+
+/// The row key (`PartKey`) computed by ClickHouse from the stored columns.
 fn part_key_sql(table: &str) -> String {
-    if table == "usage_events" {
+    let t = spec(table);
+    if t.dims.is_empty() {
         return "toString(event_id)".into();
     }
     let mut sql = "concat(toString(toUInt32(bucket))".to_string();
-    for c in [
-        "tenant_id",
-        "team_id",
-        "project_id",
-        "provider",
-        "model",
-        "status",
-    ] {
+    for c in t.dims {
         sql.push_str(&format!(", '|', toString(length({c})), ':', {c}"));
     }
     sql.push(')');
@@ -667,11 +535,7 @@ fn part_key_sql(table: &str) -> String {
 }
 
 pub fn time_column(table: &str) -> &'static str {
-    if table == "usage_events" {
-        "occurred_at"
-    } else {
-        "bucket"
-    }
+    spec(table).time_column
 }
 
 /// `toYYYYMM` of a `DateTime('UTC')` stored as seconds since the epoch.
@@ -693,6 +557,9 @@ pub fn split_by_month<T>(rows: Vec<T>, ts: impl Fn(&T) -> u32) -> Vec<(u32, Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::streams::usage::enrich::Enriched;
+    use crate::streams::usage::rollup::Granularity;
+    use crate::streams::usage::rows::{rollup_rows, UsageRow};
     use std::str::FromStr;
 
     #[test]

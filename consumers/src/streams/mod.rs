@@ -22,6 +22,7 @@ pub mod audit;
 pub mod policy;
 pub mod usage;
 pub mod window;
+pub mod window_store;
 
 /// At most `max` bytes of `s`, cut at a character boundary, `…` marking a cut.
 pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {

@@ -62,3 +62,7 @@ CREATE TABLE tally.audit_checkpoints (
 );
 CREATE INDEX audit_checkpoints_latest ON tally.audit_checkpoints (tenant_id, checkpoint_id DESC);
 CREATE INDEX audit_checkpoints_unpublished ON tally.audit_checkpoints (checkpoint_id) WHERE published_at IS NULL;
+
+-- seen_events is shared by the streams; each prunes only its own keys (found
+-- through their batches), below its own partitions' dedup cutoffs.
+CREATE INDEX batches_by_topic ON tally.batches (group_id, topic, batch_id);

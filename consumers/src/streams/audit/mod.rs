@@ -1,8 +1,15 @@
-//! The audit-event stream (`audit.event.v1`), pure parts: violation rules ([`rules`]).
+//! The audit-event stream (`audit.event.v1`): pseudonymised storage, violation
+//! rules ([`rules`]) and the per-tenant tamper-evident log ([`log`], built on the
+//! pure primitives of `crate::audit`).
 //!
 //! Guarantee: the rules are deterministic functions of the stored events, the grants
 //! and the counts the commit passes in, so a replayed batch derives the same violation
-//! ids. Pseudonyms, canonical leaves and the Merkle log are `crate::audit` (the
-//! audit-log branch); this stream reuses them rather than keeping its own.
+//! ids; leaf positions are decided once per batch and survive replays.
 
+pub mod checkpointer;
+pub mod log;
+pub mod rows;
 pub mod rules;
+pub mod stream;
+
+pub use stream::AuditStream;

@@ -7,7 +7,11 @@
 
 pub mod opa;
 pub mod rollup;
+pub mod rows;
 pub mod rules;
+pub mod stream;
+
+pub use stream::PolicyStream;
 
 #[cfg(test)]
 mod opa_tests;

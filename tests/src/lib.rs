@@ -18,6 +18,7 @@ use tally_producers::{GenKind, GenMessage, World};
 use tally_schemas::UsageEvent;
 
 mod checks;
+pub mod streams;
 pub use checks::*;
 pub mod servers;
 
@@ -175,6 +176,19 @@ pub async fn test_env_on(
         ("TALLY__KAFKA__MAX_POLL_INTERVAL_MS".into(), "10000".into()),
         // Replays after a takeover wait this long; tests keep it short.
         ("TALLY__PIPELINE__TAKEOVER_GRACE_MS".into(), "1000".into()),
+        // The policy and audit streams: their own topics, off unless a test
+        // turns them on (TALLY__STREAMS__POLICY / __AUDIT = true).
+        ("TALLY__STREAMS__POLICY".into(), "false".into()),
+        ("TALLY__STREAMS__AUDIT".into(), "false".into()),
+        ("TALLY__POLICY__TOPIC".into(), format!("t.{name}.{suffix}.policy")),
+        ("TALLY__POLICY__DLQ_TOPIC".into(), format!("t.{name}.{suffix}.policy.dlq")),
+        ("TALLY__POLICY__PARTITIONS".into(), partitions.to_string()),
+        ("TALLY__AUDIT__TOPIC".into(), format!("t.{name}.{suffix}.audit")),
+        ("TALLY__AUDIT__DLQ_TOPIC".into(), format!("t.{name}.{suffix}.audit.dlq")),
+        ("TALLY__AUDIT__CHECKPOINT_TOPIC".into(), format!("t.{name}.{suffix}.checkpoints")),
+        ("TALLY__AUDIT__PARTITIONS".into(), partitions.to_string()),
+        ("TALLY__AUDIT__SIGNING_KEY".into(), TEST_SIGNING_KEY.into()),
+        ("TALLY__AUDIT__PSEUDONYM_KEY".into(), TEST_PSEUDONYM_KEY.into()),
     ];
     for (k, v) in extra {
         env.retain(|(key, _)| key != k);
@@ -196,6 +210,15 @@ pub async fn test_env_on(
         pool,
     })
 }
+
+/// The test signing key of docs/audit-log.md (never use it for anything else).
+pub const TEST_SIGNING_KEY: &str =
+    "PRIVATE+KEY+tally.example/audit+50f02fb7+AQcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH";
+/// Its verifier key (`tally audit verify-proof --public-key`).
+pub const TEST_VERIFIER_KEY: &str =
+    "tally.example/audit+50f02fb7+AepKbGPinFIKvvVQexMuxfmVR3auvr57kkIe6mkURtIs";
+/// 32 bytes of `k`, base64: the pseudonym key of the tests and the docs' example.
+pub const TEST_PSEUDONYM_KEY: &str = "a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=";
 
 impl TestEnv {
     pub async fn seed(&self, world: &World) -> anyhow::Result<()> {
@@ -737,7 +760,8 @@ pub async fn check_totals(env: &TestEnv, exp: &Expected) -> anyhow::Result<Vec<S
             &ch_totals(env, table).await?,
         ));
     }
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.dead_letters")
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM tally.dead_letters WHERE topic = $1")
+        .bind(&env.cfg.kafka.usage_topic)
         .fetch_one(&env.pool)
         .await?;
     let malformed: usize = exp.malformed.values().sum();

@@ -12,7 +12,7 @@ use sqlx::postgres::PgPool;
 use std::time::Duration;
 
 /// ClickHouse DDL files, in order; each may hold several `;`-separated statements.
-pub const CLICKHOUSE_DDL: [(&str, &str); 6] = [
+pub const CLICKHOUSE_DDL: [(&str, &str); 7] = [
     (
         "001_database.sql",
         include_str!("../../../sql/clickhouse/001_database.sql"),
@@ -36,6 +36,10 @@ pub const CLICKHOUSE_DDL: [(&str, &str); 6] = [
     (
         "006_policy_audit.sql",
         include_str!("../../../sql/clickhouse/006_policy_audit.sql"),
+    ),
+    (
+        "007_policy_rollups.sql",
+        include_str!("../../../sql/clickhouse/007_policy_rollups.sql"),
     ),
 ];
 
@@ -77,6 +81,7 @@ pub async fn clickhouse(cfg: &Config) -> Result<usize, StageError> {
     ch_cfg.database = "default".into();
     let sink = ClickHouseSink::new(&ch_cfg);
     let mut n = 0;
+    upgrade_audit_events(&sink, &cfg.clickhouse.database).await?;
     for (name, sql) in CLICKHOUSE_DDL {
         for stmt in statements(sql) {
             let stmt = stmt
@@ -94,6 +99,45 @@ pub async fn clickhouse(cfg: &Config) -> Result<usize, StageError> {
     Ok(n)
 }
 
+/// `audit_events` as created before the audit stream existed (no `leaf_index`)
+/// was never written by tally: an empty one is dropped so the DDL creates it
+/// anew; one holding rows stops the migration, naming the table.
+async fn upgrade_audit_events(sink: &ClickHouseSink, db: &str) -> Result<(), StageError> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct N {
+        n: u64,
+    }
+    let count = |sql: String| async move {
+        sink.client()
+            .query(&sql)
+            .fetch_one::<N>()
+            .await
+            .map(|r| r.n)
+            .map_err(|e| StageError::Fatal(format!("clickhouse: {e}")))
+    };
+    let old = count(format!(
+        "SELECT count() AS n FROM system.tables WHERE database = '{db}' AND name = 'audit_events'"
+    ))
+    .await?
+        > 0
+        && count(format!(
+            "SELECT count() AS n FROM system.columns WHERE database = '{db}' AND table = 'audit_events' AND name = 'leaf_index'"
+        ))
+        .await?
+            == 0;
+    if !old {
+        return Ok(());
+    }
+    let rows = count(format!("SELECT count() AS n FROM {db}.audit_events")).await?;
+    if rows > 0 {
+        return Err(StageError::Fatal(format!(
+            "clickhouse table {db}.audit_events has the old layout (no leaf_index) and holds {rows} rows \
+             tally did not write; move them away (RENAME TABLE {db}.audit_events TO {db}.audit_events_old) and migrate again"
+        )));
+    }
+    sink.execute(&format!("DROP TABLE {db}.audit_events")).await
+}
+
 /// Creates the topics with their partition counts; "already exists" is success.
 pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
@@ -105,6 +149,11 @@ pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
         (k.usage_topic.as_str(), k.usage_partitions),
         (k.dlq_topic.as_str(), k.usage_partitions),
         (k.violation_topic.as_str(), k.violation_partitions),
+        (cfg.policy.topic.as_str(), cfg.policy.partitions),
+        (cfg.policy.dlq_topic.as_str(), cfg.policy.partitions),
+        (cfg.audit.topic.as_str(), cfg.audit.partitions),
+        (cfg.audit.dlq_topic.as_str(), cfg.audit.partitions),
+        (cfg.audit.checkpoint_topic.as_str(), cfg.audit.partitions),
     ];
     let new: Vec<NewTopic<'_>> = wanted
         .iter()
@@ -155,7 +204,7 @@ mod tests {
             .iter()
             .map(|(_, s)| statements(s).len())
             .sum();
-        assert_eq!(total, 7);
+        assert_eq!(total, 10);
         for (_, sql) in CLICKHOUSE_DDL {
             for s in statements(sql) {
                 assert!(s.starts_with("CREATE"), "{s}");

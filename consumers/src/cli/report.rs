@@ -125,26 +125,25 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
 pub async fn wait_idle(cfg: &Config, pool: &PgPool, timeout: Duration) -> Result<bool, StageError> {
     let deadline = Instant::now() + timeout;
     let mut stable = 0;
+    let inputs: Vec<(String, &str)> = [
+        (cfg.streams.usage, "usage", &cfg.kafka.usage_topic),
+        (cfg.streams.policy, "policy", &cfg.policy.topic),
+        (cfg.streams.audit, "audit", &cfg.audit.topic),
+    ]
+    .into_iter()
+    .filter(|(on, _, _)| *on)
+    .map(|(_, s, t)| (cfg.group_for(s), t.as_str()))
+    .collect();
     while Instant::now() < deadline {
-        let ends =
-            crate::engine::relay::end_offsets(&cfg.kafka.brokers, &cfg.kafka.usage_topic).await?;
-        let offsets: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, next_offset FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2",
-        )
-        .bind(&cfg.kafka.group_id)
-        .bind(&cfg.kafka.usage_topic)
-        .fetch_all(pool)
-        .await
-        .map_err(pg("wait offsets"))?;
-        let caught_up = ends.iter().enumerate().all(|(p, end)| {
-            *end == 0
-                || offsets
-                    .iter()
-                    .any(|(q, n)| usize::try_from(*q).ok() == Some(p) && n >= end)
-        });
+        let mut caught_up = true;
+        for (group, topic) in &inputs {
+            caught_up &= topic_caught_up(cfg, pool, group, topic).await?;
+        }
         let busy: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM tally.batches WHERE state = 'pending') + \
-             (SELECT count(*) FROM tally.violations WHERE published_at IS NULL)",
+             (SELECT count(*) FROM tally.violations WHERE published_at IS NULL) + \
+             (SELECT count(*) FROM tally.audit_leaves) + \
+             (SELECT count(*) FROM tally.audit_checkpoints WHERE published_at IS NULL)",
         )
         .fetch_one(pool)
         .await
@@ -160,4 +159,28 @@ pub async fn wait_idle(cfg: &Config, pool: &PgPool, timeout: Duration) -> Result
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(false)
+}
+
+/// Whether the offsets of record of `group` reach the end of every partition of `topic`.
+async fn topic_caught_up(
+    cfg: &Config,
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+) -> Result<bool, StageError> {
+    let ends = crate::engine::relay::end_offsets(&cfg.kafka.brokers, topic).await?;
+    let offsets: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2",
+    )
+    .bind(group)
+    .bind(topic)
+    .fetch_all(pool)
+    .await
+    .map_err(pg("wait offsets"))?;
+    Ok(ends.iter().enumerate().all(|(p, end)| {
+        *end == 0
+            || offsets
+                .iter()
+                .any(|(q, n)| usize::try_from(*q).ok() == Some(p) && n >= end)
+    }))
 }

@@ -183,12 +183,61 @@ pub async fn forget_batches(
         .await
         .map_err(pg("forget claimed ids"))?
         .rows_affected();
+    release_audit_leaves(tx, &ids).await?;
     sqlx::query("DELETE FROM tally.batches WHERE batch_id = ANY($1) AND state = 'pending'")
         .bind(&ids)
         .execute(&mut *tx)
         .await
         .map_err(pg("forget pending batches"))?;
     Ok(claimed)
+}
+
+/// The audit leaf indexes the abandoned batches reserved go back to their
+/// tenants' logs, which is only possible when they are the logs' tail: a
+/// Merkle log cannot have a hole. Otherwise nothing changes and the error says
+/// why (the batch can still be replayed instead).
+async fn release_audit_leaves(tx: &mut sqlx::PgConnection, ids: &[i64]) -> Result<(), StageError> {
+    let gone: Vec<(String, i64, i64)> = sqlx::query_as(
+        "WITH gone AS (DELETE FROM tally.audit_leaves WHERE batch_id = ANY($1) RETURNING tenant_id, leaf_index) \
+         SELECT tenant_id, min(leaf_index), count(*) FROM gone GROUP BY tenant_id ORDER BY tenant_id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg("release audit leaves"))?;
+    for (tenant, first, n) in gone {
+        let next: i64 = sqlx::query_scalar(
+            "SELECT next_index FROM tally.audit_trees WHERE tenant_id = $1 FOR UPDATE",
+        )
+        .bind(&tenant)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg("lock audit tree"))?;
+        let later: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tally.audit_leaves WHERE tenant_id = $1 AND leaf_index >= $2",
+        )
+        .bind(&tenant)
+        .bind(first)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg("read later audit leaves"))?;
+        if next != first + n || later != 0 {
+            return Err(StageError::Fatal(format!(
+                "tenant {tenant}: abandoning these batches would leave a hole at audit leaf \
+                 indexes {first}..{} of its log (leaves up to {next} are reserved after them); \
+                 nothing was changed. Let tally replay the pending batches instead of resetting \
+                 past them.",
+                first + n
+            )));
+        }
+        sqlx::query("UPDATE tally.audit_trees SET next_index = $2, updated_at = now() WHERE tenant_id = $1")
+            .bind(&tenant)
+            .bind(first)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("release audit leaf indexes"))?;
+    }
+    Ok(())
 }
 
 /// Bumps `topic`'s epoch (0 for a topic never reset: the first bump gives 1).

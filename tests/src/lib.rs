@@ -180,15 +180,33 @@ pub async fn test_env_on(
         // turns them on (TALLY__STREAMS__POLICY / __AUDIT = true).
         ("TALLY__STREAMS__POLICY".into(), "false".into()),
         ("TALLY__STREAMS__AUDIT".into(), "false".into()),
-        ("TALLY__POLICY__TOPIC".into(), format!("t.{name}.{suffix}.policy")),
-        ("TALLY__POLICY__DLQ_TOPIC".into(), format!("t.{name}.{suffix}.policy.dlq")),
+        (
+            "TALLY__POLICY__TOPIC".into(),
+            format!("t.{name}.{suffix}.policy"),
+        ),
+        (
+            "TALLY__POLICY__DLQ_TOPIC".into(),
+            format!("t.{name}.{suffix}.policy.dlq"),
+        ),
         ("TALLY__POLICY__PARTITIONS".into(), partitions.to_string()),
-        ("TALLY__AUDIT__TOPIC".into(), format!("t.{name}.{suffix}.audit")),
-        ("TALLY__AUDIT__DLQ_TOPIC".into(), format!("t.{name}.{suffix}.audit.dlq")),
-        ("TALLY__AUDIT__CHECKPOINT_TOPIC".into(), format!("t.{name}.{suffix}.checkpoints")),
+        (
+            "TALLY__AUDIT__TOPIC".into(),
+            format!("t.{name}.{suffix}.audit"),
+        ),
+        (
+            "TALLY__AUDIT__DLQ_TOPIC".into(),
+            format!("t.{name}.{suffix}.audit.dlq"),
+        ),
+        (
+            "TALLY__AUDIT__CHECKPOINT_TOPIC".into(),
+            format!("t.{name}.{suffix}.checkpoints"),
+        ),
         ("TALLY__AUDIT__PARTITIONS".into(), partitions.to_string()),
         ("TALLY__AUDIT__SIGNING_KEY".into(), TEST_SIGNING_KEY.into()),
-        ("TALLY__AUDIT__PSEUDONYM_KEY".into(), TEST_PSEUDONYM_KEY.into()),
+        (
+            "TALLY__AUDIT__PSEUDONYM_KEY".into(),
+            TEST_PSEUDONYM_KEY.into(),
+        ),
     ];
     for (k, v) in extra {
         env.retain(|(key, _)| key != k);

@@ -35,7 +35,9 @@ pub const TENANTS: [&str; 3] = ["t-acme", "t-globex", "t-initech"];
 const POLICIES: [&str; 2] = ["llm/guard", "llm/pii"];
 
 fn start() -> DateTime<Utc> {
-    Utc::now().duration_trunc(ChronoDuration::minutes(10)).unwrap_or_else(|_| Utc::now())
+    Utc::now()
+        .duration_trunc(ChronoDuration::minutes(10))
+        .unwrap_or_else(|_| Utc::now())
         - ChronoDuration::minutes(30)
 }
 
@@ -111,8 +113,12 @@ pub fn policy_traffic(n: usize, seed: u64) -> Vec<Msg> {
         } else {
             Enforcement::Enforce
         };
-        d.severity = [Severity::Low, Severity::Medium, Severity::High, Severity::Critical]
-            [rng.random_range(0..4)];
+        d.severity = [
+            Severity::Low,
+            Severity::Medium,
+            Severity::High,
+            Severity::Critical,
+        ][rng.random_range(0..4)];
         d.source = "opa-test".into();
         d.reason = format!("reason {}", i % 7);
         d.evaluation_ms = rng.random_range(0..50);
@@ -257,7 +263,9 @@ pub fn unique_audit(msgs: &[Msg]) -> Vec<AuditEvent> {
 }
 
 pub fn poison_count(msgs: &[Msg]) -> usize {
-    msgs.iter().filter(|m| matches!(m.kind, Kind::Poison)).count()
+    msgs.iter()
+        .filter(|m| matches!(m.kind, Kind::Poison))
+        .count()
 }
 
 /// Decisions per (tenant, policy, decision, enforcement).

@@ -136,7 +136,13 @@ mod tests {
             async move {
                 class_of(
                     &decoding
-                        .decode(stream, &payload, now, now - ChronoDuration::days(7), metrics)
+                        .decode(
+                            stream,
+                            &payload,
+                            now,
+                            now - ChronoDuration::days(7),
+                            metrics,
+                        )
                         .await
                         .expect("decode"),
                 )
@@ -157,7 +163,13 @@ mod tests {
             "beyond_dedup_horizon"
         );
         let garbage = decoding
-            .decode(&stream, b"{not json", now, now - ChronoDuration::days(7), &metrics)
+            .decode(
+                &stream,
+                b"{not json",
+                now,
+                now - ChronoDuration::days(7),
+                &metrics,
+            )
             .await
             .expect("decode");
         assert_eq!(class_of(&garbage), "invalid_json");

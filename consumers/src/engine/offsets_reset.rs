@@ -230,12 +230,14 @@ async fn release_audit_leaves(tx: &mut sqlx::PgConnection, ids: &[i64]) -> Resul
                 first + n
             )));
         }
-        sqlx::query("UPDATE tally.audit_trees SET next_index = $2, updated_at = now() WHERE tenant_id = $1")
-            .bind(&tenant)
-            .bind(first)
-            .execute(&mut *tx)
-            .await
-            .map_err(pg("release audit leaf indexes"))?;
+        sqlx::query(
+            "UPDATE tally.audit_trees SET next_index = $2, updated_at = now() WHERE tenant_id = $1",
+        )
+        .bind(&tenant)
+        .bind(first)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("release audit leaf indexes"))?;
     }
     Ok(())
 }

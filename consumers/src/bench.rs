@@ -129,7 +129,7 @@ async fn create_topics(cfg: &Config) -> anyhow::Result<()> {
 /// Postgres and ClickHouse) so it neither disturbs nor is disturbed by real data.
 async fn bench_databases(cfg: &Config) -> anyhow::Result<Config> {
     const DB: &str = "tally_bench";
-    let admin = crate::engine::runner::connect_pg(cfg).await?;
+    let admin = crate::sinks::postgres::connect_pg(cfg).await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
         .execute(&admin)
         .await?;
@@ -160,7 +160,7 @@ pub async fn run(cfg: &Config, opts: &BenchOpts) -> anyhow::Result<()> {
     let ts = Utc::now().timestamp();
     let bench_cfg = bench_databases(cfg).await?;
     let cfg = &bench_cfg;
-    let pool = crate::engine::runner::connect_pg(cfg).await?;
+    let pool = crate::sinks::postgres::connect_pg(cfg).await?;
     crate::cli::migrate::postgres(&pool).await?;
     crate::cli::migrate::clickhouse(cfg).await?;
     crate::cli::seed::seed(&pool, &demo_world(60, demo_price_change_at())).await?;

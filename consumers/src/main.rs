@@ -166,7 +166,7 @@ async fn main() {
 async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
-            let pool = tally::engine::runner::connect_pg(&cfg).await?;
+            let pool = tally::sinks::postgres::connect_pg(&cfg).await?;
             let applied = tally::cli::migrate::postgres(&pool).await?;
             println!(
                 "postgres: {}",
@@ -214,7 +214,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             if scale <= rust_decimal::Decimal::ZERO {
                 bail!("--scale must be > 0");
             }
-            let pool = tally::engine::runner::connect_pg(&cfg).await?;
+            let pool = tally::sinks::postgres::connect_pg(&cfg).await?;
             let mut world = demo_world(tenants, demo_price_change_at());
             for b in &mut world.budgets {
                 b.amount = (b.amount * scale)
@@ -295,7 +295,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             );
         }
         Command::Report => {
-            let pool = tally::engine::runner::connect_pg(&cfg).await?;
+            let pool = tally::sinks::postgres::connect_pg(&cfg).await?;
             print!("{}", tally::cli::report::report(&cfg, &pool).await?);
         }
         Command::ResetOffsets {
@@ -313,7 +313,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             print!("{}", tally::cli::reset::run(&cfg, &args).await?);
         }
         Command::WaitIdle { timeout } => {
-            let pool = tally::engine::runner::connect_pg(&cfg).await?;
+            let pool = tally::sinks::postgres::connect_pg(&cfg).await?;
             if !tally::cli::report::wait_idle(&cfg, &pool, Duration::from_secs(timeout)).await? {
                 bail!("the pipeline did not catch up within {timeout} s");
             }

@@ -217,7 +217,7 @@ pub async fn test_env_on(
     }
     env.push(("TALLY__CLICKHOUSE__URL".into(), ch_url.to_string()));
     let cfg = Config::load_from(None, &env).context("test config")?;
-    let pool = tally::engine::runner::connect_pg(&cfg).await?;
+    let pool = tally::sinks::postgres::connect_pg(&cfg).await?;
     tally::cli::migrate::postgres(&pool).await?;
     tally::cli::migrate::clickhouse(&cfg).await?;
     tally::cli::migrate::topics(&cfg).await?;

@@ -87,9 +87,9 @@ pub async fn run(cfg: &Config, args: &ResetArgs) -> Result<String, StageError> {
         .await
         .map_err(|e| StageError::Fatal(format!("reading watermarks: {e}")))??;
 
-    let pool = crate::engine::runner::connect_pg(cfg).await?;
+    let pool = crate::sinks::postgres::connect_pg(cfg).await?;
     // Hold every partition's lock for the whole reset: no instance consumes them.
-    let mut locks = sqlx::PgConnection::connect_with(&crate::engine::runner::pg_options(cfg)?)
+    let mut locks = sqlx::PgConnection::connect_with(&crate::sinks::postgres::pg_options(cfg)?)
         .await
         .map_err(pg("advisory lock connection"))?;
     for p in watermarks.keys() {

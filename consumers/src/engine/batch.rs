@@ -66,6 +66,15 @@ pub struct BatchResult {
     pub dedup_cutoff: DateTime<Utc>,
 }
 
+/// What a batch's claim records besides its keys.
+struct Claim<'a> {
+    first: i64,
+    last: i64,
+    clock: DateTime<Utc>,
+    cutoff: DateTime<Utc>,
+    reference_version: &'a str,
+}
+
 /// A message to dead-letter: its index in the batch, class and reason.
 type DeadItem = (usize, &'static str, String);
 
@@ -79,7 +88,8 @@ struct Candidate<E> {
 }
 
 impl<S: Stream> BatchRunner<S> {
-    /// Runs one batch through the state machine.
+    /// Runs one batch through the state machine: decode, dead letters, claim,
+    /// enrich and prepare, ClickHouse, the single Postgres commit.
     pub async fn process_batch(&self, w: BatchWork) -> Result<BatchResult, StageError> {
         let p = w.partition;
         let first = w.replay.map_or_else(|| w.msgs[0].offset(), |b| b.first);
@@ -89,95 +99,33 @@ impl<S: Stream> BatchRunner<S> {
         let reference = self.reference_for(w.replay).await?;
         let (clock, cutoff) = self.dedup_clock(&w);
 
-        // Decode (Confluent ids are resolved through the registry first).
         let mut t = Instant::now();
-        let mut decoded = Vec::with_capacity(w.msgs.len());
-        for m in &w.msgs {
-            let payload = m.payload().unwrap_or_default();
-            decoded.push(
-                self.decoding
-                    .decode(&*self.stream, payload, clock, cutoff, &self.metrics)
-                    .await?,
-            );
-        }
+        let decoded = self.decode_all(&w, clock, cutoff).await?;
         self.metrics.stage(0, t);
         t = Instant::now();
 
         // 1. Dead letters, acknowledged before anything commits.
         let mut dead = Vec::new();
-        let poison: Vec<DeadItem> = decoded
-            .iter()
-            .enumerate()
-            .filter_map(|(i, d)| match d {
-                Decoded::Poison { class, message } => Some((i, *class, message.clone())),
-                Decoded::Event(_) => None,
-            })
-            .collect();
-        self.dead_letter(p, &w.msgs, &poison, &mut dead).await?;
-        if !poison.is_empty() {
-            crate::engine::failpoint::hit("after_dlq_ack").await?;
-        }
-
-        // In-batch re-sends: the first occurrence wins; another payload under
-        // the same key is a conflict.
-        let (mut candidates, dup_in_batch, in_batch_conflicts) =
-            in_batch_dedup(&*self.stream, decoded);
-        self.dead_letter(p, &w.msgs, &in_batch_conflicts, &mut dead)
-            .await?;
+        let (candidates, dup_in_batch) = self.screen(&w, decoded, &mut dead).await?;
         self.metrics.stage(1, t);
         t = Instant::now();
 
         // 2. Claim the range and the dedup keys.
-        let keys: Vec<KeyClaim> = candidates
-            .iter()
-            .map(|c| KeyClaim {
-                key: c.key,
-                occurred_at: c.occurred_at,
-                fingerprint: c.fingerprint,
-            })
-            .collect();
-        let input = ClaimInput {
-            partition: p,
+        let claim = Claim {
             first,
             last,
-            expected_next: w.record_next,
-            replay_of: w.replay.map(|b| b.batch_id),
-            epoch: w.epoch,
+            clock,
+            cutoff,
             reference_version: &reference.version,
-            clock_at: clock,
-            dedup_cutoff: cutoff,
-            keys: &keys,
         };
-        let claimed = breaker::call(
-            &self.metrics,
-            &self.breaker,
-            Sink::Postgres,
-            "claim",
-            || self.ledger.claim(&input),
-        )
-        .await?;
-        crate::engine::failpoint::hit("after_claim").await?;
-        let batch = claimed.batch;
-        if w.replay.is_some() {
-            self.metrics.add(&self.metrics.batches_replayed_total, 1);
-        }
-        let conflicts: Vec<DeadItem> = candidates
-            .iter()
-            .filter(|c| claimed.conflicts.contains(&c.key))
-            .map(|c| {
-                let why = self.stream.conflict_message(&c.event, false);
-                (c.msg, "dedup_conflict", why)
-            })
-            .collect();
-        self.dead_letter(p, &w.msgs, &conflicts, &mut dead).await?;
-        let before = candidates.len();
-        candidates.retain(|c| claimed.owned.contains(&c.key));
-        let duplicates = dup_in_batch + (before - candidates.len() - conflicts.len()) as u64;
+        let (batch, candidates, duplicates) = self
+            .claim(&w, &claim, candidates, dup_in_batch, &mut dead)
+            .await?;
         self.metrics.stage(2, t);
         t = Instant::now();
 
         // Enrich against the batch's reference snapshot, then read or reserve
-        // what the records need (retried while Postgres is down; idempotent).
+        // what the records need.
         let ctx = BatchCtx {
             partition: p,
             batch_id: batch.batch_id,
@@ -186,80 +134,17 @@ impl<S: Stream> BatchRunner<S> {
             ledger: &self.ledger,
             now: Utc::now(),
         };
-        let owned: Vec<Owned<S::Event>> = candidates
-            .into_iter()
-            .map(|c| Owned {
-                offset: w.msgs[c.msg].offset(),
-                event: c.event,
-                key: c.key,
-            })
-            .collect();
-        let mut records = self.stream.enrich(&ctx, owned);
-        let mut probe =
-            breaker::Probe::new(&self.metrics, &self.breaker, Sink::Postgres, "prepare");
-        loop {
-            let started = Instant::now();
-            match self.stream.prepare(&ctx, &mut records).await {
-                Err(e) if e.is_retryable() => probe.failed(started, &e).await,
-                r => {
-                    probe.answered();
-                    break r?;
-                }
-            }
-        }
-
+        let records = self.prepare(&ctx, &w.msgs, candidates).await?;
         self.metrics.stage(3, t);
         t = Instant::now();
 
         // 3. ClickHouse, fenced by the ownership epoch, checked first whenever an
         // earlier attempt may have landed.
-        let grace = Duration::from_millis(self.cfg.pipeline.takeover_grace_ms);
-        if w.replay.is_some_and(|b| b.owner_epoch != Some(w.epoch)) {
-            // Taken over: an earlier owner may still be about to insert.
-            tracing::info!(
-                partition = p,
-                batch_id = batch.batch_id,
-                grace_ms = grace.as_millis() as u64,
-                "waiting out the takeover grace"
-            );
-            tokio::time::sleep(grace).await;
-        }
-        let fence = Fence::new(
-            self.ledger.pool().clone(),
-            self.ledger.partition_key(p),
-            w.epoch,
-            grace,
-        );
-        let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
-        let mut attempt = 0u32;
-        let (records_ref, fence_ref) = (&records, &fence);
-        let outcome = breaker::call(
-            &self.metrics,
-            &self.breaker,
-            Sink::ClickHouse,
-            "clickhouse write",
-            || {
-                let verify = w.replay.is_some() || attempt > 0;
-                attempt += 1;
-                self.stream
-                    .write_clickhouse(&self.ch, batch_id, records_ref, verify, fence_ref)
-            },
-        )
-        .await?;
-        crate::engine::failpoint::hit("after_clickhouse").await?;
-        self.metrics.add(
-            &self.metrics.clickhouse_rows_written_total,
-            outcome.rows_written,
-        );
-        self.metrics.add(
-            &self.metrics.clickhouse_tables_skipped_total,
-            u64::from(outcome.tables_skipped),
-        );
+        self.write_clickhouse(&w, batch, &records).await?;
         self.metrics.stage(4, t);
         t = Instant::now();
 
         // 4. The single Postgres commit.
-        let newest = w.msgs.iter().filter_map(message_time).max();
         let ctx = BatchCtx {
             now: Utc::now(),
             ..ctx
@@ -269,7 +154,7 @@ impl<S: Stream> BatchRunner<S> {
             stream: &*self.stream,
             records: &records,
             dead: &dead,
-            newest_message_at: newest,
+            newest_message_at: w.msgs.iter().filter_map(message_time).max(),
             dedup_cutoff: cutoff,
         };
         crate::engine::failpoint::hit("before_commit").await?;
@@ -291,11 +176,11 @@ impl<S: Stream> BatchRunner<S> {
         m.add(&m.dead_letters_total, dead.len() as u64);
         m.add(&m.violations_raised_total, violations as u64);
         tracing::debug!(
+            stream = S::NAME,
             partition = p,
-            batch_id,
+            batch_id = batch.batch_id,
             first,
             last,
-            stream = S::NAME,
             events = records.len(),
             duplicates,
             dead_letters = dead.len(),
@@ -307,6 +192,197 @@ impl<S: Stream> BatchRunner<S> {
             next_offset: last + 1,
             dedup_cutoff: cutoff,
         })
+    }
+
+    /// Decodes every message (Confluent ids are resolved through the registry first).
+    async fn decode_all(
+        &self,
+        w: &BatchWork,
+        clock: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
+    ) -> Result<Vec<Decoded<S::Event>>, StageError> {
+        let mut decoded = Vec::with_capacity(w.msgs.len());
+        for m in &w.msgs {
+            let payload = m.payload().unwrap_or_default();
+            decoded.push(
+                self.decoding
+                    .decode(&*self.stream, payload, clock, cutoff, &self.metrics)
+                    .await?,
+            );
+        }
+        Ok(decoded)
+    }
+
+    /// Dead-letters poison and in-batch conflicts (the first occurrence of a key
+    /// wins; the same payload again is a duplicate, another one a conflict).
+    /// Returns the candidates and the in-batch duplicate count.
+    async fn screen(
+        &self,
+        w: &BatchWork,
+        decoded: Vec<Decoded<S::Event>>,
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<(Vec<Candidate<S::Event>>, u64), StageError> {
+        let poison: Vec<DeadItem> = decoded
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| match d {
+                Decoded::Poison { class, message } => Some((i, *class, message.clone())),
+                Decoded::Event(_) => None,
+            })
+            .collect();
+        self.dead_letter(w.partition, &w.msgs, &poison, dead)
+            .await?;
+        if !poison.is_empty() {
+            crate::engine::failpoint::hit("after_dlq_ack").await?;
+        }
+        let (candidates, dups, conflicts) = in_batch_dedup(&*self.stream, decoded);
+        self.dead_letter(w.partition, &w.msgs, &conflicts, dead)
+            .await?;
+        Ok((candidates, dups))
+    }
+
+    /// Claims the range and the candidates' keys; dead-letters keys counted
+    /// before with other content. Returns the pending batch, the candidates
+    /// this batch owns and the duplicate count.
+    async fn claim(
+        &self,
+        w: &BatchWork,
+        c: &Claim<'_>,
+        mut candidates: Vec<Candidate<S::Event>>,
+        dup_in_batch: u64,
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<(PendingBatch, Vec<Candidate<S::Event>>, u64), StageError> {
+        let keys: Vec<KeyClaim> = candidates
+            .iter()
+            .map(|c| KeyClaim {
+                key: c.key,
+                occurred_at: c.occurred_at,
+                fingerprint: c.fingerprint,
+            })
+            .collect();
+        let input = ClaimInput {
+            partition: w.partition,
+            first: c.first,
+            last: c.last,
+            expected_next: w.record_next,
+            replay_of: w.replay.map(|b| b.batch_id),
+            epoch: w.epoch,
+            reference_version: c.reference_version,
+            clock_at: c.clock,
+            dedup_cutoff: c.cutoff,
+            keys: &keys,
+        };
+        let claimed = breaker::call(
+            &self.metrics,
+            &self.breaker,
+            Sink::Postgres,
+            "claim",
+            || self.ledger.claim(&input),
+        )
+        .await?;
+        crate::engine::failpoint::hit("after_claim").await?;
+        if w.replay.is_some() {
+            self.metrics.add(&self.metrics.batches_replayed_total, 1);
+        }
+        let conflicts: Vec<DeadItem> = candidates
+            .iter()
+            .filter(|c| claimed.conflicts.contains(&c.key))
+            .map(|c| {
+                let why = self.stream.conflict_message(&c.event, false);
+                (c.msg, "dedup_conflict", why)
+            })
+            .collect();
+        self.dead_letter(w.partition, &w.msgs, &conflicts, dead)
+            .await?;
+        let before = candidates.len();
+        candidates.retain(|c| claimed.owned.contains(&c.key));
+        let duplicates = dup_in_batch + (before - candidates.len() - conflicts.len()) as u64;
+        Ok((claimed.batch, candidates, duplicates))
+    }
+
+    /// Enriches the owned candidates and runs the stream's `prepare`, retried
+    /// while Postgres is down (it is idempotent per batch).
+    async fn prepare(
+        &self,
+        ctx: &BatchCtx<'_>,
+        msgs: &[OwnedMessage],
+        candidates: Vec<Candidate<S::Event>>,
+    ) -> Result<Vec<S::Record>, StageError> {
+        let owned: Vec<Owned<S::Event>> = candidates
+            .into_iter()
+            .map(|c| Owned {
+                offset: msgs[c.msg].offset(),
+                event: c.event,
+                key: c.key,
+            })
+            .collect();
+        let mut records = self.stream.enrich(ctx, owned);
+        let mut probe =
+            breaker::Probe::new(&self.metrics, &self.breaker, Sink::Postgres, "prepare");
+        loop {
+            let started = Instant::now();
+            match self.stream.prepare(ctx, &mut records).await {
+                Err(e) if e.is_retryable() => probe.failed(started, &e).await,
+                r => {
+                    probe.answered();
+                    r?;
+                    return Ok(records);
+                }
+            }
+        }
+    }
+
+    /// Writes the records' rows, every insert fenced; after a takeover, first
+    /// waits out the grace in which an earlier owner may still insert.
+    async fn write_clickhouse(
+        &self,
+        w: &BatchWork,
+        batch: PendingBatch,
+        records: &[S::Record],
+    ) -> Result<(), StageError> {
+        let grace = Duration::from_millis(self.cfg.pipeline.takeover_grace_ms);
+        if w.replay.is_some_and(|b| b.owner_epoch != Some(w.epoch)) {
+            tracing::info!(
+                stream = S::NAME,
+                partition = w.partition,
+                batch_id = batch.batch_id,
+                grace_ms = grace.as_millis() as u64,
+                "waiting out the takeover grace"
+            );
+            tokio::time::sleep(grace).await;
+        }
+        let fence = Fence::new(
+            self.ledger.pool().clone(),
+            self.ledger.partition_key(w.partition),
+            w.epoch,
+            grace,
+        );
+        let batch_id = u64::try_from(batch.batch_id).unwrap_or(0);
+        let mut attempt = 0u32;
+        let fence_ref = &fence;
+        let outcome = breaker::call(
+            &self.metrics,
+            &self.breaker,
+            Sink::ClickHouse,
+            "clickhouse write",
+            || {
+                let verify = w.replay.is_some() || attempt > 0;
+                attempt += 1;
+                self.stream
+                    .write_clickhouse(&self.ch, batch_id, records, verify, fence_ref)
+            },
+        )
+        .await?;
+        crate::engine::failpoint::hit("after_clickhouse").await?;
+        self.metrics.add(
+            &self.metrics.clickhouse_rows_written_total,
+            outcome.rows_written,
+        );
+        self.metrics.add(
+            &self.metrics.clickhouse_tables_skipped_total,
+            u64::from(outcome.tables_skipped),
+        );
+        Ok(())
     }
 
     /// One commit attempt; a commit whose reply was lost may have landed, so a

@@ -12,6 +12,9 @@
 //! `off`. `@N` fires on the N-th hit only (default: every hit); `@N+` on the
 //! N-th and every later hit; `@N,M,...` on each hit listed. Every firing is logged to stderr as
 //! `failpoint NAME fired` before it acts, so a test can assert it was reached.
+//! A name prefixed with a stream (`audit.after_claim`) arms the point only in
+//! that stream's batches (see [`in_stream`]), so a test can crash one stream
+//! while the others run.
 
 use crate::errors::StageError;
 
@@ -47,6 +50,15 @@ pub fn check_env() -> Result<(), String> {
             "TALLY_FAILPOINTS={spec} is set, but this build has no failpoints (build with --features tally/failpoints)"
         ))
     }
+}
+
+tokio::task_local! {
+    static STREAM: &'static str;
+}
+
+/// Runs `f` (a batch of `stream`) with its failpoints scoped to that stream.
+pub async fn in_stream<F: std::future::Future>(stream: &'static str, f: F) -> F::Output {
+    STREAM.scope(stream, f).await
 }
 
 /// Hits point `name`: acts if it is armed (feature `failpoints` only).
@@ -94,7 +106,11 @@ mod armed {
             let (name, rest) = item
                 .split_once('=')
                 .ok_or_else(|| format!("TALLY_FAILPOINTS: `{item}` is not NAME=ACTION"))?;
-            if !POINTS.contains(&name) {
+            let point = match name.split_once('.') {
+                Some((stream, point)) if ["usage", "policy", "audit"].contains(&stream) => point,
+                _ => name,
+            };
+            if !POINTS.contains(&point) {
                 return Err(format!("TALLY_FAILPOINTS: unknown failpoint `{name}`"));
             }
             let (action, count) = match rest.split_once('@') {
@@ -152,7 +168,12 @@ mod armed {
     }
 
     pub async fn hit(name: &'static str) -> Result<(), StageError> {
-        let Some(arm) = arms().get(name) else {
+        let scoped = STREAM.try_with(|s| format!("{s}.{name}")).ok();
+        let Some(arm) = scoped
+            .as_deref()
+            .and_then(|n| arms().get(n))
+            .or_else(|| arms().get(name))
+        else {
             return Ok(());
         };
         let n = arm.hits.fetch_add(1, Ordering::SeqCst) + 1;
@@ -191,6 +212,8 @@ mod armed {
             assert_eq!(a["before_commit"].action, Action::Sleep(30));
             assert!(a["after_commit"].from_nth);
             assert!(parse("nope=abort").is_err());
+            assert!(parse("audit.after_claim=abort").is_ok());
+            assert!(parse("billing.after_claim=abort").is_err());
             assert!(parse("after_claim=explode").is_err());
         }
     }

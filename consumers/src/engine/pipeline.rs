@@ -666,7 +666,8 @@ impl<S: Stream> Pipeline<S> {
                 self.in_flight.spawn(async move {
                     let started = Instant::now();
                     let p = w.partition;
-                    let r = runner.process_batch(w).await;
+                    let r =
+                        crate::engine::failpoint::in_stream(S::NAME, runner.process_batch(w)).await;
                     (p, started, r)
                 });
             }
@@ -936,5 +937,5 @@ pub struct Route {
 /// Options of the connection that holds the partition locks; named so that
 /// operators (and tests) can find it in `pg_stat_activity`.
 fn lock_options(cfg: &Config) -> Result<sqlx::postgres::PgConnectOptions, StageError> {
-    Ok(crate::engine::runner::pg_options(cfg)?.application_name("tally-locks"))
+    Ok(crate::sinks::postgres::pg_options(cfg)?.application_name("tally-locks"))
 }

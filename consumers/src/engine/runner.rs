@@ -14,32 +14,14 @@ use crate::engine::stream::Stream;
 use crate::errors::StageError;
 use crate::metrics::Metrics;
 use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::postgres::connect_pg;
 use crate::streams::audit::AuditStream;
 use crate::streams::policy::PolicyStream;
 use crate::streams::usage::UsageStream;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use std::str::FromStr;
+use sqlx::postgres::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// Connect options from the configured URL. The search path is pinned to
-/// `public` so sqlx's `_sqlx_migrations` table never lands in a `tally` schema
-/// that `"$user"` (a role named tally) would put first.
-pub fn pg_options(cfg: &Config) -> Result<PgConnectOptions, StageError> {
-    let opts = PgConnectOptions::from_str(&cfg.postgres.url)
-        .map_err(|e| StageError::Fatal(format!("config key `postgres.url`: {e}")))?;
-    Ok(opts.options([("search_path", "public")]))
-}
-
-pub async fn connect_pg(cfg: &Config) -> Result<PgPool, StageError> {
-    PgPoolOptions::new()
-        .max_connections(cfg.postgres.max_connections)
-        .acquire_timeout(Duration::from_secs(15))
-        .connect_with(pg_options(cfg)?)
-        .await
-        .map_err(|e| crate::errors::classify_pg("connect to postgres", e))
-}
 
 /// Runs until `shutdown` flips (or a Fatal error).
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), StageError> {

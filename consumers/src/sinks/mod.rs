@@ -5,3 +5,4 @@
 //! rows land exactly once.
 
 pub mod clickhouse;
+pub mod postgres;

@@ -4,12 +4,17 @@
 //! and what the pipeline must have stored, computed from the produced messages
 //! alone (first occurrence per dedup key, in produce order per tenant).
 
-use crate::TestEnv;
+use crate::{ch_query, check_violation_topic, TestEnv, TEST_PSEUDONYM_KEY, TEST_VERIFIER_KEY};
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
+use tally::audit::checkpoint::Checkpoint;
+use tally::audit::leaf::{AuditLeaf, FieldLimits};
+use tally::audit::merkle;
+use tally::audit::note::{self, NoteVerifier};
+use tally::audit::pseudonym::PseudonymKey;
 use tally_schemas::{
     encode_json, encode_single_object, ActorType, AuditEvent, Decision, Enforcement, Outcome,
     PolicyDecision, Severity,
@@ -352,4 +357,218 @@ pub fn expected_audit_violations(
         ("personal_data_access", personal),
         ("failed_action_burst", bursts),
     ])
+}
+
+pub const RULES: &str = r#"
+[policy]
+rules = { deny_rate = { threshold = 20, window_secs = 300 } }
+[audit]
+rules = { privileged_action = { actions = [{ action = "role.grant", severity = "high" }] }, failed_action_burst = { at_least = 5, window_secs = 300 } }
+"#;
+
+/// Actors that may read personal data (any resource type) in the test world.
+pub const GRANTED: [(&str, &str); 2] =
+    [("t-acme", "user0@example.com"), ("t-globex", "svc-billing")];
+
+/// Waits until every enabled stream's topic is consumed and nothing is pending.
+pub async fn wait_idle(env: &TestEnv, timeout: Duration) -> anyhow::Result<()> {
+    let idle = tally::cli::report::wait_idle(&env.cfg, &env.pool, timeout).await?;
+    anyhow::ensure!(idle, "the pipeline did not catch up within {timeout:?}");
+    Ok(())
+}
+
+pub async fn count(env: &TestEnv, sql: &str) -> anyhow::Result<u64> {
+    let text = ch_query(&env.cfg.clickhouse.url, sql).await?;
+    Ok(text.trim().parse()?)
+}
+
+pub async fn violations_by_rule(env: &TestEnv) -> anyhow::Result<BTreeMap<String, u64>> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT rule, count(*) FROM tally.violations GROUP BY rule")
+            .fetch_all(&env.pool)
+            .await?;
+    Ok(rows.into_iter().map(|(r, n)| (r, n as u64)).collect())
+}
+
+/// Every tenant's tree, checkpoints and stored rows against the oracle.
+pub async fn check_logs(env: &TestEnv, events: &[AuditEvent]) -> anyhow::Result<Vec<String>> {
+    let key = PseudonymKey::from_base64(1, TEST_PSEUDONYM_KEY)?;
+    let verifier = NoteVerifier::parse(TEST_VERIFIER_KEY)?;
+    let db = &env.cfg.clickhouse.database;
+    let mut problems = Vec::new();
+    for tenant in TENANTS {
+        let mine: Vec<&AuditEvent> = events.iter().filter(|e| e.tenant_id == tenant).collect();
+        let hashes: Vec<merkle::Hash> = mine
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                AuditLeaf::from_event(e, i as u64, &key, FieldLimits::default()).leaf_hash()
+            })
+            .collect();
+        let stored = ch_query(
+            &env.cfg.clickhouse.url,
+            &format!(
+                "SELECT leaf_index, toString(event_id) FROM {db}.audit_events WHERE tenant_id = '{tenant}' \
+                 ORDER BY leaf_index FORMAT TSV"
+            ),
+        )
+        .await?;
+        let want: Vec<String> = mine
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{i}\t{}", e.event_id))
+            .collect();
+        let got: Vec<&str> = stored.lines().collect();
+        if got != want.iter().map(String::as_str).collect::<Vec<_>>() {
+            problems.push(format!(
+                "{tenant}: stored leaves differ from the oracle ({} stored, {} expected; first stored {:?})",
+                got.len(),
+                want.len(),
+                got.first()
+            ));
+        }
+        let notes: Vec<String> = sqlx::query_scalar(
+            "SELECT signed_note FROM tally.audit_checkpoints WHERE tenant_id = $1 ORDER BY checkpoint_id",
+        )
+        .bind(tenant)
+        .fetch_all(&env.pool)
+        .await?;
+        let Some(last) = notes.last() else {
+            problems.push(format!("{tenant}: no checkpoint"));
+            continue;
+        };
+        for n in &notes {
+            let opened = note::open(n.as_bytes(), std::slice::from_ref(&verifier))?;
+            let c = Checkpoint::from_text(&opened.text)?;
+            let size = c.size as usize;
+            if size > hashes.len() || c.root != merkle::root(&hashes[..size]) {
+                problems.push(format!(
+                    "{tenant}: checkpoint at size {size} does not match the oracle's tree (a fork)"
+                ));
+            }
+        }
+        let opened = note::open(last.as_bytes(), std::slice::from_ref(&verifier))?;
+        let c = Checkpoint::from_text(&opened.text)?;
+        if c.size as usize != hashes.len() {
+            problems.push(format!(
+                "{tenant}: latest checkpoint has size {}, the oracle {}",
+                c.size,
+                hashes.len()
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// Rows, rollups, dead letters, violations and logs of both streams.
+pub async fn check_streams(
+    env: &TestEnv,
+    policy: &[Msg],
+    audit: &[Msg],
+) -> anyhow::Result<Vec<String>> {
+    let db = &env.cfg.clickhouse.database;
+    let mut problems = Vec::new();
+    let decisions = unique_decisions(policy);
+    let events = unique_audit(audit);
+    let raw = count(env, &format!("SELECT count() FROM {db}.policy_decisions")).await?;
+    if raw != decisions.len() as u64 {
+        problems.push(format!(
+            "policy_decisions: {raw} rows, {} decisions",
+            decisions.len()
+        ));
+    }
+    for table in [
+        "policy_decisions_1m",
+        "policy_decisions_1h",
+        "policy_decisions_1d",
+    ] {
+        let text = ch_query(
+            &env.cfg.clickhouse.url,
+            &format!(
+                "SELECT tenant_id, policy_id, decision, enforcement, sum(decisions) FROM {db}.{table} \
+                 GROUP BY tenant_id, policy_id, decision, enforcement ORDER BY 1, 2, 3, 4 FORMAT TSV"
+            ),
+        )
+        .await?;
+        let got: BTreeMap<(String, String, String, String), u64> = text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                Some((
+                    (f[0].into(), f[1].into(), f[2].into(), f[3].into()),
+                    f.get(4)?.parse().ok()?,
+                ))
+            })
+            .collect();
+        if got != decision_counts(&decisions) {
+            problems.push(format!("{table}: counts differ from the oracle"));
+        }
+    }
+    let stored = count(env, &format!("SELECT count() FROM {db}.audit_events")).await?;
+    if stored != events.len() as u64 {
+        problems.push(format!(
+            "audit_events: {stored} rows, {} events",
+            events.len()
+        ));
+    }
+    let leaked = count(
+        env,
+        &format!(
+            "SELECT count() FROM {db}.audit_events WHERE position(user_id, '@') > 0 \
+             OR position(actor_id, '@') > 0 OR position(ip, '192.0.2.') > 0"
+        ),
+    )
+    .await?;
+    if leaked > 0 {
+        problems.push(format!(
+            "{leaked} audit rows hold a raw personal identifier"
+        ));
+    }
+    let dead: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT topic, count(*) FROM tally.dead_letters GROUP BY topic ORDER BY topic",
+    )
+    .fetch_all(&env.pool)
+    .await?;
+    let dead: BTreeMap<String, i64> = dead.into_iter().collect();
+    for (topic, msgs) in [
+        (&env.cfg.policy.topic, policy),
+        (&env.cfg.audit.topic, audit),
+    ] {
+        let want = poison_count(msgs) as i64;
+        let got = dead.get(topic.as_str()).copied().unwrap_or(0);
+        if got != want {
+            problems.push(format!(
+                "{topic}: {got} dead letters, {want} poison messages sent"
+            ));
+        }
+    }
+    let by_rule = violations_by_rule(env).await?;
+    let mut want = expected_policy_violations(&decisions, 20, 300);
+    want.extend(expected_audit_violations(&events, &GRANTED, 5, 300));
+    for (rule, n) in want {
+        let got = by_rule.get(rule).copied().unwrap_or(0);
+        if got != n {
+            problems.push(format!("violations {rule}: {got}, expected {n}"));
+        }
+    }
+    problems.extend(check_logs(env, &events).await?);
+    problems.extend(check_violation_topic(env).await?);
+    Ok(problems)
+}
+
+/// Writes the rules config of these tests (returns its path, for
+/// `TALLY_CONFIG`) and the grants of [`GRANTED`].
+pub async fn setup_streams(env: &TestEnv) -> anyhow::Result<String> {
+    let dir = crate::repo_root().join(".local/logs");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{}-rules.toml", env.name));
+    std::fs::write(&file, RULES)?;
+    for (t, a) in GRANTED {
+        sqlx::query("INSERT INTO tally.audit_grants VALUES ($1, $2, '*')")
+            .bind(t)
+            .bind(a)
+            .execute(&env.pool)
+            .await?;
+    }
+    Ok(file.display().to_string())
 }

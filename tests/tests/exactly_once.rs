@@ -3,7 +3,10 @@
 //! sent, computed without tally's code.
 //!
 //! `make test` runs the short versions; `make test-chaos` runs the long ones
-//! (`--ignored`): 200k events, 12 kills; 4 leave/rejoin cycles.
+//! (`--ignored`): 200k events, 12 kills; 4 leave/rejoin cycles. The crash and
+//! rebalance runs carry mixed traffic on all three topics (usage, policy
+//! decisions, audit events): each stream's rows, violations and audit logs
+//! are checked against oracles computed from what was produced.
 
 use chrono::{Duration as ChronoDuration, DurationRound, Utc};
 use rand::{Rng, SeedableRng};
@@ -49,19 +52,24 @@ async fn crash_run(
 ) -> anyhow::Result<()> {
     // Static membership: noida-db 0.2.3 never expires a member that died
     // without leaving, so a restarted instance must come back as the same member.
-    let env = test_env(
+    let mut env = test_env(
         name,
         4,
         &[
             ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1500"),
             ("TALLY__KAFKA__INSTANCE_ID", "crash-instance"),
+            ("TALLY__STREAMS__POLICY", "true"),
+            ("TALLY__STREAMS__AUDIT", "true"),
         ],
     )
     .await?;
     let (world, gen) = world_and_config(tenants, count, seed);
     env.seed(&world).await?;
+    let rules = streams::setup_streams(&env).await?;
+    env.env.push(("TALLY_CONFIG".into(), rules));
     let msgs = generate(gen);
     let exp = expected(&msgs, &world);
+    let (policy, audit) = side_traffic(&env, count / 10, seed).await?;
     let producer = spawn_producer(&env, &msgs, rate);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let started = Instant::now();
@@ -93,8 +101,10 @@ async fn crash_run(
     let caught_up = env
         .wait_handled(exp.messages as i64, Duration::from_secs(300))
         .await;
+    let idle = streams::wait_idle(&env, Duration::from_secs(120)).await;
     terminate(&mut last, Duration::from_secs(30))?;
     caught_up?;
+    idle?;
     let replayed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tally.batches WHERE state = 'done'")
             .fetch_one(&env.pool)
@@ -112,7 +122,7 @@ async fn crash_run(
         problems
             .push("no kill landed inside a batch: the test proved nothing about replays".into());
     }
-    problems.extend(check_violation_topic(&env).await?);
+    problems.extend(streams::check_streams(&env, &policy, &audit).await?);
     problems.extend(check_budgets(&env, &exp, &world).await?);
     eprintln!(
         "{name}: {} messages, {} unique events, {} malformed, {kills} kills ({replays_possible} while committing, \
@@ -146,13 +156,39 @@ async fn chaos_crash_200k_events_12_kills() -> anyhow::Result<()> {
     crash_run("chaos", 60, 200_000, 3_500, 12, 11).await
 }
 
+/// Policy and audit traffic (`n` messages each, re-sends and poison included),
+/// produced before the usage producer starts; tally consumes all three topics.
+async fn side_traffic(
+    env: &TestEnv,
+    n: u64,
+    seed: u64,
+) -> anyhow::Result<(Vec<streams::Msg>, Vec<streams::Msg>)> {
+    let policy = streams::policy_traffic(n as usize, seed);
+    let audit = streams::audit_traffic(n as usize, seed);
+    streams::produce_to(env, &env.cfg.policy.topic, &policy).await?;
+    streams::produce_to(env, &env.cfg.audit.topic, &audit).await?;
+    Ok((policy, audit))
+}
+
 /// Two instances share the group; one leaves (SIGTERM) and rejoins repeatedly.
 async fn rebalance_run(name: &str, count: u64, rate: u64, cycles: usize) -> anyhow::Result<()> {
-    let env = test_env(name, 4, &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1000")]).await?;
+    let mut env = test_env(
+        name,
+        4,
+        &[
+            ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "1000"),
+            ("TALLY__STREAMS__POLICY", "true"),
+            ("TALLY__STREAMS__AUDIT", "true"),
+        ],
+    )
+    .await?;
     let (world, gen) = world_and_config(50, count, 21);
     env.seed(&world).await?;
+    let rules = streams::setup_streams(&env).await?;
+    env.env.push(("TALLY_CONFIG".into(), rules));
     let msgs = generate(gen);
     let exp = expected(&msgs, &world);
+    let (policy, audit) = side_traffic(&env, count / 10, 21).await?;
     let producer = spawn_producer(&env, &msgs, rate);
     let mut a = env.spawn_tally("a")?;
     for i in 0..cycles {
@@ -170,10 +206,12 @@ async fn rebalance_run(name: &str, count: u64, rate: u64, cycles: usize) -> anyh
     let caught_up = env
         .wait_handled(exp.messages as i64, Duration::from_secs(240))
         .await;
+    let idle = streams::wait_idle(&env, Duration::from_secs(120)).await;
     terminate(&mut a, Duration::from_secs(30))?;
     caught_up?;
+    idle?;
     let mut problems = check_totals(&env, &exp).await?;
-    problems.extend(check_violation_topic(&env).await?);
+    problems.extend(streams::check_streams(&env, &policy, &audit).await?);
     for p in problems.iter().take(30) {
         eprintln!("  {p}");
     }

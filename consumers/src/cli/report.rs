@@ -85,7 +85,9 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
         ));
     }
 
-    out.push_str("\n== Violations raised ==\n");
+    out.push_str(&decisions_and_logs(cfg, &ch, pool).await?);
+
+    out.push_str("\n== Violations raised (by rule) ==\n");
     let vs = sqlx::query(
         "SELECT rule, count(*)::bigint, count(published_at)::bigint FROM tally.violations GROUP BY rule ORDER BY rule",
     )
@@ -100,15 +102,14 @@ pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
         ));
     }
     let dlq = sqlx::query(
-        "SELECT error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 2 DESC",
+        "SELECT topic || ': ' || error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 2 DESC",
     )
     .fetch_all(pool)
     .await
     .map_err(pg("report dead letters"))?;
     let total: i64 = dlq.iter().map(|r| r.get::<i64, _>(1)).sum();
     out.push_str(&format!(
-        "\n== Dead letters: {total} messages on {} ==\n",
-        cfg.kafka.dlq_topic
+        "\n== Dead letters: {total} messages (on each source topic's .dlq) ==\n"
     ));
     for r in dlq {
         out.push_str(&format!(
@@ -183,4 +184,64 @@ async fn topic_caught_up(
                 .iter()
                 .any(|(q, n)| usize::try_from(*q).ok() == Some(p) && n >= end)
     }))
+}
+
+#[derive(Row, Deserialize)]
+struct DecisionRow {
+    policy_id: String,
+    decision: String,
+    enforcement: String,
+    decisions: u64,
+}
+
+/// Policy decisions by policy and outcome (ClickHouse) and each tenant's audit
+/// log (Postgres: tree size, latest checkpoint).
+async fn decisions_and_logs(
+    cfg: &Config,
+    ch: &ClickHouseSink,
+    pool: &PgPool,
+) -> Result<String, StageError> {
+    let mut out = String::from("\n== Policy decisions by policy and outcome (ClickHouse policy_decisions_1d) ==\n");
+    let sql = format!(
+        "SELECT policy_id, decision, enforcement, sum(decisions) AS decisions FROM {}.policy_decisions_1d \
+         GROUP BY policy_id, decision, enforcement ORDER BY policy_id, decision, enforcement LIMIT 30",
+        cfg.clickhouse.database
+    );
+    let rows: Vec<DecisionRow> = ch
+        .client()
+        .query(&sql)
+        .fetch_all()
+        .await
+        .map_err(|e| classify_ch("report decisions", e))?;
+    out.push_str(&format!(
+        "{:<28} {:<8} {:<8} {:>10}\n",
+        "policy", "decision", "mode", "decisions"
+    ));
+    for r in rows {
+        out.push_str(&format!(
+            "{:<28} {:<8} {:<8} {:>10}\n",
+            r.policy_id, r.decision, r.enforcement, r.decisions
+        ));
+    }
+    out.push_str("\n== Audit logs (per tenant: leaves in the tree, latest signed checkpoint) ==\n");
+    let logs = sqlx::query(
+        "SELECT t.tenant_id, t.tree_size, t.next_index, \
+           (SELECT c.tree_size FROM tally.audit_checkpoints c WHERE c.tenant_id = t.tenant_id ORDER BY c.checkpoint_id DESC LIMIT 1), \
+           (SELECT count(*) FROM tally.audit_checkpoints c WHERE c.tenant_id = t.tenant_id AND c.published_at IS NOT NULL) \
+         FROM tally.audit_trees t ORDER BY t.tenant_id LIMIT 20",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(pg("report audit logs"))?;
+    for l in logs {
+        let (tenant, size, reserved): (String, i64, i64) = (l.get(0), l.get(1), l.get(2));
+        let (signed, published): (Option<i64>, i64) = (l.get(3), l.get(4));
+        out.push_str(&format!(
+            "{tenant:<16} {size:>8} leaves ({} reserved, not committed), checkpoint at {}, {published} checkpoints on {}\n",
+            reserved - size,
+            signed.map_or_else(|| "-".to_string(), |s| s.to_string()),
+            cfg.audit.checkpoint_topic
+        ));
+    }
+    Ok(out)
 }

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod bench;
 pub mod breaker;
 pub mod claim;
+pub mod cli;
 pub mod cli_reset;
 pub mod config;
 pub mod cost;

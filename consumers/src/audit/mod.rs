@@ -1,4 +1,4 @@
-//! The tamper-evident audit log: pure core (no I/O). Specification: `docs/audit-log.md`.
+//! The tamper-evident audit log: pure core (no I/O, except [`store`]). Specification: `docs/audit-log.md`.
 //!
 //! Guarantee: every stored audit event is a leaf of its tenant's append-only RFC 6962 /
 //! RFC 9162 Merkle tree, hashed from a documented canonical encoding of exactly the
@@ -14,6 +14,8 @@
 //! - [`note`], [`checkpoint`]: C2SP signed notes and tlog checkpoints.
 //! - [`tlog_proof`]: offline event proofs in the C2SP tlog-proof layout.
 //! - [`verify`]: streaming verification of a tenant's rows against its checkpoints.
+//! - [`stream_proof`]: inclusion proofs computed in one pass over the leaves.
+//! - [`store`]: the I/O edge: `audit_events` rows (ClickHouse), checkpoints (Postgres).
 
 pub mod checkpoint;
 pub mod leaf;
@@ -21,6 +23,8 @@ pub mod merkle;
 pub mod note;
 pub mod proof;
 pub mod pseudonym;
+pub mod store;
+pub mod stream_proof;
 pub mod tlog_proof;
 pub mod verify;
 

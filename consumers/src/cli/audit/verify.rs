@@ -61,13 +61,14 @@ enum Finding {
 struct TenantReport {
     tenant: String,
     rows: u64,
-    /// Rows hashed before the verdict (all of `0..end` when intact).
+    /// Rows hashed until the verdict (all of `0..end` when intact).
     hashed: u64,
     /// Rows at or past `end` (batches not merged into the committed tree yet).
     unverified_rows: u64,
     stored_checkpoints: usize,
     trusted_checkpoints: usize,
     latest: Option<(i64, i64)>,
+    /// The largest size signed by a usable (stored or trusted) checkpoint.
     signed_size: u64,
     root: Option<Hash>,
     finding: Option<Finding>,
@@ -302,6 +303,7 @@ async fn verify_tenant(
         usable.push(cp.clone());
     }
     let signed = usable.iter().map(|c| c.size).max().unwrap_or(0);
+    report.signed_size = signed;
     // Rows at or past the committed tree may be batches in flight: not checked.
     let end = match store::committed_size(pool, tenant).await? {
         Some(committed) => committed,
@@ -331,10 +333,10 @@ async fn verify_tenant(
             let started = Instant::now();
             for l in &chunk {
                 verifier.push(l, None);
+                report.hashed += 1;
                 if verifier.is_tampered() {
                     break;
                 }
-                report.hashed += 1;
             }
             meter.hashing += started.elapsed();
             chunk.clear();
@@ -353,12 +355,7 @@ async fn verify_tenant(
         Verdict::Tampered { first_bad, tamper } => {
             report.finding = Some(Finding::Tree { first_bad, tamper });
         }
-        Verdict::Intact {
-            size,
-            root,
-            signed_size,
-        } => {
-            report.signed_size = signed_size;
+        Verdict::Intact { size, root, .. } => {
             report.root = Some(root);
             report.unverified_rows = stats.rows.saturating_sub(size);
         }

@@ -697,6 +697,10 @@ fn errors_have_their_own_exit_codes(log: &Log) -> anyhow::Result<()> {
     )?;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("audit.signing_key"), "{err}");
+    // A tenant with neither rows nor checkpoints (a typo?): an error (1).
+    let (code, _, err) = log.tally(&["audit", "verify", "--tenant", "t-nobody"])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no rows in audit_events"), "{err}");
     // An event that is not stored: an error (1).
     let (code, _, err) = log.tally(&["audit", "prove", &Uuid::from_u128(7).to_string()])?;
     assert_eq!(code, 1, "{err}");

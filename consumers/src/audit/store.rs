@@ -131,6 +131,11 @@ impl AuditRow {
     /// (`personal_data` other than 0/1) or whose `occurred_at` was changed apart from
     /// `occurred_at_us`.
     pub fn to_leaf(&self) -> Result<AuditLeaf, InvalidRow> {
+        self.clone().into_leaf()
+    }
+
+    /// [`AuditRow::to_leaf`] without copying the strings.
+    pub fn into_leaf(self) -> Result<AuditLeaf, InvalidRow> {
         let personal_data = match self.personal_data {
             0 => false,
             1 => true,
@@ -143,23 +148,23 @@ impl AuditRow {
             });
         }
         Ok(AuditLeaf {
-            tenant_id: self.tenant_id.clone(),
+            tenant_id: self.tenant_id,
             leaf_index: self.leaf_index,
             event_id: self.event_id,
             occurred_at_us: self.occurred_at_us,
-            team_id: self.team_id.clone(),
-            project_id: self.project_id.clone(),
-            user_id: self.user_id.clone(),
-            source: self.source.clone(),
-            actor_type: self.actor_type.clone(),
-            actor_id: self.actor_id.clone(),
-            action: self.action.clone(),
-            resource_type: self.resource_type.clone(),
-            resource_id: self.resource_id.clone(),
-            outcome: self.outcome.clone(),
-            ip: self.ip.clone(),
-            user_agent: self.user_agent.clone(),
-            details: self.details.clone(),
+            team_id: self.team_id,
+            project_id: self.project_id,
+            user_id: self.user_id,
+            source: self.source,
+            actor_type: self.actor_type,
+            actor_id: self.actor_id,
+            action: self.action,
+            resource_type: self.resource_type,
+            resource_id: self.resource_id,
+            outcome: self.outcome,
+            ip: self.ip,
+            user_agent: self.user_agent,
+            details: self.details,
             personal_data,
             pseudonym_key_version: self.pseudonym_key_version,
         })

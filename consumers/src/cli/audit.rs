@@ -264,7 +264,7 @@ async fn prove(
     let row = find_row(&client, event_id, tenant).await?;
     let tenant = row.tenant_id.clone();
     let leaf = row
-        .to_leaf()
+        .into_leaf()
         .map_err(|e| Fail::Tampered(format!("the row of event {event_id} is invalid: {e}")))?;
     let latest = store::latest_checkpoint(&pool, &tenant)
         .await?
@@ -302,10 +302,10 @@ async fn prove(
         InclusionBuilder::new(leaf.leaf_index, cp.size).map_err(|e| Fail::Error(e.to_string()))?;
     let mut stream = LeafStream::new(&client, &tenant, 0, cp.size);
     while let Some(r) = stream.next().await? {
-        let l = r.to_leaf().map_err(|e| {
+        let at = r.leaf_index;
+        let l = r.into_leaf().map_err(|e| {
             Fail::Tampered(format!(
-                "leaf {} of tenant {tenant:?} is an invalid row: {e}",
-                r.leaf_index
+                "leaf {at} of tenant {tenant:?} is an invalid row: {e}"
             ))
         })?;
         let hash = l.leaf_hash();

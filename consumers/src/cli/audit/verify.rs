@@ -318,15 +318,11 @@ async fn verify_tenant(
     loop {
         let row = stream.next().await?;
         let done = row.is_none();
-        if let Some(r) = &row {
-            match r.to_leaf() {
+        if let Some(r) = row {
+            let leaf_index = r.leaf_index;
+            match r.into_leaf() {
                 Ok(l) => chunk.push(l),
-                Err(error) => {
-                    report.finding = Some(Finding::InvalidRow {
-                        leaf_index: r.leaf_index,
-                        error,
-                    })
-                }
+                Err(error) => report.finding = Some(Finding::InvalidRow { leaf_index, error }),
             }
         }
         if done || chunk.len() == HASH_CHUNK || report.finding.is_some() {
@@ -387,7 +383,18 @@ pub(super) async fn verify(cfg: &Config, args: &VerifyArgs) -> Result<i32, Fail>
     };
     match &args.tenant {
         Some(t) => {
-            tenants.insert(t.clone(), store::tenant_rows(&client, t).await?);
+            let stats = store::tenant_rows(&client, t).await?;
+            let nothing = stats.rows == 0
+                && trusted.is_empty()
+                && store::latest_checkpoint(&pool, t).await?.is_none();
+            if nothing {
+                // Most likely a mistyped tenant: an OK would mislead.
+                return Err(Fail::Error(format!(
+                    "tenant {t:?} has no rows in audit_events (database {}) and no checkpoints",
+                    cfg.clickhouse.database
+                )));
+            }
+            tenants.insert(t.clone(), stats);
         }
         None => {
             for s in store::tenants(&client).await? {

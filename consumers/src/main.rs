@@ -1,4 +1,5 @@
-//! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle, bench.
+//! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle, bench,
+//! audit (`tally::cli::audit`).
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
@@ -96,6 +97,12 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         steady_secs: u64,
     },
+    /// The tamper-evident audit log: signing keys, verification, offline proofs
+    /// (docs/audit-log.md). Exit codes: 0 ok, 1 error, 2 usage, 3 tampered, 4 not covered yet.
+    Audit {
+        #[command(subcommand)]
+        command: tally::cli::audit::AuditCommand,
+    },
 }
 
 /// The demo world's price change: the start of the previous hour, so the
@@ -146,6 +153,11 @@ fn shutdown_on_signals() -> watch::Receiver<bool> {
 async fn main() {
     init_logging();
     let cli = Cli::parse();
+    // Loads the configuration itself, and only where needed (verify-proof and keygen
+    // run offline); exits with its own codes.
+    if let Command::Audit { command } = cli.command {
+        std::process::exit(tally::cli::audit::run(command, cli.config.as_deref()).await);
+    }
     if let Err(e) = tally::engine::failpoint::check_env() {
         eprintln!("tally: {e}");
         std::process::exit(2);
@@ -319,6 +331,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             }
             println!("caught up");
         }
+        Command::Audit { .. } => unreachable!("handled before the configuration is loaded"),
         Command::Bench {
             count,
             steady_rate,

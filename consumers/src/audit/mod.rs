@@ -14,6 +14,7 @@
 //! - [`note`], [`checkpoint`]: C2SP signed notes and tlog checkpoints.
 //! - [`tlog_proof`]: offline event proofs in the C2SP tlog-proof layout.
 //! - [`verify`]: streaming verification of a tenant's rows against its checkpoints.
+//! - [`stream_proof`]: inclusion proofs computed in one pass over the leaves.
 
 pub mod checkpoint;
 pub mod leaf;
@@ -21,6 +22,7 @@ pub mod merkle;
 pub mod note;
 pub mod proof;
 pub mod pseudonym;
+pub mod stream_proof;
 pub mod tlog_proof;
 pub mod verify;
 

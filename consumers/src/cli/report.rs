@@ -201,7 +201,9 @@ async fn decisions_and_logs(
     ch: &ClickHouseSink,
     pool: &PgPool,
 ) -> Result<String, StageError> {
-    let mut out = String::from("\n== Policy decisions by policy and outcome (ClickHouse policy_decisions_1d) ==\n");
+    let mut out = String::from(
+        "\n== Policy decisions by policy and outcome (ClickHouse policy_decisions_1d) ==\n",
+    );
     let sql = format!(
         "SELECT policy_id, decision, enforcement, sum(decisions) AS decisions FROM {}.policy_decisions_1d \
          GROUP BY policy_id, decision, enforcement ORDER BY policy_id, decision, enforcement LIMIT 30",

@@ -8,8 +8,8 @@
 
 pub mod checkpointer;
 pub mod log;
-pub mod rows;
 pub mod rules;
+pub mod store;
 pub mod stream;
 
 pub use stream::AuditStream;

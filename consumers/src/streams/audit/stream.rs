@@ -17,8 +17,8 @@ use crate::engine::stream::{
 use crate::errors::{pg, StageError};
 use crate::sinks::clickhouse::{split_by_month, ClickHouseSink, WriteOutcome};
 use crate::streams::audit::log;
-use crate::streams::audit::rows::AuditRow;
 use crate::streams::audit::rules::{self, burst_groups, AuditRules, Grants};
+use crate::streams::audit::store::AuditRow;
 use crate::streams::window_store;
 use chrono::{DateTime, Utc};
 use sqlx::Row;

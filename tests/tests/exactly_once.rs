@@ -82,6 +82,9 @@ async fn crash_run(
         let wait = rng.random_range(1500..7000);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         kill9(&mut child);
+        // A COMMIT the process sent just before it died still lands in the
+        // server; let such backends finish before reading what is pending.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         let pending = env.pending_batches().await?;
         left_pending.extend(&pending);
         let after = env.handled().await?;

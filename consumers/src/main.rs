@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tally::config::Config;
 use tally::errors::StageError;
-use tally_producers::{demo_world, Encoding, GenConfig, Generator};
+use tally_producers::cli::{GenOptions, StreamChoice, Topics};
+use tally_producers::{demo_world, Encoding};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -38,7 +39,7 @@ enum Command {
     },
     /// Run the pipeline until SIGTERM/SIGINT.
     Run,
-    /// Produce generated usage traffic to the usage topic.
+    /// Produce generated traffic: usage (default), policy decisions, audit events or all.
     Gen {
         #[arg(long, default_value_t = 10_000)]
         count: u64,
@@ -59,9 +60,15 @@ enum Command {
         seed: Option<u64>,
         #[arg(long, default_value_t = 60)]
         tenants: usize,
-        /// Topic (default: kafka.usage_topic).
+        /// Topic (default: the stream's, kafka.usage_topic, policy.topic or audit.topic).
         #[arg(long)]
         topic: Option<String>,
+        /// usage, policy, audit or all (one after the other, --count messages each).
+        #[arg(long, default_value = "usage")]
+        stream: StreamChoice,
+        /// Policy stream: share of decisions sent as OPA decision-log events.
+        #[arg(long, default_value_t = 0.3)]
+        opa_share: f64,
     },
     /// Print spend, budgets, violations and dead letters from ClickHouse and Postgres.
     Report,
@@ -255,44 +262,47 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             seed,
             tenants,
             topic,
+            stream,
+            opa_share,
         } => {
-            for (name, v) in [
-                ("duplicates", duplicates),
-                ("late", late),
-                ("malformed", malformed),
-            ] {
-                if !(0.0..=1.0).contains(&v) {
-                    bail!("--{name} must be a share between 0 and 1, got {v}");
-                }
-            }
             if encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
                 bail!("--encoding confluent needs a schema registry (registry.url / TALLY__REGISTRY__URL)");
             }
-            let change = demo_price_change_at();
             let seed = seed.unwrap_or_else(|| {
                 u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default())
                     .unwrap_or_default()
             });
-            let mut g = GenConfig::new(demo_world(tenants, change), count, seed);
-            g.encoding = encoding;
-            g.duplicates = duplicates;
-            g.late = late;
-            g.malformed = malformed;
-            g.start = change - ChronoDuration::hours(1);
-            g.span = ChronoDuration::hours(2);
-            let topic = topic.unwrap_or_else(|| cfg.kafka.usage_topic.clone());
-            let report =
-                tally_producers::produce(&cfg.kafka.brokers, &topic, Generator::new(g), rate, true)
-                    .await
-                    .context("producing generated traffic")?;
-            println!(
-                "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s",
-                report.sent,
-                report.good,
-                report.duplicates,
-                report.malformed,
-                report.elapsed.as_secs_f64()
-            );
+            let opts = GenOptions {
+                stream,
+                count,
+                rate,
+                encoding,
+                duplicates,
+                late,
+                malformed,
+                seed,
+                tenants,
+                opa_share,
+                topic,
+                price_change_at: demo_price_change_at(),
+            };
+            let topics = Topics {
+                usage: cfg.kafka.usage_topic.clone(),
+                policy: cfg.policy.topic.clone(),
+                audit: cfg.audit.topic.clone(),
+            };
+            for (topic, report) in
+                tally_producers::cli::run(&cfg.kafka.brokers, &topics, &opts).await?
+            {
+                println!(
+                    "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s, seed {seed}",
+                    report.sent,
+                    report.good,
+                    report.duplicates,
+                    report.malformed,
+                    report.elapsed.as_secs_f64()
+                );
+            }
         }
         Command::Report => {
             let pool = tally::runner::connect_pg(&cfg).await?;

@@ -1,6 +1,6 @@
 //! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle, bench.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -40,36 +40,7 @@ enum Command {
     /// Run the pipeline until SIGTERM/SIGINT.
     Run,
     /// Produce generated traffic: usage (default), policy decisions, audit events or all.
-    Gen {
-        #[arg(long, default_value_t = 10_000)]
-        count: u64,
-        /// Messages per second (unlimited when absent).
-        #[arg(long)]
-        rate: Option<u64>,
-        /// json, avro (single-object), confluent or mixed (json + avro).
-        #[arg(long, default_value = "mixed")]
-        encoding: Encoding,
-        #[arg(long, default_value_t = 0.02)]
-        duplicates: f64,
-        #[arg(long, default_value_t = 0.01)]
-        late: f64,
-        #[arg(long, default_value_t = 0.0)]
-        malformed: f64,
-        /// Random seed (default: from the clock, so every run sends new event ids).
-        #[arg(long)]
-        seed: Option<u64>,
-        #[arg(long, default_value_t = 60)]
-        tenants: usize,
-        /// Topic (default: the stream's, kafka.usage_topic, policy.topic or audit.topic).
-        #[arg(long)]
-        topic: Option<String>,
-        /// usage, policy, audit or all (one after the other, --count messages each).
-        #[arg(long, default_value = "usage")]
-        stream: StreamChoice,
-        /// Policy stream: share of decisions sent as OPA decision-log events.
-        #[arg(long, default_value_t = 0.3)]
-        opa_share: f64,
-    },
+    Gen(GenArgs),
     /// Print spend, budgets, violations and dead letters from ClickHouse and Postgres.
     Report,
     /// Move the offsets of record of a topic (e.g. after it was deleted and created
@@ -103,6 +74,62 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         steady_secs: u64,
     },
+}
+
+/// The flags of `tally gen`.
+#[derive(clap::Args)]
+struct GenArgs {
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// Messages per second (unlimited when absent).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// json, avro (single-object), confluent or mixed (json + avro).
+    #[arg(long, default_value = "mixed")]
+    encoding: Encoding,
+    #[arg(long, default_value_t = 0.02)]
+    duplicates: f64,
+    #[arg(long, default_value_t = 0.01)]
+    late: f64,
+    #[arg(long, default_value_t = 0.0)]
+    malformed: f64,
+    /// Random seed (default: from the clock, so every run sends new event ids).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 60)]
+    tenants: usize,
+    /// Topic (default: the stream's, kafka.usage_topic, policy.topic or audit.topic).
+    #[arg(long)]
+    topic: Option<String>,
+    /// usage, policy, audit or all (one after the other, --count messages each).
+    #[arg(long, default_value = "usage")]
+    stream: StreamChoice,
+    /// Policy stream: share of decisions sent as OPA decision-log events.
+    #[arg(long, default_value_t = 0.3)]
+    opa_share: f64,
+}
+
+impl GenArgs {
+    /// The generator options, the seed drawn from the clock when not given.
+    fn options(self) -> GenOptions {
+        let clock = || {
+            u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default()).unwrap_or_default()
+        };
+        GenOptions {
+            seed: self.seed.unwrap_or_else(clock),
+            stream: self.stream,
+            count: self.count,
+            rate: self.rate,
+            encoding: self.encoding,
+            duplicates: self.duplicates,
+            late: self.late,
+            malformed: self.malformed,
+            tenants: self.tenants,
+            opa_share: self.opa_share,
+            topic: self.topic,
+            price_change_at: demo_price_change_at(),
+        }
+    }
 }
 
 /// The demo world's price change: the start of the previous hour, so the
@@ -252,40 +279,11 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             let shutdown = shutdown_on_signals();
             tally::runner::run(cfg, shutdown).await?;
         }
-        Command::Gen {
-            count,
-            rate,
-            encoding,
-            duplicates,
-            late,
-            malformed,
-            seed,
-            tenants,
-            topic,
-            stream,
-            opa_share,
-        } => {
-            if encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
+        Command::Gen(args) => {
+            if args.encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
                 bail!("--encoding confluent needs a schema registry (registry.url / TALLY__REGISTRY__URL)");
             }
-            let seed = seed.unwrap_or_else(|| {
-                u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default())
-                    .unwrap_or_default()
-            });
-            let opts = GenOptions {
-                stream,
-                count,
-                rate,
-                encoding,
-                duplicates,
-                late,
-                malformed,
-                seed,
-                tenants,
-                opa_share,
-                topic,
-                price_change_at: demo_price_change_at(),
-            };
+            let opts = args.options();
             let topics = Topics {
                 usage: cfg.kafka.usage_topic.clone(),
                 policy: cfg.policy.topic.clone(),
@@ -295,12 +293,13 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 tally_producers::cli::run(&cfg.kafka.brokers, &topics, &opts).await?
             {
                 println!(
-                    "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s, seed {seed}",
+                    "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s, seed {}",
                     report.sent,
                     report.good,
                     report.duplicates,
                     report.malformed,
-                    report.elapsed.as_secs_f64()
+                    report.elapsed.as_secs_f64(),
+                    opts.seed
                 );
             }
         }

@@ -1,14 +1,15 @@
 //! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle, bench,
 //! audit (`tally::cli::audit`).
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use tally::config::Config;
 use tally::errors::StageError;
-use tally_producers::{demo_world, Encoding, GenConfig, Generator};
+use tally_producers::cli::{GenOptions, StreamChoice, Topics};
+use tally_producers::{demo_world, Encoding};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -39,31 +40,8 @@ enum Command {
     },
     /// Run the pipeline until SIGTERM/SIGINT.
     Run,
-    /// Produce generated usage traffic to the usage topic.
-    Gen {
-        #[arg(long, default_value_t = 10_000)]
-        count: u64,
-        /// Messages per second (unlimited when absent).
-        #[arg(long)]
-        rate: Option<u64>,
-        /// json, avro (single-object), confluent or mixed (json + avro).
-        #[arg(long, default_value = "mixed")]
-        encoding: Encoding,
-        #[arg(long, default_value_t = 0.02)]
-        duplicates: f64,
-        #[arg(long, default_value_t = 0.01)]
-        late: f64,
-        #[arg(long, default_value_t = 0.0)]
-        malformed: f64,
-        /// Random seed (default: from the clock, so every run sends new event ids).
-        #[arg(long)]
-        seed: Option<u64>,
-        #[arg(long, default_value_t = 60)]
-        tenants: usize,
-        /// Topic (default: kafka.usage_topic).
-        #[arg(long)]
-        topic: Option<String>,
-    },
+    /// Produce generated traffic: usage (default), policy decisions, audit events or all.
+    Gen(GenArgs),
     /// Print spend, budgets, violations and dead letters from ClickHouse and Postgres.
     Report,
     /// Move the offsets of record of a topic (e.g. after it was deleted and created
@@ -103,6 +81,62 @@ enum Command {
         #[command(subcommand)]
         command: tally::cli::audit::AuditCommand,
     },
+}
+
+/// The flags of `tally gen`.
+#[derive(clap::Args)]
+struct GenArgs {
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// Messages per second (unlimited when absent).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// json, avro (single-object), confluent or mixed (json + avro).
+    #[arg(long, default_value = "mixed")]
+    encoding: Encoding,
+    #[arg(long, default_value_t = 0.02)]
+    duplicates: f64,
+    #[arg(long, default_value_t = 0.01)]
+    late: f64,
+    #[arg(long, default_value_t = 0.0)]
+    malformed: f64,
+    /// Random seed (default: from the clock, so every run sends new event ids).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 60)]
+    tenants: usize,
+    /// Topic (default: the stream's, kafka.usage_topic, policy.topic or audit.topic).
+    #[arg(long)]
+    topic: Option<String>,
+    /// usage, policy, audit or all (one after the other, --count messages each).
+    #[arg(long, default_value = "usage")]
+    stream: StreamChoice,
+    /// Policy stream: share of decisions sent as OPA decision-log events.
+    #[arg(long, default_value_t = 0.3)]
+    opa_share: f64,
+}
+
+impl GenArgs {
+    /// The generator options, the seed drawn from the clock when not given.
+    fn options(self) -> GenOptions {
+        let clock = || {
+            u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default()).unwrap_or_default()
+        };
+        GenOptions {
+            seed: self.seed.unwrap_or_else(clock),
+            stream: self.stream,
+            count: self.count,
+            rate: self.rate,
+            encoding: self.encoding,
+            duplicates: self.duplicates,
+            late: self.late,
+            malformed: self.malformed,
+            tenants: self.tenants,
+            opa_share: self.opa_share,
+            topic: self.topic,
+            price_change_at: demo_price_change_at(),
+        }
+    }
 }
 
 /// The demo world's price change: the start of the previous hour, so the
@@ -257,54 +291,29 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             let shutdown = shutdown_on_signals();
             tally::engine::runner::run(cfg, shutdown).await?;
         }
-        Command::Gen {
-            count,
-            rate,
-            encoding,
-            duplicates,
-            late,
-            malformed,
-            seed,
-            tenants,
-            topic,
-        } => {
-            for (name, v) in [
-                ("duplicates", duplicates),
-                ("late", late),
-                ("malformed", malformed),
-            ] {
-                if !(0.0..=1.0).contains(&v) {
-                    bail!("--{name} must be a share between 0 and 1, got {v}");
-                }
-            }
-            if encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
+        Command::Gen(args) => {
+            if args.encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
                 bail!("--encoding confluent needs a schema registry (registry.url / TALLY__REGISTRY__URL)");
             }
-            let change = demo_price_change_at();
-            let seed = seed.unwrap_or_else(|| {
-                u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or_default())
-                    .unwrap_or_default()
-            });
-            let mut g = GenConfig::new(demo_world(tenants, change), count, seed);
-            g.encoding = encoding;
-            g.duplicates = duplicates;
-            g.late = late;
-            g.malformed = malformed;
-            g.start = change - ChronoDuration::hours(1);
-            g.span = ChronoDuration::hours(2);
-            let topic = topic.unwrap_or_else(|| cfg.kafka.usage_topic.clone());
-            let report =
-                tally_producers::produce(&cfg.kafka.brokers, &topic, Generator::new(g), rate, true)
-                    .await
-                    .context("producing generated traffic")?;
-            println!(
-                "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s",
-                report.sent,
-                report.good,
-                report.duplicates,
-                report.malformed,
-                report.elapsed.as_secs_f64()
-            );
+            let opts = args.options();
+            let topics = Topics {
+                usage: cfg.kafka.usage_topic.clone(),
+                policy: cfg.policy.topic.clone(),
+                audit: cfg.audit.topic.clone(),
+            };
+            for (topic, report) in
+                tally_producers::cli::run(&cfg.kafka.brokers, &topics, &opts).await?
+            {
+                println!(
+                    "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s, seed {}",
+                    report.sent,
+                    report.good,
+                    report.duplicates,
+                    report.malformed,
+                    report.elapsed.as_secs_f64(),
+                    opts.seed
+                );
+            }
         }
         Command::Report => {
             let pool = tally::sinks::postgres::connect_pg(&cfg).await?;

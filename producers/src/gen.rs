@@ -6,13 +6,14 @@
 //! yields byte-identical messages, so a test can regenerate a stream and
 //! compare it with what the pipeline stored.
 
+use crate::common::{burst_minute, cumulative, encode, pick, threshold, Clock, History, Mix, Step};
 use crate::malformed;
 use crate::world::{is_reasoning_model, World};
 use chrono::{DateTime, Duration, Utc};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use tally_schemas::{UsageEvent, UsageStatus};
@@ -148,10 +149,6 @@ const CACHED_PCT: u32 = 30; // cached input: uniform 0..=3*input on 30% of event
 const CACHE_WRITE_PCT: u32 = 8; // cache write: uniform 0..=input on 8% of events
 const REASONING_PCT: u32 = 90; // reasoning tokens on 90% of reasoning-model events
 
-/// Good events remembered for re-sending as duplicates.
-const HISTORY: usize = 5_000;
-/// Event-time minutes during which a big tenant bursts: 1 in this many.
-const BURST_EVERY: u64 = 4;
 /// Share (percent) of a burst minute's events re-assigned to the bursting tenant.
 const BURST_PCT: u32 = 15;
 
@@ -201,14 +198,6 @@ pub(crate) fn expected_cost_per_event(world: &World) -> Decimal {
     }
 }
 
-/// Maps a probability to a threshold on a uniform `u32` draw.
-// Float arithmetic on a probability (never money): p * 2^32.
-#[allow(clippy::float_arithmetic)]
-fn threshold(p: f64) -> u64 {
-    let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
-    (p * 4_294_967_296.0) as u64
-}
-
 /// Log-uniform integer in `lo..=hi` (a skewed, heavy-ish tailed token count).
 // Float arithmetic shapes a token-count distribution only (never money).
 #[allow(clippy::float_arithmetic)]
@@ -218,47 +207,18 @@ fn log_uniform(rng: &mut SmallRng, lo: i64, hi: i64) -> i64 {
     (x.round() as i64).clamp(lo, hi)
 }
 
-/// 64-bit mix (splitmix64 finaliser) for per-minute burst decisions.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Picks an index by cumulative weights (`cum` is strictly increasing).
-fn pick(rng: &mut SmallRng, cum: &[u64]) -> usize {
-    let total = cum.last().copied().unwrap_or(0);
-    if total == 0 {
-        return 0;
-    }
-    let x = rng.random_range(0..total);
-    cum.partition_point(|&c| c <= x)
-}
-
-fn cumulative(weights: impl Iterator<Item = u64>) -> Vec<u64> {
-    weights
-        .scan(0u64, |acc, w| {
-            *acc += w.max(1);
-            Some(*acc)
-        })
-        .collect()
-}
-
 /// The deterministic message stream of one [`GenConfig`].
 pub struct Generator {
     cfg: GenConfig,
     rng: SmallRng,
     emitted: u64,
-    start_ms: i64,
-    span_ms: i64,
+    clock: Clock,
     tenant_cum: Vec<u64>,
     models: Vec<(String, String)>,
     model_cum: Vec<u64>,
-    history: VecDeque<UsageEvent>,
+    history: History<UsageEvent>,
     malformed_next: usize,
-    t_malformed: u64,
-    t_duplicate: u64,
+    mix: Mix,
     t_late: u64,
     t_unpriced: u64,
     t_unknown: u64,
@@ -270,19 +230,16 @@ impl Generator {
         let tenant_cum = cumulative(cfg.world.tenants.iter().map(|t| u64::from(t.weight)));
         let models = cfg.world.priced_models();
         let model_cum = cumulative((0..models.len()).map(model_weight));
-        let t_malformed = threshold(cfg.malformed);
         Generator {
             rng,
             emitted: 0,
-            start_ms: cfg.start.timestamp_millis(),
-            span_ms: cfg.span.num_milliseconds().max(0),
+            clock: Clock::new(cfg.start, cfg.span, cfg.count),
             tenant_cum,
             models,
             model_cum,
-            history: VecDeque::with_capacity(HISTORY),
+            history: History::new(),
             malformed_next: 0,
-            t_malformed,
-            t_duplicate: t_malformed + threshold(cfg.duplicates),
+            mix: Mix::new(cfg.malformed, cfg.duplicates),
             t_late: threshold(cfg.late),
             t_unpriced: threshold(cfg.unpriced),
             t_unknown: threshold(cfg.unknown_tenant),
@@ -305,25 +262,13 @@ impl Generator {
 
     /// Event-time cursor (ms since epoch) for the current message.
     fn cursor_ms(&self) -> i64 {
-        let count = i128::from(self.cfg.count.max(1));
-        let off = i128::from(self.span_ms) * i128::from(self.emitted) / count;
-        self.start_ms + i64::try_from(off).unwrap_or(i64::MAX / 2)
+        self.clock.at(self.emitted)
     }
 
     /// Encodes `e` in the configured encoding (Mixed picks JSON or Avro).
     fn encode(&mut self, e: &UsageEvent) -> Vec<u8> {
-        match self.cfg.encoding {
-            Encoding::Json => tally_schemas::encode_json(e),
-            Encoding::Avro => tally_schemas::encode_single_object(e),
-            Encoding::Confluent => tally_schemas::encode_confluent(e, self.cfg.confluent_schema_id),
-            Encoding::Mixed => {
-                if self.rng.random_bool(0.5) {
-                    tally_schemas::encode_json(e)
-                } else {
-                    tally_schemas::encode_single_object(e)
-                }
-            }
-        }
+        let (enc, schema_id) = (self.cfg.encoding, self.cfg.confluent_schema_id);
+        encode(&mut self.rng, enc, schema_id, e).0
     }
 
     /// Draws a fresh, valid event at the current cursor.
@@ -352,11 +297,10 @@ impl Generator {
                 ("t-001".to_string(), Vec::new(), Vec::new())
             } else {
                 let mut idx = pick(&mut self.rng, &self.tenant_cum);
-                let minute = u64::try_from((cursor - self.start_ms) / 60_000).unwrap_or(0);
-                let h = mix(self.cfg.seed ^ minute.wrapping_mul(0x0100_0000_01B3));
-                let bursting = h.is_multiple_of(BURST_EVERY);
+                let minute = u64::try_from((cursor - self.clock.start_ms()) / 60_000).unwrap_or(0);
+                let burst = burst_minute(self.cfg.seed, minute);
                 let in_burst = self.rng.random_range(0..100u32) < BURST_PCT;
-                if bursting && in_burst {
+                if let (Some(h), true) = (burst, in_burst) {
                     let top = world.tenants.len().min(3);
                     idx = usize::try_from((h >> 16) % top as u64).unwrap_or(0);
                 }
@@ -504,10 +448,7 @@ impl Generator {
     fn good(&mut self) -> GenMessage {
         let e = self.sample_event();
         let payload = self.encode(&e);
-        if self.history.len() == HISTORY {
-            self.history.pop_front();
-        }
-        self.history.push_back(e.clone());
+        self.history.push(e.clone());
         GenMessage {
             key: Some(e.tenant_id.as_bytes().to_vec()),
             payload,
@@ -517,15 +458,11 @@ impl Generator {
     }
 
     fn duplicate(&mut self) -> GenMessage {
-        let n = self.history.len();
         // Half re-send something recent, half anything remembered (up to
-        // HISTORY good events back).
-        let back = if self.rng.random_bool(0.5) {
-            self.rng.random_range(0..n.min(20))
-        } else {
-            self.rng.random_range(0..n)
+        // HISTORY good events back); `next` only asks when there is one.
+        let Some(e) = self.history.pick(&mut self.rng).cloned() else {
+            return self.good();
         };
-        let e = self.history[n - 1 - back].clone();
         let payload = self.encode(&e);
         GenMessage {
             key: Some(e.tenant_id.as_bytes().to_vec()),
@@ -556,13 +493,10 @@ impl Iterator for Generator {
         if self.emitted >= self.cfg.count {
             return None;
         }
-        let roll = u64::from(self.rng.random::<u32>());
-        let msg = if roll < self.t_malformed {
-            self.malformed()
-        } else if roll < self.t_duplicate && !self.history.is_empty() {
-            self.duplicate()
-        } else {
-            self.good()
+        let msg = match self.mix.step(&mut self.rng, !self.history.is_empty()) {
+            Step::Malformed => self.malformed(),
+            Step::Duplicate => self.duplicate(),
+            Step::Good => self.good(),
         };
         self.emitted += 1;
         Some(msg)
@@ -582,4 +516,42 @@ pub fn good_event_ids(cfg: &GenConfig) -> Vec<Uuid> {
         .filter(|m| m.kind == GenKind::Good)
         .filter_map(|m| m.event.map(|e| e.event_id))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::demo_world;
+    use chrono::TimeZone;
+
+    /// FNV-1a over every message's kind, key and payload.
+    fn digest(cfg: GenConfig) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for m in Generator::new(cfg) {
+            let kind = format!("{:?}", m.kind);
+            let key = m.key.unwrap_or_default();
+            for b in kind.bytes().chain(key).chain(m.payload).chain([0xFF]) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn usage_stream_is_unchanged() {
+        let change = Utc.with_ymd_and_hms(2025, 3, 1, 10, 0, 0).unwrap();
+        let mut got = Vec::new();
+        for (i, enc) in [Encoding::Mixed, Encoding::Confluent]
+            .into_iter()
+            .enumerate()
+        {
+            let mut cfg = GenConfig::new(demo_world(12, change), 3_000, 42 + i as u64);
+            cfg.encoding = enc;
+            cfg.malformed = 0.05;
+            cfg.duplicates = 0.1;
+            cfg.start = change - Duration::hours(1);
+            got.push(digest(cfg));
+        }
+        assert_eq!(got, vec![0x086d_6d10_ab5e_d90d, 0xd6a8_c6fb_775b_3266]);
+    }
 }

@@ -2,7 +2,8 @@
 //! producer, keeping many deliveries in flight and failing on the first
 //! delivery error.
 
-use crate::gen::{GenKind, GenMessage};
+use crate::common::Outgoing;
+use crate::gen::GenKind;
 use anyhow::{anyhow, bail, Context};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -50,12 +51,13 @@ async fn settle(fut: DeliveryFuture) -> anyhow::Result<()> {
 }
 
 /// Produces every message of `msgs` to `topic`, keyed as generated, and
-/// waits until all of them are acknowledged.
+/// waits until all of them are acknowledged. Messages of one key keep their
+/// order (idempotent producer: retries never reorder a partition).
 ///
 /// With `rate_per_sec`, sending is paced (checked every 1000 messages).
 /// With `progress`, a line `gen: sent N/M (X msg/s)` goes to stderr about
 /// every 2 s (M is the iterator's upper size hint, `?` if unknown).
-pub async fn produce<I: Iterator<Item = GenMessage>>(
+pub async fn produce<M: Outgoing, I: Iterator<Item = M>>(
     brokers: &str,
     topic: &str,
     msgs: I,
@@ -76,9 +78,9 @@ pub async fn produce<I: Iterator<Item = GenMessage>>(
     let rate = rate_per_sec.filter(|r| *r > 0);
 
     for msg in msgs {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(msg.payload.as_slice());
-        if let Some(key) = &msg.key {
-            record = record.key(key.as_slice());
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(msg.payload());
+        if let Some(key) = msg.key() {
+            record = record.key(key);
         }
         loop {
             match producer.send_result(record) {
@@ -104,7 +106,7 @@ pub async fn produce<I: Iterator<Item = GenMessage>>(
         }
 
         report.sent += 1;
-        match msg.kind {
+        match msg.kind() {
             GenKind::Good => report.good += 1,
             GenKind::Duplicate => report.duplicates += 1,
             GenKind::Malformed { .. } => report.malformed += 1,

@@ -53,6 +53,7 @@ if [[ ! -s "$KEYS" ]]; then
 fi
 # shellcheck source=/dev/null
 source "$KEYS"
+export TALLY_CONFIG="${TALLY_CONFIG:-$here/demo.toml}"
 
 log "tally migrate"
 "$TALLY_BIN" migrate

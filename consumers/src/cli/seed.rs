@@ -75,6 +75,16 @@ pub async fn seed(pool: &PgPool, world: &World) -> Result<(), StageError> {
         .await
         .map_err(pg("seed budget"))?;
     }
+    // Who may read personal data of which resource types (audit stream).
+    for (tenant, actor, resource) in tally_producers::audit_grants(world) {
+        sqlx::query("INSERT INTO tally.audit_grants VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(&tenant)
+            .bind(&actor)
+            .bind(&resource)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("seed audit grant"))?;
+    }
     tx.commit().await.map_err(pg("seed commit"))?;
     Ok(())
 }

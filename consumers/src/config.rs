@@ -372,6 +372,20 @@ impl Config {
         }
     }
 
+    /// The topics and consumer group of a stream (`usage`, `policy`, `audit`).
+    pub fn route(&self, stream: &str) -> crate::engine::pipeline::Route {
+        let (topic, dlq_topic) = match stream {
+            "policy" => (&self.policy.topic, &self.policy.dlq_topic),
+            "audit" => (&self.audit.topic, &self.audit.dlq_topic),
+            _ => (&self.kafka.usage_topic, &self.kafka.dlq_topic),
+        };
+        crate::engine::pipeline::Route {
+            topic: topic.clone(),
+            dlq_topic: dlq_topic.clone(),
+            group: self.group_for(stream),
+        }
+    }
+
     /// Which stream reads `topic` (None: not an input topic).
     pub fn stream_of_topic(&self, topic: &str) -> Option<&'static str> {
         if topic == self.kafka.usage_topic {

@@ -175,37 +175,16 @@ async fn run_streams(
         stop: &stop_rx,
     };
     if cfg.streams.usage {
-        let route = Route {
-            topic: cfg.kafka.usage_topic.clone(),
-            dlq_topic: cfg.kafka.dlq_topic.clone(),
-            group: cfg.group_for("usage"),
-        };
-        set.spawn(
-            parts
-                .pipeline(Arc::new(UsageStream::new(cfg)), route)
-                .await?,
-        );
+        let stream = Arc::new(UsageStream::new(cfg));
+        set.spawn(parts.pipeline(stream, cfg.route("usage")).await?);
     }
     if cfg.streams.policy {
-        let route = Route {
-            topic: cfg.policy.topic.clone(),
-            dlq_topic: cfg.policy.dlq_topic.clone(),
-            group: cfg.group_for("policy"),
-        };
-        set.spawn(
-            parts
-                .pipeline(Arc::new(PolicyStream::new(cfg)), route)
-                .await?,
-        );
+        let stream = Arc::new(PolicyStream::new(cfg));
+        set.spawn(parts.pipeline(stream, cfg.route("policy")).await?);
     }
     if cfg.streams.audit {
-        let route = Route {
-            topic: cfg.audit.topic.clone(),
-            dlq_topic: cfg.audit.dlq_topic.clone(),
-            group: cfg.group_for("audit"),
-        };
-        let stream = Arc::new(AuditStream::new(cfg).map_err(|e| StageError::Fatal(e.to_string()))?);
-        set.spawn(parts.pipeline(stream, route).await?);
+        let stream = AuditStream::new(cfg).map_err(|e| StageError::Fatal(e.to_string()))?;
+        set.spawn(parts.pipeline(Arc::new(stream), cfg.route("audit")).await?);
     }
     let mut result = Ok(());
     while let Some(done) = set.join_next().await {

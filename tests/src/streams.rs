@@ -69,6 +69,16 @@ fn opa_event(d: &PolicyDecision) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// Re-sends a random earlier good message (identical bytes); false if none yet.
+fn resend(rng: &mut SmallRng, out: &mut Vec<Msg>, sent: &[usize]) -> bool {
+    if sent.is_empty() {
+        return false;
+    }
+    let again = out[sent[rng.random_range(0..sent.len())]].clone();
+    out.push(again);
+    true
+}
+
 /// `n` policy messages: decisions in JSON, Avro single-object and OPA form,
 /// about 8% identical re-sends and 3% poison; bursts of denies per policy.
 pub fn policy_traffic(n: usize, seed: u64) -> Vec<Msg> {
@@ -78,9 +88,7 @@ pub fn policy_traffic(n: usize, seed: u64) -> Vec<Msg> {
     let mut sent: Vec<usize> = Vec::new();
     for i in 0..n {
         let roll: f64 = rng.random();
-        if roll < 0.08 && !sent.is_empty() {
-            let again = out[sent[rng.random_range(0..sent.len())]].clone();
-            out.push(again);
+        if roll < 0.08 && resend(&mut rng, &mut out, &sent) {
             continue;
         }
         if roll < 0.11 {
@@ -165,9 +173,7 @@ pub fn audit_traffic(n: usize, seed: u64) -> Vec<Msg> {
     let mut sent: Vec<usize> = Vec::new();
     for i in 0..n {
         let roll: f64 = rng.random();
-        if roll < 0.08 && !sent.is_empty() {
-            let again = out[sent[rng.random_range(0..sent.len())]].clone();
-            out.push(again);
+        if roll < 0.08 && resend(&mut rng, &mut out, &sent) {
             continue;
         }
         if roll < 0.11 {

@@ -22,7 +22,7 @@ LOCAL := deploy/local
 ENV   := $(LOCAL)/env.sh
 CARGO := cargo
 
-.PHONY: help up down status build migrate demo test test-chaos bench fuzz fmt lint clean-state validate-deploy check-cargo
+.PHONY: help up down status build migrate demo test test-chaos bench fuzz fmt lint clean-state validate-deploy check-cargo json-schemas
 
 help:
 	@echo "make up | down | status     local broker (TALLY_BROKER=noida|tansu), ClickHouse, PostgreSQL"
@@ -34,6 +34,7 @@ help:
 	@echo "make bench                  up + release build + tally bench (BENCH_COUNT=1000000)"
 	@echo "make fuzz                   decoders fuzzed, FUZZ_INPUTS=10000000 per codec (optimised, overflow checks)"
 	@echo "make fmt | lint             rustfmt / rustfmt --check + clippy -D warnings"
+	@echo "make json-schemas           regenerate schemas/json/ from the Avro schemas"
 	@echo "make validate-deploy        check deploy/ Dockerfile, compose and k8s files"
 	@echo "make clean-state            down + delete .local/"
 	@echo "CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)"
@@ -96,6 +97,11 @@ lint: check-cargo
 
 validate-deploy:
 	deploy/validate.sh
+
+# The JSON Schemas of the JSON encodings (schemas/json/), generated from schemas/avro/;
+# `make test` fails when the committed ones are stale.
+json-schemas: check-cargo
+	TALLY_UPDATE_JSON_SCHEMAS=1 $(CARGO) test -p tally-schemas --test json_schema
 
 clean-state: down
 	rm -rf .local

@@ -24,6 +24,7 @@ mod error;
 mod event;
 mod fast;
 mod json;
+mod json_schema;
 mod registry;
 mod types;
 mod wire;
@@ -35,6 +36,9 @@ pub use error::DecodeError;
 pub use event::{Event, MAX_ID_LEN, MAX_MS, MAX_TEXT_LEN, MAX_TOKENS};
 pub use fast::FastLayout;
 pub use json::encode_json;
+pub use json_schema::{
+    json_schema, json_schema_path, json_schema_subjects, json_schema_text, JSON_SCHEMA_DRAFT,
+};
 pub use registry::{
     crc64_avro, current_schema_text, parsing_canonical_form, rabin_fingerprint, schema_history,
     SUBJECTS,

@@ -289,13 +289,14 @@ impl Metrics {
         self.handle.render()
     }
 
-    /// Counters, gauges and histogram sums and counts (no buckets), sorted,
-    /// one per line: what the final log line of `tally run` reports.
+    /// The series that are not zero, histograms as sums and counts (no
+    /// buckets), sorted: what the final log line of `tally run` reports.
     pub fn summary(&self, stall_after: Duration) -> Vec<String> {
         let mut out: Vec<String> = self
             .render(stall_after)
             .lines()
             .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.contains("_bucket{"))
+            .filter(|l| !l.ends_with(" 0"))
             .map(str::to_string)
             .collect();
         out.sort();
@@ -600,5 +601,7 @@ mod tests {
         let summary = m.summary(stall);
         assert!(summary.windows(2).all(|w| w[0] <= w[1]), "sorted");
         assert!(summary.iter().all(|l| !l.contains("_bucket")));
+        assert!(summary.iter().all(|l| !l.ends_with(" 0")), "{summary:?}");
+        assert!(summary.iter().any(|l| l.starts_with("tally_build_info")));
     }
 }

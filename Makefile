@@ -22,7 +22,7 @@ LOCAL := deploy/local
 ENV   := $(LOCAL)/env.sh
 CARGO := cargo
 
-.PHONY: help up down status build migrate demo test test-chaos bench fuzz fmt lint clean-state validate-deploy check-cargo json-schemas
+.PHONY: help up down status build migrate demo test test-chaos bench fuzz fmt lint clean-state validate-deploy check-cargo json-schemas check-observability
 
 help:
 	@echo "make up | down | status     local broker (TALLY_BROKER=noida|tansu), ClickHouse, PostgreSQL"
@@ -36,6 +36,7 @@ help:
 	@echo "make fmt | lint             rustfmt / rustfmt --check + clippy -D warnings"
 	@echo "make json-schemas           regenerate schemas/json/ from the Avro schemas"
 	@echo "make validate-deploy        check deploy/ Dockerfile, compose and k8s files"
+	@echo "make check-observability    promtool check + unit tests of deploy/prometheus/alerts.yml (installs prometheus if missing)"
 	@echo "make clean-state            down + delete .local/"
 	@echo "CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)"
 
@@ -64,7 +65,7 @@ demo: up build
 
 # Tests run the tally binary built with failpoints (`cargo run`/`cargo build` without the
 # feature would rebuild it without them, and every failpoint test would then refuse to run).
-test: up check-cargo
+test: up check-cargo check-observability
 	$(CARGO) build --workspace --bins --features tally/failpoints
 	$(ENV) $(CARGO_TARGET_DIR)/debug/tally migrate
 	$(ENV) $(CARGO) test --workspace --features tally/failpoints --no-fail-fast
@@ -102,6 +103,12 @@ validate-deploy:
 # `make test` fails when the committed ones are stale.
 json-schemas: check-cargo
 	TALLY_UPDATE_JSON_SCHEMAS=1 $(CARGO) test -p tally-schemas --test json_schema
+
+# Alert rules: `promtool check rules` and `promtool test rules` (deploy/prometheus/check.sh).
+# The dashboard's and the rules' metric names are checked against a live /metrics by
+# tests/tests/observability.rs.
+check-observability:
+	deploy/prometheus/check.sh
 
 clean-state: down
 	rm -rf .local

@@ -784,16 +784,24 @@ fn markdown(f: &Figures, table: &str) -> String {
     if let Some(c) = &f.drain.counters {
         let _ = writeln!(s, "Stage seconds during the drain (summed over up to one concurrent batch per partition):\n");
         let _ = writeln!(s, "| stage | seconds |\n|---|---|");
-        for part in c.split(", ") {
-            if let Some(rest) = part.strip_prefix("tally_stage_seconds_total{stage=\"") {
-                if let Some((stage, secs)) = rest.split_once("\"} ") {
-                    let _ = writeln!(s, "| {stage} | {secs} |");
-                }
-            }
+        for (stage, secs) in c.split(", ").filter_map(stage_seconds) {
+            let _ = writeln!(s, "| {stage} | {secs} |");
         }
     }
     let _ = writeln!(s, "{WHERE_THE_TIME_GOES}");
     s
+}
+
+/// A stage's total seconds from one series of the stop line, e.g.
+/// `tally_stage_duration_seconds_sum{stream="usage",stage="claim"} 13.4`.
+fn stage_seconds(part: &str) -> Option<(&str, &str)> {
+    let rest = part.strip_prefix("tally_stage_duration_seconds_sum{")?;
+    let (labels, secs) = rest.split_once("} ")?;
+    let stage = labels
+        .split(',')
+        .find_map(|l| l.strip_prefix("stage=\""))?
+        .strip_suffix('"')?;
+    Some((stage, secs))
 }
 
 /// What the profiles (perf, stage timers) showed; kept with the figures.
@@ -864,6 +872,20 @@ mod tests {
         assert_eq!(
             counters_from_log(&p).as_deref(),
             Some("tally_messages_consumed_total 5, tally_events_counted_total 5")
+        );
+    }
+
+    #[test]
+    fn stage_seconds_are_read_from_the_histogram_sums() {
+        assert_eq!(
+            stage_seconds(
+                "tally_stage_duration_seconds_sum{stream=\"usage\",stage=\"claim\"} 13.4"
+            ),
+            Some(("claim", "13.4"))
+        );
+        assert_eq!(
+            stage_seconds("tally_stage_duration_seconds_count{stream=\"usage\",stage=\"claim\"} 3"),
+            None
         );
     }
 }

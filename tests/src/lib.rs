@@ -20,6 +20,7 @@ use tally_schemas::UsageEvent;
 mod checks;
 pub mod streams;
 pub use checks::*;
+pub mod prom;
 pub mod servers;
 
 /// The checkout under test, decided at run time so that a test binary never drives

@@ -285,16 +285,23 @@ async fn poison_messages_go_to_the_dlq_with_their_class() -> anyhow::Result<()> 
     assert_eq!(status, 200, "/health of a caught-up pipeline");
     let (status, body) = metrics?;
     assert_eq!(status, 200);
-    assert!(
-        body.contains(&format!("tally_dead_letters_total {malformed}\n")),
+    let scrape = tally_tests::prom::Scrape::parse(&body)?;
+    let usage = [("stream", "usage")];
+    assert_eq!(
+        scrape.sum("tally_dead_letters_total", &usage),
+        malformed as f64,
+        "{body}"
+    );
+    assert_eq!(
+        scrape.sum("tally_messages_consumed_total", &usage),
+        exp.messages as f64,
         "{body}"
     );
     assert!(
-        body.contains(&format!("tally_messages_consumed_total {}\n", exp.messages)),
-        "{body}"
-    );
-    assert!(
-        body.contains("tally_stage_seconds_total{stage=\"clickhouse\"}"),
+        scrape.sum(
+            "tally_stage_duration_seconds_count",
+            &[("stream", "usage"), ("stage", "clickhouse")]
+        ) > 0.0,
         "{body}"
     );
 

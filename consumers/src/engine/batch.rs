@@ -8,7 +8,7 @@
 //! clock and cutoff, same reference snapshot, same claimed keys).
 
 use crate::config::Config;
-use crate::engine::breaker::{self, Sink};
+use crate::engine::breaker::{self, Sink, Step};
 use crate::engine::claim::{ClaimInput, KeyClaim, PendingBatch};
 use crate::engine::decode::{Decoded, Decoding};
 use crate::engine::dlq::{self, Poison};
@@ -17,7 +17,7 @@ use crate::engine::ownership::Fence;
 use crate::engine::reference::SharedReference;
 use crate::engine::stream::{BatchCtx, Owned, Stream};
 use crate::errors::StageError;
-use crate::metrics::Metrics;
+use crate::metrics::{Stage, StreamMetrics};
 use crate::sinks::clickhouse::ClickHouseSink;
 use crate::streams::usage::enrich::Reference;
 use chrono::{DateTime, TimeZone, Utc};
@@ -39,7 +39,8 @@ pub struct BatchRunner<S: Stream> {
     pub dlq: rdkafka::producer::FutureProducer,
     pub decoding: Decoding,
     pub reference: SharedReference,
-    pub metrics: Arc<Metrics>,
+    /// The stream's series (and the process's sink breakers).
+    pub sm: Arc<StreamMetrics>,
     /// When a sink's circuit opens (sink steps retry until the sink answers).
     pub breaker: breaker::Policy,
     /// The last reference snapshot loaded for a replay (by version).
@@ -101,13 +102,13 @@ impl<S: Stream> BatchRunner<S> {
 
         let mut t = Instant::now();
         let decoded = self.decode_all(&w, clock, cutoff).await?;
-        self.metrics.stage(0, t);
+        self.sm.stage(Stage::Decode, t);
         t = Instant::now();
 
         // 1. Dead letters, acknowledged before anything commits.
         let mut dead = Vec::new();
         let (candidates, dup_in_batch) = self.screen(&w, decoded, &mut dead).await?;
-        self.metrics.stage(1, t);
+        self.sm.stage(Stage::DeadLetter, t);
         t = Instant::now();
 
         // 2. Claim the range and the dedup keys.
@@ -121,7 +122,7 @@ impl<S: Stream> BatchRunner<S> {
         let (batch, candidates, duplicates) = self
             .claim(&w, &claim, candidates, dup_in_batch, &mut dead)
             .await?;
-        self.metrics.stage(2, t);
+        self.sm.stage(Stage::Claim, t);
         t = Instant::now();
 
         // Enrich against the batch's reference snapshot, then read or reserve
@@ -135,13 +136,13 @@ impl<S: Stream> BatchRunner<S> {
             now: Utc::now(),
         };
         let records = self.prepare(&ctx, &w.msgs, candidates).await?;
-        self.metrics.stage(3, t);
+        self.sm.stage(Stage::Enrich, t);
         t = Instant::now();
 
         // 3. ClickHouse, fenced by the ownership epoch, checked first whenever an
         // earlier attempt may have landed.
         self.write_clickhouse(&w, batch, &records).await?;
-        self.metrics.stage(4, t);
+        self.sm.stage(Stage::ClickHouse, t);
         t = Instant::now();
 
         // 4. The single Postgres commit.
@@ -159,22 +160,18 @@ impl<S: Stream> BatchRunner<S> {
         };
         crate::engine::failpoint::hit("before_commit").await?;
         let committed = breaker::call(
-            &self.metrics,
+            &self.sm,
             &self.breaker,
             Sink::Postgres,
-            "commit",
+            Step::Commit,
             || self.commit_once(p, batch, &input),
         )
         .await?;
         crate::engine::failpoint::hit("after_commit").await?;
-        self.metrics.stage(5, t);
-        let violations = committed.map(|c| c.violations_new).unwrap_or(0);
-        let m = &self.metrics;
-        m.add(&m.batches_committed_total, 1);
-        m.add(&m.events_counted_total, records.len() as u64);
-        m.add(&m.events_duplicate_total, duplicates);
-        m.add(&m.dead_letters_total, dead.len() as u64);
-        m.add(&m.violations_raised_total, violations as u64);
+        self.sm.stage(Stage::Commit, t);
+        let rules = committed.map(|c| c.violations_new).unwrap_or_default();
+        let violations = rules.len();
+        self.count_committed(records.len(), duplicates, &dead, &rules);
         tracing::debug!(
             stream = S::NAME,
             partition = p,
@@ -194,6 +191,28 @@ impl<S: Stream> BatchRunner<S> {
         })
     }
 
+    /// Counts what a committed batch did.
+    fn count_committed(
+        &self,
+        events: usize,
+        duplicates: u64,
+        dead: &[DeadLetter],
+        rules: &[String],
+    ) {
+        let sm = &self.sm;
+        sm.batches_committed.increment(1);
+        sm.events_counted.increment(events as u64);
+        sm.events_duplicate.increment(duplicates);
+        let mut by_class: HashMap<&str, u64> = HashMap::new();
+        for d in dead {
+            *by_class.entry(d.class.as_str()).or_default() += 1;
+        }
+        for (class, n) in by_class {
+            sm.dead_letters(class, n);
+        }
+        sm.violations_raised(rules.iter().map(String::as_str));
+    }
+
     /// Decodes every message (Confluent ids are resolved through the registry first).
     async fn decode_all(
         &self,
@@ -206,7 +225,7 @@ impl<S: Stream> BatchRunner<S> {
             let payload = m.payload().unwrap_or_default();
             decoded.push(
                 self.decoding
-                    .decode(&*self.stream, payload, clock, cutoff, &self.metrics)
+                    .decode(&*self.stream, payload, clock, cutoff, &self.sm)
                     .await?,
             );
         }
@@ -272,17 +291,13 @@ impl<S: Stream> BatchRunner<S> {
             dedup_cutoff: c.cutoff,
             keys: &keys,
         };
-        let claimed = breaker::call(
-            &self.metrics,
-            &self.breaker,
-            Sink::Postgres,
-            "claim",
-            || self.ledger.claim(&input),
-        )
+        let claimed = breaker::call(&self.sm, &self.breaker, Sink::Postgres, Step::Claim, || {
+            self.ledger.claim(&input)
+        })
         .await?;
         crate::engine::failpoint::hit("after_claim").await?;
         if w.replay.is_some() {
-            self.metrics.add(&self.metrics.batches_replayed_total, 1);
+            self.sm.batches_replayed.increment(1);
         }
         let conflicts: Vec<DeadItem> = candidates
             .iter()
@@ -317,8 +332,7 @@ impl<S: Stream> BatchRunner<S> {
             })
             .collect();
         let mut records = self.stream.enrich(ctx, owned);
-        let mut probe =
-            breaker::Probe::new(&self.metrics, &self.breaker, Sink::Postgres, "prepare");
+        let mut probe = breaker::Probe::new(&self.sm, &self.breaker, Sink::Postgres, Step::Prepare);
         loop {
             let started = Instant::now();
             match self.stream.prepare(ctx, &mut records).await {
@@ -361,10 +375,10 @@ impl<S: Stream> BatchRunner<S> {
         let mut attempt = 0u32;
         let fence_ref = &fence;
         let outcome = breaker::call(
-            &self.metrics,
+            &self.sm,
             &self.breaker,
             Sink::ClickHouse,
-            "clickhouse write",
+            Step::ClickHouseWrite,
             || {
                 let verify = w.replay.is_some() || attempt > 0;
                 attempt += 1;
@@ -374,14 +388,12 @@ impl<S: Stream> BatchRunner<S> {
         )
         .await?;
         crate::engine::failpoint::hit("after_clickhouse").await?;
-        self.metrics.add(
-            &self.metrics.clickhouse_rows_written_total,
-            outcome.rows_written,
-        );
-        self.metrics.add(
-            &self.metrics.clickhouse_tables_skipped_total,
-            u64::from(outcome.tables_skipped),
-        );
+        self.sm
+            .clickhouse_rows_written
+            .increment(outcome.rows_written);
+        self.sm
+            .clickhouse_tables_skipped
+            .increment(u64::from(outcome.tables_skipped));
         Ok(())
     }
 
@@ -430,10 +442,10 @@ impl<S: Stream> BatchRunner<S> {
         let pool = self.ledger.pool().clone();
         let r = Arc::new(
             breaker::call(
-                &self.metrics,
+                &self.sm,
                 &self.breaker,
                 Sink::Postgres,
-                "load reference snapshot",
+                Step::LoadReference,
                 || crate::engine::reference::load_snapshot(&pool, &version),
             )
             .await?,
@@ -504,10 +516,10 @@ impl<S: Stream> BatchRunner<S> {
             .collect();
         let (dlq_topic, src) = (&self.dlq_topic, &self.topic);
         breaker::call(
-            &self.metrics,
+            &self.sm,
             &self.breaker,
             Sink::Dlq,
-            "dead-letter send",
+            Step::DeadLetterSend,
             || dlq::send_all(&self.dlq, dlq_topic, src, &poison),
         )
         .await?;

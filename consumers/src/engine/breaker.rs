@@ -13,8 +13,7 @@
 
 use crate::config::Config;
 use crate::errors::StageError;
-use crate::metrics::Metrics;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::metrics::StreamMetrics;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -39,6 +38,58 @@ impl Sink {
 
     fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// The steps that retry a sink, the `step` label of `tally_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Claim,
+    Prepare,
+    Commit,
+    LoadReference,
+    TakeOwnership,
+    LockReconnect,
+    ClickHouseWrite,
+    DeadLetterSend,
+    SchemaRegistry,
+}
+
+impl Step {
+    pub const ALL: [Step; 9] = [
+        Step::Claim,
+        Step::Prepare,
+        Step::Commit,
+        Step::LoadReference,
+        Step::TakeOwnership,
+        Step::LockReconnect,
+        Step::ClickHouseWrite,
+        Step::DeadLetterSend,
+        Step::SchemaRegistry,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Claim => "claim",
+            Step::Prepare => "prepare",
+            Step::Commit => "commit",
+            Step::LoadReference => "load_reference",
+            Step::TakeOwnership => "take_ownership",
+            Step::LockReconnect => "lock_reconnect",
+            Step::ClickHouseWrite => "clickhouse_write",
+            Step::DeadLetterSend => "dead_letter_send",
+            Step::SchemaRegistry => "schema_registry",
+        }
+    }
+
+    /// What the step talks to: a breaker's sink, or the schema registry.
+    pub fn sink(self) -> &'static str {
+        match self {
+            Step::ClickHouseWrite => Sink::ClickHouse.name(),
+            Step::DeadLetterSend => Sink::Dlq.name(),
+            Step::SchemaRegistry => "registry",
+            _ => Sink::Postgres.name(),
+        }
     }
 }
 
@@ -122,16 +173,14 @@ impl Breaker {
     }
 }
 
-/// One breaker per sink plus per-sink retry counters, shared by every task.
+/// One breaker per sink, shared by every task.
 #[derive(Default)]
 pub struct SinkBreakers {
     state: Mutex<[Breaker; 3]>,
-    retries: [AtomicU64; 3],
 }
 
 impl SinkBreakers {
     pub fn failure(&self, sink: Sink, started: Instant, p: &Policy) -> Transition {
-        self.retries[sink.index()].fetch_add(1, Ordering::Relaxed);
         match self.state.lock() {
             Ok(mut s) => s[sink.index()].failure(started, Instant::now(), p),
             Err(_) => Transition::None,
@@ -163,30 +212,6 @@ impl SinkBreakers {
             .filter_map(|k| s[k.index()].open_for(now).map(|d| (*k, d)))
             .collect()
     }
-
-    /// `tally_sink_circuit_open{sink}` and `tally_sink_retries_total{sink}`.
-    pub fn render(&self) -> String {
-        let open = self.open();
-        let mut out = String::from(
-            "# HELP tally_sink_circuit_open 1 while the sink's circuit breaker is open (consumption paused).\n# TYPE tally_sink_circuit_open gauge\n",
-        );
-        for k in Sink::ALL {
-            let v = u8::from(open.iter().any(|(s, _)| *s == k));
-            out.push_str(&format!(
-                "tally_sink_circuit_open{{sink=\"{}\"}} {v}\n",
-                k.name()
-            ));
-        }
-        out.push_str("# HELP tally_sink_retries_total Retryable sink errors retried, per sink.\n# TYPE tally_sink_retries_total counter\n");
-        for k in Sink::ALL {
-            out.push_str(&format!(
-                "tally_sink_retries_total{{sink=\"{}\"}} {}\n",
-                k.name(),
-                self.retries[k.index()].load(Ordering::Relaxed)
-            ));
-        }
-        out
-    }
 }
 
 /// Capped exponential backoff between probes of a failing sink, without end.
@@ -200,33 +225,34 @@ pub fn probe_backoff(max: Duration) -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Records a Retryable failure of `sink` in an attempt that started at
-/// `started` (logs when the circuit opens).
+/// Records a Retryable failure of `step` (on `step`'s sink) in an attempt that
+/// started at `started` (logs when the circuit opens).
 pub fn failed(
-    metrics: &Metrics,
+    sm: &StreamMetrics,
     policy: &Policy,
     sink: Sink,
-    what: &str,
+    step: Step,
     started: Instant,
     e: &StageError,
 ) {
-    if metrics.sinks.failure(sink, started, policy) == Transition::Opened {
+    debug_assert_eq!(sink.name(), step.sink());
+    if sm.sinks.failure(sink, started, policy) == Transition::Opened {
         tracing::error!(
             sink = sink.name(),
-            step = what,
+            step = step.name(),
             error = %e,
             "circuit open: pausing consumption until the sink answers"
         );
     }
-    metrics.add(&metrics.retries_total, 1);
+    sm.retried(step);
 }
 
 /// Records that `sink` answered (logs when the circuit closes).
-pub fn answered(metrics: &Metrics, sink: Sink, what: &str) {
-    if metrics.sinks.success(sink) == Transition::Closed {
+pub fn answered(sm: &StreamMetrics, sink: Sink, step: Step) {
+    if sm.sinks.success(sink) == Transition::Closed {
         tracing::info!(
             sink = sink.name(),
-            step = what,
+            step = step.name(),
             "circuit closed: the sink answers again; resuming"
         );
     }
@@ -236,34 +262,34 @@ pub fn answered(metrics: &Metrics, sink: Sink, what: &str) {
 /// error (it records it and sleeps the next backoff delay), `answered` once the
 /// sink answers. [`call`] wraps a step in it.
 pub struct Probe<'a> {
-    metrics: &'a Metrics,
+    sm: &'a StreamMetrics,
     policy: &'a Policy,
     sink: Sink,
-    what: &'static str,
+    step: Step,
     delays: Box<dyn Iterator<Item = Duration> + Send>,
 }
 
 impl<'a> Probe<'a> {
-    pub fn new(metrics: &'a Metrics, policy: &'a Policy, sink: Sink, what: &'static str) -> Self {
+    pub fn new(sm: &'a StreamMetrics, policy: &'a Policy, sink: Sink, step: Step) -> Self {
         Self {
-            metrics,
+            sm,
             policy,
             sink,
-            what,
+            step,
             delays: Box::new(probe_backoff(policy.max_backoff)),
         }
     }
 
     /// The attempt that started at `started` failed with Retryable `e`.
     pub async fn failed(&mut self, started: Instant, e: &StageError) {
-        failed(self.metrics, self.policy, self.sink, self.what, started, e);
+        failed(self.sm, self.policy, self.sink, self.step, started, e);
         let d = self.delays.next().unwrap_or(self.policy.max_backoff);
-        tracing::warn!(sink = self.sink.name(), step = self.what, error = %e, delay_ms = d.as_millis() as u64, "retrying");
+        tracing::warn!(sink = self.sink.name(), step = self.step.name(), error = %e, delay_ms = d.as_millis() as u64, "retrying");
         tokio::time::sleep(d).await;
     }
 
     pub fn answered(&self) {
-        answered(self.metrics, self.sink, self.what);
+        answered(self.sm, self.sink, self.step);
     }
 }
 
@@ -272,17 +298,17 @@ impl<'a> Probe<'a> {
 /// breaker); anything else (success, Fatal, LostOwnership) is returned and
 /// counts as an answer, which closes the breaker.
 pub async fn call<T, F, Fut>(
-    metrics: &Metrics,
+    sm: &StreamMetrics,
     policy: &Policy,
     sink: Sink,
-    what: &'static str,
+    step: Step,
     mut f: F,
 ) -> Result<T, StageError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StageError>>,
 {
-    let mut probe = Probe::new(metrics, policy, sink, what);
+    let mut probe = Probe::new(sm, policy, sink, step);
     loop {
         let started = Instant::now();
         match f().await {
@@ -298,6 +324,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
 
     fn policy(n: u32, after_ms: u64) -> Policy {
         Policy {
@@ -386,10 +413,6 @@ mod tests {
         assert_eq!(s.success(Sink::Postgres), Transition::None);
         assert_eq!(s.open().len(), 1);
         assert_eq!(s.open()[0].0, Sink::ClickHouse);
-        let text = s.render();
-        assert!(text.contains("tally_sink_circuit_open{sink=\"clickhouse\"} 1"));
-        assert!(text.contains("tally_sink_circuit_open{sink=\"postgres\"} 0"));
-        assert!(text.contains("tally_sink_retries_total{sink=\"clickhouse\"} 1"));
         assert_eq!(s.success(Sink::ClickHouse), Transition::Closed);
         assert!(!s.any_open());
     }
@@ -405,12 +428,23 @@ mod tests {
         assert!(delays[0] < Duration::from_millis(300));
     }
 
+    #[test]
+    fn every_step_names_a_sink() {
+        for step in Step::ALL {
+            assert!(
+                Sink::ALL.iter().any(|s| s.name() == step.sink()) || step == Step::SchemaRegistry,
+                "{step:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn call_retries_until_the_sink_answers() {
         let m = Metrics::default();
+        let sm = m.stream("usage");
         let p = policy(2, 60_000);
         let mut n = 0;
-        let r: Result<u32, StageError> = call(&m, &p, Sink::Postgres, "test", || {
+        let r: Result<u32, StageError> = call(&sm, &p, Sink::Postgres, Step::Commit, || {
             n += 1;
             let k = n;
             async move {
@@ -424,22 +458,23 @@ mod tests {
         .await;
         assert_eq!(r.unwrap(), 30, "retried past any retry limit");
         assert!(!m.sinks.any_open(), "closed after the answer");
-        assert!(m
-            .sinks
-            .render()
-            .contains("tally_sink_retries_total{sink=\"postgres\"} 29"));
+        assert!(m.render(Duration::from_secs(60)).contains(
+            "tally_retries_total{stream=\"usage\",sink=\"postgres\",step=\"commit\"} 29"
+        ));
     }
 
     #[tokio::test]
     async fn call_returns_fatal_at_once() {
         let m = Metrics::default();
+        let sm = m.stream("usage");
         let p = policy(2, 60_000);
         let mut n = 0;
-        let r: Result<(), StageError> = call(&m, &p, Sink::ClickHouse, "test", || {
-            n += 1;
-            async { Err(StageError::Fatal("syntax".into())) }
-        })
-        .await;
+        let r: Result<(), StageError> =
+            call(&sm, &p, Sink::ClickHouse, Step::ClickHouseWrite, || {
+                n += 1;
+                async { Err(StageError::Fatal("syntax".into())) }
+            })
+            .await;
         assert!(matches!(r, Err(StageError::Fatal(_))));
         assert_eq!(n, 1);
     }

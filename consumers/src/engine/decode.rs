@@ -9,11 +9,12 @@
 //! exactly as before.
 
 use crate::config::Config;
+use crate::engine::breaker::Step;
 use crate::engine::registry_client::RegistryClient;
 use crate::engine::retry::retry;
 use crate::engine::stream::Stream;
 use crate::errors::StageError;
-use crate::metrics::Metrics;
+use crate::metrics::StreamMetrics;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use std::time::Duration;
 use tally_schemas::{Decoder, WireFormat};
@@ -22,6 +23,11 @@ use tally_schemas::{Decoder, WireFormat};
 /// clock (clock skew); later than that it would open future rollup buckets
 /// and budget periods, so it is dead-lettered instead.
 const FUTURE_TOLERANCE_HOURS: i64 = 24;
+
+/// The dead-letter classes the engine itself assigns (besides the stream's
+/// parse classes): in-batch or claimed key conflicts, and the dedup clock checks.
+pub const ENGINE_CLASSES: [&str; 3] =
+    ["dedup_conflict", "future_timestamp", "beyond_dedup_horizon"];
 
 /// One decoded message of a batch.
 pub enum Decoded<E> {
@@ -64,14 +70,14 @@ impl Decoding {
         payload: &[u8],
         clock: DateTime<Utc>,
         cutoff: DateTime<Utc>,
-        metrics: &Metrics,
+        sm: &StreamMetrics,
     ) -> Result<Decoded<S::Event>, StageError> {
         if let (Ok(WireFormat::Confluent { schema_id }), Some(reg)) =
             (tally_schemas::detect(payload), &self.registry)
         {
             if !self.decoder.has_confluent_schema(schema_id) {
                 // Registered or unknown: either way the decoder now knows what to say.
-                retry(metrics, self.max_retries, "schema registry", || {
+                retry(sm, self.max_retries, Step::SchemaRegistry, || {
                     reg.ensure(&self.decoder, schema_id)
                 })
                 .await?;
@@ -124,14 +130,15 @@ mod tests {
         let cfg = Config::load_from(None, &[]).expect("defaults");
         let decoding = Decoding::new(&cfg);
         let stream = crate::streams::usage::UsageStream::new(&cfg);
-        let metrics = Metrics::default();
+        let metrics = crate::metrics::Metrics::default();
+        let metrics = metrics.stream("usage");
         let now = Utc::now();
         let mut e = tally_schemas::sample_usage();
         let mut verdict = |at: DateTime<Utc>| {
             e.occurred_at = at;
             let payload = tally_schemas::encode_json(&e);
             let decoding = &decoding;
-            let metrics = &metrics;
+            let metrics = &*metrics;
             let stream = &stream;
             async move {
                 class_of(
@@ -173,5 +180,8 @@ mod tests {
             .await
             .expect("decode");
         assert_eq!(class_of(&garbage), "invalid_json");
+        for class in ["dedup_conflict", "future_timestamp", "beyond_dedup_horizon"] {
+            assert!(ENGINE_CLASSES.contains(&class), "{class}");
+        }
     }
 }

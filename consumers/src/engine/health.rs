@@ -90,14 +90,6 @@ impl RelayHealth {
         }
         None
     }
-
-    /// `tally_relay_alive`: 1 while the relay runs and makes progress.
-    pub fn render(&self, stall_after: Duration) -> String {
-        let v = u8::from(self.problem(stall_after).is_none());
-        format!(
-            "# HELP tally_relay_alive 1 while the violation relay runs and makes progress.\n# TYPE tally_relay_alive gauge\ntally_relay_alive {v}\n"
-        )
-    }
 }
 
 /// Why this instance is not ready (empty: ready).
@@ -152,10 +144,7 @@ pub async fn serve(
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    format!("{}{}", metrics.render(), metrics.relay.render(stall_after)),
-                ),
+                "/metrics" => ("200 OK", metrics.render(stall_after)),
                 "/livez" => ("200 OK", "alive\n".to_string()),
                 "/readyz" | "/health" | "/healthz" => {
                     let problems = not_ready(&metrics, stall_after);
@@ -189,10 +178,8 @@ mod tests {
         assert!(r.problem(stall).unwrap().contains("starting"));
         r.progressed();
         assert_eq!(r.problem(stall), None);
-        assert!(r.render(stall).contains("tally_relay_alive 1"));
         r.stopped("fatal: boom");
         assert!(r.problem(stall).unwrap().contains("boom"));
-        assert!(r.render(stall).contains("tally_relay_alive 0"));
         r.started();
         assert!(r.problem(stall).is_some(), "not ready until it progresses");
     }

@@ -46,7 +46,8 @@ impl<S: Stream> Copy for CommitInput<'_, S> {}
 
 #[derive(Debug, Clone, Default)]
 pub struct CommitOutcome {
-    pub violations_new: usize,
+    /// The rule of each violation this commit added to the outbox.
+    pub violations_new: Vec<String>,
     pub events: usize,
 }
 
@@ -178,18 +179,19 @@ impl Ledger {
     }
 }
 
-/// Inserts violations into the outbox; an id seen before is ignored.
+/// Inserts violations into the outbox; an id seen before is ignored. Returns
+/// the rules of those inserted.
 async fn insert_violations(
     tx: &mut sqlx::PgConnection,
     vs: &[ComplianceViolation],
-) -> Result<usize, StageError> {
+) -> Result<Vec<String>, StageError> {
     if vs.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     // Within one batch the same id can be derived twice (e.g. two unpriced events).
     let mut seen = HashSet::new();
     let vs: Vec<&ComplianceViolation> = vs.iter().filter(|v| seen.insert(v.violation_id)).collect();
-    let r = sqlx::query(include_str!(
+    sqlx::query_scalar(include_str!(
         "../../../sql/postgres/queries/insert_violations.sql"
     ))
     .bind(vs.iter().map(|v| v.violation_id).collect::<Vec<_>>())
@@ -217,8 +219,7 @@ async fn insert_violations(
     )
     .bind(vs.iter().map(|v| v.detected_at).collect::<Vec<_>>())
     .bind(vs.iter().map(|v| v.message.clone()).collect::<Vec<_>>())
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await
-    .map_err(pg("commit violations"))?;
-    Ok(usize::try_from(r.rows_affected()).unwrap_or(0))
+    .map_err(pg("commit violations"))
 }

@@ -20,7 +20,7 @@
 
 use crate::config::Config;
 use crate::engine::batch::{BatchResult, BatchRunner, BatchWork};
-use crate::engine::breaker::Sink;
+use crate::engine::breaker::{Sink, Step};
 use crate::engine::decode::Decoding;
 use crate::engine::dlq;
 use crate::engine::fairness::Fairness;
@@ -31,7 +31,7 @@ use crate::engine::reference::SharedReference;
 use crate::engine::retry::backoff;
 use crate::engine::stream::Stream;
 use crate::errors::StageError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StreamMetrics};
 use crate::sinks::clickhouse::ClickHouseSink;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
@@ -42,6 +42,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+mod lag;
 
 /// Per-partition state of this instance.
 #[derive(Default)]
@@ -88,6 +90,10 @@ pub struct Pipeline<S: Stream> {
     in_flight: JoinSet<BatchDone>,
     lock_conn_dead: bool,
     metrics: Arc<Metrics>,
+    /// This stream's series.
+    sm: Arc<StreamMetrics>,
+    /// Partitions whose lag gauge was last set by this instance.
+    lag_reported: BTreeSet<i32>,
     fairness: Fairness,
     lock_conn: sqlx::PgConnection,
     /// Partitions whose advisory lock this instance's lock connection holds
@@ -142,7 +148,7 @@ impl<S: Stream> Pipeline<S> {
                 cfg.kafka.receive_message_max_bytes.to_string(),
             )
             .set("queued.max.messages.kbytes", "65536")
-            // Tells `lagging` a partition was read to its end (transaction
+            // Tells `check_lag` a partition was read to its end (transaction
             // markers keep the high watermark past the last message).
             .set("enable.partition.eof", "true")
             .create_with_context(ctx)
@@ -164,10 +170,11 @@ impl<S: Stream> Pipeline<S> {
             dlq,
             decoding: Decoding::new(&cfg),
             reference,
-            metrics: metrics.clone(),
+            sm: metrics.stream_for::<S>(),
             replay_reference: std::sync::Mutex::new(None),
             breaker: crate::engine::breaker::Policy::from_config(&cfg),
         });
+        let sm = runner.sm.clone();
         let host = std::env::var("HOSTNAME").unwrap_or_default();
         let owner = format!(
             "{}/{}/{}",
@@ -186,6 +193,8 @@ impl<S: Stream> Pipeline<S> {
             runner,
             in_flight: JoinSet::new(),
             lock_conn_dead: false,
+            sm,
+            lag_reported: BTreeSet::new(),
             metrics,
             fairness: Fairness::new(cfg.pipeline.fairness_events_per_sec),
             lock_conn,
@@ -260,7 +269,7 @@ impl<S: Stream> Pipeline<S> {
             self.apply_rebalances().await?;
             self.process_ready(false).await?;
             if last_lag_check.elapsed() >= Duration::from_secs(2) {
-                lagging = self.lagging();
+                lagging = self.check_lag();
                 last_lag_check = Instant::now();
             }
             self.metrics.set_backlog(
@@ -386,7 +395,7 @@ impl<S: Stream> Pipeline<S> {
                 self.lock_conn_dead = false;
                 self.lock_retry = None;
                 self.held.clear();
-                crate::engine::breaker::answered(&self.metrics, Sink::Postgres, "lock reconnect");
+                crate::engine::breaker::answered(&self.sm, Sink::Postgres, Step::LockReconnect);
             }
             failed => {
                 let e = match failed {
@@ -398,10 +407,10 @@ impl<S: Stream> Pipeline<S> {
                 }
                 let policy = self.runner.breaker;
                 crate::engine::breaker::failed(
-                    &self.metrics,
+                    &self.sm,
                     &policy,
                     Sink::Postgres,
-                    "lock reconnect",
+                    Step::LockReconnect,
                     started,
                     &e,
                 );
@@ -558,7 +567,7 @@ impl<S: Stream> Pipeline<S> {
                     Err(e) if e.is_retryable() => match backoff.next() {
                         Some(d) => {
                             tracing::warn!(step = "take ownership", error = %e, "retrying");
-                            self.metrics.add(&self.metrics.retries_total, 1);
+                            self.sm.retried(Step::TakeOwnership);
                             tokio::time::sleep(d).await;
                         }
                         None => return Err(StageError::Fatal(format!("take ownership: {e}"))),
@@ -606,7 +615,7 @@ impl<S: Stream> Pipeline<S> {
         st.expected = Some(m.offset() + 1);
         st.buf_since.get_or_insert_with(Instant::now);
         st.buf.push(m);
-        self.metrics.add(&self.metrics.messages_consumed_total, 1);
+        self.sm.messages_consumed.increment(1);
         Ok(())
     }
 
@@ -705,10 +714,7 @@ impl<S: Stream> Pipeline<S> {
                 next_offset: next,
                 dedup_cutoff,
             }) => {
-                self.metrics.add(
-                    &self.metrics.batch_micros_total,
-                    started.elapsed().as_micros() as u64,
-                );
+                self.sm.batch_committed(started.elapsed());
                 self.metrics.progressed(S::NAME);
                 let mut seek_to = None;
                 if let Some(st) = self.parts.get_mut(&p) {
@@ -736,7 +742,7 @@ impl<S: Stream> Pipeline<S> {
             }
             Err(StageError::LostOwnership(m)) => {
                 tracing::warn!(partition = p, reason = %m, "lost ownership; re-reading partition state");
-                self.metrics.add(&self.metrics.ownership_lost_total, 1);
+                self.sm.ownership_lost.increment(1);
                 if self.parts.get(&p).is_some_and(|s| s.owned) {
                     self.unlock(p).await?;
                 }
@@ -803,7 +809,7 @@ impl<S: Stream> Pipeline<S> {
     }
 
     fn defer(&mut self, p: i32, wait: Duration) {
-        self.metrics.add(&self.metrics.fairness_deferrals_total, 1);
+        self.sm.fairness_deferrals.increment(1);
         let Some(st) = self.parts.get_mut(&p) else {
             return;
         };
@@ -812,7 +818,7 @@ impl<S: Stream> Pipeline<S> {
     }
 
     /// A consumer error; PartitionEOF is not one (returns true for it): it
-    /// marks the partition as read to its end (see `lagging`).
+    /// marks the partition as read to its end (see `check_lag`).
     fn on_consumer_error(&mut self, e: rdkafka::error::KafkaError) -> bool {
         match e {
             rdkafka::error::KafkaError::PartitionEOF(p) => {
@@ -883,30 +889,6 @@ impl<S: Stream> Pipeline<S> {
                 st.paused = false;
             }
         }
-    }
-
-    /// Whether an owned partition has messages beyond its offset of record
-    /// (a short watermark request per owned partition, every few seconds). It
-    /// feeds `/readyz`: lag that makes no progress is a stall, even when nothing
-    /// arrives any more (e.g. a partition left paused). A partition read to its
-    /// end with nothing buffered or running is not lagging, whatever the
-    /// watermark says (it counts transaction markers, which are never delivered).
-    fn lagging(&self) -> bool {
-        tokio::task::block_in_place(|| {
-            self.parts.iter().any(|(p, st)| {
-                let drained = st.eof
-                    && st.buf.is_empty()
-                    && !st.in_flight
-                    && !st.paused
-                    && st.replay.is_none();
-                st.owned
-                    && !drained
-                    && self
-                        .consumer
-                        .fetch_watermarks(&self.route.topic, *p, Duration::from_millis(500))
-                        .is_ok_and(|(_, high)| high > st.record_next.unwrap_or(0))
-            })
-        })
     }
 
     /// Copies the offsets of record to Kafka for lag tooling (never read back).

@@ -150,7 +150,7 @@ async fn relay_while_leader(
         reconcile(cfg, pool).await?;
         let sent = publish_once(cfg, pool, producer, owner).await?;
         metrics.relay.progressed();
-        metrics.add(&metrics.violations_published_total, sent as u64);
+        metrics.violations_published.increment(sent as u64);
         if sent == 0 {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}

@@ -11,7 +11,6 @@ use crate::engine::relay::{self, RelayConfig};
 use crate::errors::StageError;
 use crate::metrics::Metrics;
 use sqlx::postgres::PgPool;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -62,7 +61,7 @@ pub async fn supervise(
             Err(e) => format!("the relay task panicked: {e}"),
         };
         metrics.relay.stopped(&reason);
-        metrics.add(&metrics.relay_restarts_total, 1);
+        metrics.relay_restarts.increment(1);
         if started.elapsed() >= HEALTHY_RUN {
             delays = restart_backoff();
         }
@@ -97,7 +96,7 @@ async fn unpublished_gauge(
         {
             Ok(n) => metrics
                 .violations_unpublished
-                .store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed),
+                .set(u32::try_from(n).unwrap_or(u32::MAX)),
             Err(e) => tracing::debug!(error = %e, "reading the outbox backlog failed"),
         }
         tokio::select! {

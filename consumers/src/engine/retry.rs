@@ -6,8 +6,9 @@
 //! Used where a limit makes sense (schema registry lookups, taking a
 //! partition); sink writes never give up: see `breaker.rs`.
 
+use crate::engine::breaker::Step;
 use crate::errors::StageError;
-use crate::metrics::Metrics;
+use crate::metrics::StreamMetrics;
 use backon::ExponentialBuilder;
 use std::future::Future;
 use std::time::Duration;
@@ -24,9 +25,9 @@ pub fn backoff(max_retries: usize) -> impl Iterator<Item = Duration> {
 /// Retries a Retryable step with exponential backoff (backon); anything else,
 /// or running out of retries, is returned (the latter as Fatal).
 pub async fn retry<T, F, Fut>(
-    metrics: &Metrics,
+    sm: &StreamMetrics,
     max_retries: usize,
-    what: &'static str,
+    step: Step,
     mut f: F,
 ) -> Result<T, StageError>
 where
@@ -38,13 +39,14 @@ where
         match f().await {
             Err(e) if e.is_retryable() => match delays.next() {
                 Some(d) => {
-                    tracing::warn!(step = what, error = %e, delay_ms = d.as_millis() as u64, "retrying");
-                    metrics.add(&metrics.retries_total, 1);
+                    tracing::warn!(step = step.name(), error = %e, delay_ms = d.as_millis() as u64, "retrying");
+                    sm.retried(step);
                     tokio::time::sleep(d).await;
                 }
                 None => {
                     return Err(StageError::Fatal(format!(
-                        "{what}: gave up after {max_retries} retries: {e}"
+                        "{}: gave up after {max_retries} retries: {e}",
+                        step.name()
                     )))
                 }
             },

@@ -26,7 +26,9 @@ use tokio::sync::watch;
 /// Runs until `shutdown` flips (or a Fatal error).
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), StageError> {
     let pool = connect_pg(&cfg).await?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new());
+    metrics.install_global();
+    let stall_after = Duration::from_millis(cfg.server.stall_after_ms);
     let reference = SharedReference::new(reference::load_and_store(&pool).await?);
     let ledgers: Vec<Ledger> = [
         (cfg.streams.usage, "usage", &cfg.kafka.usage_topic),
@@ -84,12 +86,21 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
             }
         }));
     }
+    {
+        // Histogram samples are drained on every scrape, and here whether
+        // anything scrapes or not.
+        let (m, mut stop) = (metrics.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => m.upkeep(),
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
     if !cfg.server.listen.is_empty() {
-        let (listen, m, stall) = (
-            cfg.server.listen.clone(),
-            metrics.clone(),
-            Duration::from_millis(cfg.server.stall_after_ms),
-        );
+        let (listen, m, stall) = (cfg.server.listen.clone(), metrics.clone(), stall_after);
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::engine::health::serve(listen, m, stall, stop).await {
@@ -122,6 +133,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
             producer: crate::engine::dlq::producer(&cfg.kafka.brokers, &[])?,
             topic: cfg.audit.checkpoint_topic.clone(),
             interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
+            age: metrics.checkpoint_age(),
         };
         tasks.push(tokio::spawn(c.run(shutdown.clone())));
     }
@@ -138,7 +150,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
     for t in tasks {
         t.abort();
     }
-    tracing::info!(metrics = %metrics.render().lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join(", "), "tally run stopped");
+    tracing::info!(metrics = %metrics.summary(stall_after).join(", "), "tally run stopped");
     result
 }
 

@@ -59,6 +59,12 @@ pub trait Stream: Send + Sync + Sized + 'static {
     /// `usage`, `policy` or `audit`: log field and metric label.
     const NAME: &'static str;
 
+    /// The violation rules the stream raises (the `rule` label's values).
+    const RULES: &'static [&'static str] = &[];
+
+    /// Dead-letter classes `parse` returns besides the schema codecs' own.
+    const PARSE_CLASSES: &'static [&'static str] = &[];
+
     /// Parses one payload (the default: the schema codecs, any wire format).
     fn parse(&self, decoder: &Decoder, payload: &[u8]) -> Result<Self::Event, Rejection> {
         decoder

@@ -1,4 +1,5 @@
 -- Puts violations into the outbox; a deterministic id already present is a no-op.
+-- Returns the rule of each violation inserted (for tally_violations_raised_total).
 INSERT INTO tally.violations
     (violation_id, rule, severity, tenant_id, subject_type, subject_id, window_start, window_end,
      observed, threshold, evidence_event_ids, detected_at, message)
@@ -8,3 +9,4 @@ FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
             $8::timestamptz[], $9::numeric[], $10::numeric[], $11::text[], $12::timestamptz[], $13::text[])
      AS u(id, rule, sev, tenant, st, sid, ws, we, obs, thr, ev, det, msg)
 ON CONFLICT (violation_id) DO NOTHING
+RETURNING rule

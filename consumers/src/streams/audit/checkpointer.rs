@@ -7,7 +7,8 @@
 //! under a share lock), so it never contradicts another; each stored checkpoint
 //! is published at least once (identical copies at worst: a crash between the
 //! broker's ack and the mark), and two instances never publish the same row at
-//! once (`FOR UPDATE SKIP LOCKED`).
+//! once (`FOR UPDATE SKIP LOCKED`). Each round also reports the age of the
+//! stalest tenant's newest checkpoint (`tally_audit_checkpoint_age_seconds`).
 
 use crate::audit::merkle::CompactRange;
 use crate::audit::note::NoteSigner;
@@ -26,6 +27,8 @@ pub struct Checkpointer {
     pub producer: FutureProducer,
     pub topic: String,
     pub interval: Duration,
+    /// Seconds since the newest checkpoint of the tenant whose newest is oldest.
+    pub age: metrics::Gauge,
 }
 
 impl Checkpointer {
@@ -40,6 +43,10 @@ impl Checkpointer {
                 Ok(n) if n > 0 => tracing::debug!(published = n, "audit checkpoints published"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "publishing audit checkpoints failed"),
+            }
+            match self.stalest_age().await {
+                Ok(secs) => self.age.set(secs),
+                Err(e) => tracing::debug!(error = %e, "reading the audit checkpoint age failed"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -74,6 +81,21 @@ impl Checkpointer {
         }
         tx.commit().await.map_err(pg("re-sign commit"))?;
         Ok(stale.len())
+    }
+
+    /// Seconds since the newest checkpoint of the tenant whose newest one is
+    /// the oldest, over tenants with a non-empty log (0 when there is none).
+    /// It stays below the interval plus a round while re-signing works.
+    pub async fn stalest_age(&self) -> Result<f64, StageError> {
+        sqlx::query_scalar(
+            "SELECT coalesce(extract(epoch FROM now() - min(coalesce(c.signed_at, t.updated_at))), 0)::float8 \
+             FROM tally.audit_trees t LEFT JOIN LATERAL (SELECT signed_at FROM tally.audit_checkpoints c \
+               WHERE c.tenant_id = t.tenant_id ORDER BY checkpoint_id DESC LIMIT 1) c ON true \
+             WHERE t.tree_size > 0",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pg("read audit checkpoint age"))
     }
 
     /// Publishes unpublished checkpoints, oldest first; returns how many.

@@ -35,6 +35,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
 use tally_schemas::{ActorType, AuditEvent, ComplianceViolation, Outcome, Severity};
 
+/// Every rule this stream raises (the `rule` of its violations).
+pub const RULES: [&str; 3] = [
+    "personal_data_access",
+    "privileged_action",
+    "failed_action_burst",
+];
+
 pub use super::super::window::WindowStep;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -96,6 +96,7 @@ impl Stream for AuditStream {
     type Event = AuditEvent;
     type Record = AuditRecord;
     const NAME: &'static str = "audit";
+    const RULES: &'static [&'static str] = &super::rules::RULES;
 
     fn occurred_at(&self, e: &AuditEvent) -> DateTime<Utc> {
         e.occurred_at

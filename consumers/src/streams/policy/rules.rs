@@ -26,6 +26,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use tally_schemas::{ComplianceViolation, Decision, Enforcement, PolicyDecision, Severity};
 
+/// Every rule this stream raises (the `rule` of its violations).
+pub const RULES: [&str; 3] = ["policy_denied", "unenforced_deny", "deny_rate"];
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyDeniedRule {

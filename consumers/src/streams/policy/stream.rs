@@ -40,6 +40,8 @@ impl Stream for PolicyStream {
     type Event = PolicyDecision;
     type Record = PolicyDecision;
     const NAME: &'static str = "policy";
+    const RULES: &'static [&'static str] = &super::rules::RULES;
+    const PARSE_CLASSES: &'static [&'static str] = &crate::streams::policy::opa::OpaError::CLASSES;
 
     fn parse(&self, decoder: &Decoder, payload: &[u8]) -> Result<PolicyDecision, Rejection> {
         match opa::recognise(payload) {

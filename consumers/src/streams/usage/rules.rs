@@ -12,6 +12,16 @@ use rust_decimal::Decimal;
 use tally_schemas::{ComplianceViolation, Severity};
 use uuid::Uuid;
 
+/// Every rule this stream raises (the `rule` of its violations).
+pub const RULES: [&str; 6] = [
+    "budget_threshold",
+    "rate_limit_exceeded",
+    "unknown_tenant",
+    "unpriced_model",
+    "currency_mismatch",
+    "cost_mismatch",
+];
+
 /// Namespace of tally's deterministic (v5) violation ids.
 const VIOLATION_NS: Uuid = Uuid::from_u128(0x7a11_7c0e_5eed_4a4c_9d1f_6b2e_0c0f_fee1);
 

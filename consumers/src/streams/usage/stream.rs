@@ -34,6 +34,7 @@ impl Stream for UsageStream {
     type Event = UsageEvent;
     type Record = Enriched;
     const NAME: &'static str = "usage";
+    const RULES: &'static [&'static str] = &super::rules::RULES;
 
     fn occurred_at(&self, e: &UsageEvent) -> DateTime<Utc> {
         e.occurred_at

@@ -9,7 +9,6 @@
 //! describes the state machine and the guarantee.
 
 pub mod audit;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod errors;
+pub mod fasthash;
 pub mod metrics;
 pub mod sinks;
 pub mod streams;

@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(fingerprint(&e), PINNED_SAMPLE_USAGE);
     }
 
-    const PINNED_SAMPLE_USAGE: i64 = 0;
+    const PINNED_SAMPLE_USAGE: i64 = -4_805_938_706_850_766_491;
 
     #[test]
     fn equal_across_encodings() {

@@ -31,7 +31,7 @@ help:
 	@echo "make demo                   up + build + an end-to-end run with a report"
 	@echo "make test                   up + cargo test --workspace + ClickHouse dialect check (chdb)"
 	@echo "make test-chaos             up + the ignored chaos tests (kills, rebalances, long sink outages)"
-	@echo "make bench                  up + release build + tally bench (BENCH_COUNT=1000000)"
+	@echo "make bench                  up + release build + tally-bench vs the ClickHouse Kafka engine (BENCH_COUNT=1000000)"
 	@echo "make fuzz                   decoders fuzzed, FUZZ_INPUTS=10000000 per codec (optimised, overflow checks)"
 	@echo "make fmt | lint             rustfmt / rustfmt --check + clippy -D warnings"
 	@echo "make json-schemas           regenerate schemas/json/ from the Avro schemas"
@@ -77,8 +77,8 @@ test-chaos: up check-cargo
 	$(ENV) $(CARGO) test -p tally-tests --test outages -- --ignored --nocapture --test-threads=1
 
 bench: up check-cargo
-	$(CARGO) build --release -p tally
-	TALLY_BIN=$(CARGO_TARGET_DIR)/release/tally $(LOCAL)/bench.sh
+	$(CARGO) build --release -p tally -p tally-bench
+	TALLY_BIN=$(CARGO_TARGET_DIR)/release/tally TALLY_BENCH_BIN=$(CARGO_TARGET_DIR)/release/tally-bench $(LOCAL)/bench.sh
 
 # Decoder fuzzing (schemas/tests/fuzz.rs; `make test` runs 100k inputs per codec). Peak RSS
 # of the fuzz process itself, not cargo's, via /usr/bin/time when installed.

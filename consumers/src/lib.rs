@@ -9,11 +9,11 @@
 //! describes the state machine and the guarantee.
 
 pub mod audit;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod errors;
+pub mod fasthash;
 pub mod metrics;
 pub mod sinks;
 pub mod streams;

@@ -1,5 +1,5 @@
-//! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle, bench,
-//! audit (`tally::cli::audit`).
+//! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle,
+//! audit (`tally::cli::audit`). The benchmark is its own binary, `tally-bench` (bench/).
 
 use anyhow::bail;
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
@@ -63,17 +63,6 @@ enum Command {
     WaitIdle {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
-    },
-    /// Measure produce, raw consume and end-to-end throughput on fresh topics; writes BENCHMARKS.md.
-    Bench {
-        #[arg(long, default_value_t = 1_000_000)]
-        count: u64,
-        /// Steady-state phase: events per second (0 skips the phase).
-        #[arg(long, default_value_t = 20_000)]
-        steady_rate: u64,
-        /// Steady-state phase: seconds of production.
-        #[arg(long, default_value_t = 15)]
-        steady_secs: u64,
     },
     /// The tamper-evident audit log: signing keys, verification, offline proofs
     /// (docs/audit-log.md). Exit codes: 0 ok, 1 error, 2 usage, 3 tampered, 4 not covered yet.
@@ -341,21 +330,6 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             println!("caught up");
         }
         Command::Audit { .. } => unreachable!("handled before the configuration is loaded"),
-        Command::Bench {
-            count,
-            steady_rate,
-            steady_secs,
-        } => {
-            tally::bench::run(
-                &cfg,
-                &tally::bench::BenchOpts {
-                    count,
-                    steady_rate,
-                    steady_secs,
-                },
-            )
-            .await?;
-        }
     }
     Ok(())
 }

@@ -17,13 +17,13 @@ use crate::engine::ownership::Fence;
 use crate::engine::reference::SharedReference;
 use crate::engine::stream::{BatchCtx, Owned, Stream};
 use crate::errors::StageError;
+use crate::fasthash::Map;
 use crate::metrics::{Stage, StreamMetrics};
 use crate::sinks::clickhouse::ClickHouseSink;
 use crate::streams::usage::enrich::Reference;
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Timestamp};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -203,7 +203,7 @@ impl<S: Stream> BatchRunner<S> {
         sm.batches_committed.increment(1);
         sm.events_counted.increment(events as u64);
         sm.events_duplicate.increment(duplicates);
-        let mut by_class: HashMap<&str, u64> = HashMap::new();
+        let mut by_class: Map<&str, u64> = Map::default();
         for d in dead {
             *by_class.entry(d.class.as_str()).or_default() += 1;
         }
@@ -301,7 +301,12 @@ impl<S: Stream> BatchRunner<S> {
         }
         let conflicts: Vec<DeadItem> = candidates
             .iter()
-            .filter(|c| claimed.conflicts.contains(&c.key))
+            .filter(|c| {
+                claimed
+                    .conflicts
+                    .get(&c.key)
+                    .is_some_and(|stored| *stored != crate::engine::fingerprint::v1(&c.event))
+            })
             .map(|c| {
                 let why = self.stream.conflict_message(&c.event, false);
                 (c.msg, "dedup_conflict", why)
@@ -547,7 +552,7 @@ fn in_batch_dedup<S: Stream>(
     stream: &S,
     decoded: Vec<Decoded<S::Event>>,
 ) -> (Vec<Candidate<S::Event>>, u64, Vec<DeadItem>) {
-    let mut seen: HashMap<Uuid, i64> = HashMap::new();
+    let mut seen: Map<Uuid, i64> = Map::default();
     let mut out = Vec::new();
     let mut dups = 0u64;
     let mut conflicts = Vec::new();

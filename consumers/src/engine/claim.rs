@@ -11,9 +11,9 @@
 use crate::engine::ledger::Ledger;
 use crate::engine::ownership::{check_epoch_in, PartitionKey};
 use crate::errors::{classify_pg, pg, StageError};
+use crate::fasthash::{Map, Set};
 use chrono::{DateTime, Utc};
 use sqlx::Row;
-use std::collections::HashSet;
 use uuid::Uuid;
 
 /// A batch between its claim and its commit.
@@ -63,9 +63,11 @@ pub struct ClaimInput<'a> {
 pub struct Claimed {
     pub batch: PendingBatch,
     /// Keys this batch counts (claimed now, or by its own earlier attempt).
-    pub owned: HashSet<Uuid>,
-    /// Keys claimed earlier with another payload: dead-lettered as conflicts.
-    pub conflicts: HashSet<Uuid>,
+    pub owned: Set<Uuid>,
+    /// Keys claimed earlier with another fingerprint, with the one stored:
+    /// conflicts (dead-lettered), unless the stored one is the event's v1
+    /// fingerprint (claimed before the current layout: a re-send).
+    pub conflicts: Map<Uuid, i64>,
 }
 
 /// The usage stream's dedup key (see `engine::stream::scoped_key`).
@@ -166,7 +168,7 @@ impl Ledger {
         let keys: Vec<Uuid> = c.keys.iter().map(|k| k.key).collect();
         let times: Vec<DateTime<Utc>> = c.keys.iter().map(|k| k.occurred_at).collect();
         let prints: Vec<i64> = c.keys.iter().map(|k| k.fingerprint).collect();
-        let mut owned: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
+        let mut owned: Set<Uuid> = sqlx::query_scalar::<_, Uuid>(
             "INSERT INTO tally.seen_events (event_id, occurred_at, batch_id, fingerprint) \
              SELECT u.id, u.ts, $3, u.fp FROM UNNEST($1::uuid[], $2::timestamptz[], $4::bigint[]) AS u(id, ts, fp) \
              ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
@@ -180,15 +182,14 @@ impl Ledger {
         .map_err(pg("claim event ids"))?
         .into_iter()
         .collect();
-        let mut conflicts = HashSet::new();
+        let mut conflicts = Map::default();
         if owned.len() < keys.len() {
             let others: Vec<Uuid> = keys
                 .iter()
                 .filter(|k| !owned.contains(k))
                 .copied()
                 .collect();
-            let mine: std::collections::HashMap<Uuid, i64> =
-                c.keys.iter().map(|k| (k.key, k.fingerprint)).collect();
+            let mine: Map<Uuid, i64> = c.keys.iter().map(|k| (k.key, k.fingerprint)).collect();
             let rows = sqlx::query(
                 "SELECT event_id, batch_id, fingerprint FROM tally.seen_events WHERE event_id = ANY($1)",
             )
@@ -200,8 +201,8 @@ impl Ledger {
                 let (key, by, print): (Uuid, i64, Option<i64>) = (r.get(0), r.get(1), r.get(2));
                 if by == batch.batch_id {
                     owned.insert(key); // this very batch claimed it before a crash
-                } else if print.is_some_and(|p| Some(&p) != mine.get(&key)) {
-                    conflicts.insert(key);
+                } else if let Some(p) = print.filter(|p| Some(p) != mine.get(&key)) {
+                    conflicts.insert(key, p);
                 }
             }
         }

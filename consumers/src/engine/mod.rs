@@ -12,6 +12,7 @@ pub mod decode;
 pub mod dlq;
 pub mod failpoint;
 pub mod fairness;
+pub mod fingerprint;
 pub mod health;
 pub mod ledger;
 pub mod offsets_reset;

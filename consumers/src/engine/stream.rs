@@ -132,14 +132,6 @@ pub fn scoped_key(space: &Uuid, tenant_id: &str, id: &[u8]) -> Uuid {
     Uuid::new_v5(space, &b)
 }
 
-const FINGERPRINT_NS: Uuid = Uuid::from_u128(0x7a11_f1a9_0000_4000_8000_0000_0000_0001);
-
 /// Fingerprint of an event's content (every field, whatever the encoding it
-/// arrived in): the first 8 bytes of a UUID v5 over its canonical JSON.
-pub fn fingerprint<E: tally_schemas::Event>(e: &E) -> i64 {
-    let body = tally_schemas::encode_json(e);
-    let u = Uuid::new_v5(&FINGERPRINT_NS, &body);
-    let mut head = [0u8; 8];
-    head.copy_from_slice(&u.as_bytes()[..8]);
-    i64::from_be_bytes(head)
-}
+/// arrived in): see `engine::fingerprint`.
+pub use crate::engine::fingerprint::fingerprint;

@@ -6,9 +6,9 @@
 //! book is in the book's one currency (a row in another is rejected, named), so
 //! every cost, and every sum of costs, is in that currency.
 
+use crate::fasthash::Map;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use std::collections::HashMap;
 
 /// The five disjoint token classes of one usage event.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,14 +86,16 @@ impl std::error::Error for ForeignPrice {}
 #[derive(Debug, Clone)]
 pub struct PriceBook {
     currency: String,
-    by_model: HashMap<(String, String), Vec<PriceVersion>>,
+    /// provider -> model -> versions by `effective_from` (looked up by `&str`,
+    /// without building a key per event).
+    by_model: Map<String, Map<String, Vec<PriceVersion>>>,
 }
 
 impl Default for PriceBook {
     fn default() -> Self {
         Self {
             currency: "USD".into(),
-            by_model: HashMap::new(),
+            by_model: Map::default(),
         }
     }
 }
@@ -104,7 +106,7 @@ impl PriceBook {
         currency: &str,
         rows: impl IntoIterator<Item = (String, String, PriceVersion)>,
     ) -> Result<Self, ForeignPrice> {
-        let mut by_model: HashMap<(String, String), Vec<PriceVersion>> = HashMap::new();
+        let mut by_model: Map<String, Map<String, Vec<PriceVersion>>> = Map::default();
         for (provider, model, version) in rows {
             if version.currency != currency {
                 return Err(ForeignPrice {
@@ -115,9 +117,14 @@ impl PriceBook {
                     book_currency: currency.into(),
                 });
             }
-            by_model.entry((provider, model)).or_default().push(version);
+            by_model
+                .entry(provider)
+                .or_default()
+                .entry(model)
+                .or_default()
+                .push(version);
         }
-        for versions in by_model.values_mut() {
+        for versions in by_model.values_mut().flat_map(Map::values_mut) {
             versions.sort_by_key(|v| v.effective_from);
         }
         Ok(Self {
@@ -138,15 +145,17 @@ impl PriceBook {
         model: &str,
         at: DateTime<Utc>,
     ) -> Option<&PriceVersion> {
-        let versions = self
-            .by_model
-            .get(&(provider.to_string(), model.to_string()))?;
+        let versions = self.by_model.get(provider)?.get(model)?;
         let idx = versions.partition_point(|v| v.effective_from <= at);
         idx.checked_sub(1).map(|i| &versions[i])
     }
 
     pub fn len(&self) -> usize {
-        self.by_model.values().map(Vec::len).sum()
+        self.by_model
+            .values()
+            .flat_map(Map::values)
+            .map(Vec::len)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {

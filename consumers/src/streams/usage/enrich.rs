@@ -8,6 +8,7 @@
 //! book, its reported cost is not compared (`currency_mismatch`, a violation
 //! downstream), and nothing is ever added across currencies.
 
+use crate::fasthash::Map;
 use crate::streams::usage::cost::{cost_of, is_mismatch, PriceBook, Tokens};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -42,11 +43,11 @@ pub struct Budget {
 /// One immutable snapshot of the reference data (refreshed by swapping).
 #[derive(Debug, Clone, Default)]
 pub struct Reference {
-    pub tenants: HashMap<String, TenantInfo>,
+    pub tenants: Map<String, TenantInfo>,
     pub prices: PriceBook,
     pub budgets: Vec<Budget>,
     /// Indexes into `budgets` by tenant id.
-    budgets_by_tenant: HashMap<String, Vec<usize>>,
+    budgets_by_tenant: Map<String, Vec<usize>>,
     /// Content hash of the snapshot (see `reference::ReferenceRows`); empty
     /// for a snapshot built in memory by a test.
     pub version: String,
@@ -58,7 +59,7 @@ impl Reference {
         prices: PriceBook,
         budgets: Vec<Budget>,
     ) -> Self {
-        let mut budgets_by_tenant: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut budgets_by_tenant: Map<String, Vec<usize>> = Map::default();
         for (i, b) in budgets.iter().enumerate() {
             budgets_by_tenant
                 .entry(b.tenant_id.clone())
@@ -66,7 +67,7 @@ impl Reference {
                 .push(i);
         }
         Self {
-            tenants,
+            tenants: tenants.into_iter().collect(),
             prices,
             budgets,
             budgets_by_tenant,

@@ -4,11 +4,11 @@
 //! bucketed by the event's `occurred_at` (so a late event lands in its own
 //! bucket); summing rollup rows over any key gives exactly the raw totals.
 
+use crate::fasthash::Map;
 use crate::streams::usage::cost::Tokens;
 use crate::streams::usage::enrich::Enriched;
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Timelike, Utc};
 use rust_decimal::Decimal;
-use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Granularity {
@@ -81,7 +81,7 @@ impl Totals {
 
 /// Rollup rows of one granularity for a batch of events, sorted by key.
 pub fn rollup(events: &[Enriched], g: Granularity) -> Vec<(RollupKey<'_>, Totals)> {
-    let mut out: HashMap<RollupKey<'_>, Totals> = HashMap::new();
+    let mut out: Map<RollupKey<'_>, Totals> = Map::default();
     for e in events {
         let ev = &e.event;
         let key = RollupKey {
@@ -112,7 +112,7 @@ pub struct SpendKey<'a> {
 
 /// Daily spend rows for a batch of events, sorted by key (a stable lock order).
 pub fn spend_daily(events: &[Enriched]) -> Vec<(SpendKey<'_>, Totals)> {
-    let mut out: HashMap<SpendKey<'_>, Totals> = HashMap::new();
+    let mut out: Map<SpendKey<'_>, Totals> = Map::default();
     for e in events {
         let ev = &e.event;
         let key = SpendKey {

@@ -1,0 +1,314 @@
+//! `tally-bench`: one run, one freshly produced topic of N JSON usage events
+//! (the same bytes for everyone), measured as a bare consumer (the ceiling),
+//! ClickHouse's own Kafka engine, tally end to end, tally again on the same
+//! events in Avro, then a steady state at half of tally's rate and a run with
+//! many tenants. `make bench` starts private broker and ClickHouse instances
+//! for it (deploy/local/bench.sh).
+//!
+//! Guarantee: figures are measured in this run and printed as measured, never
+//! asserted; every pipeline starts from empty databases and fresh groups.
+
+mod child;
+mod engine;
+mod procs;
+mod report;
+mod setup;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use procs::{Roles, Who};
+use report::{Figures, Phase};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+use tally::config::Config;
+use tally_producers::{Encoding, Generator};
+
+/// The hand-written analysis kept under the figures in BENCHMARKS.md.
+const ANALYSIS: &str = include_str!("../analysis.md");
+
+#[derive(Parser)]
+#[command(
+    name = "tally-bench",
+    about = "tally against ClickHouse's Kafka engine and a bare consumer; writes BENCHMARKS.md"
+)]
+struct Args {
+    /// TOML config file (as `tally --config`; TALLY__SECTION__KEY overrides).
+    #[arg(long, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Events per topic.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Skip the Kafka engine (it needs a ClickHouse configured for it: see bench.sh).
+    #[arg(long)]
+    no_engine: bool,
+    /// Skip the Avro run.
+    #[arg(long)]
+    no_avro: bool,
+    /// Steady state: seconds of production at half of tally's JSON rate (0 skips it).
+    #[arg(long, default_value_t = 20)]
+    steady_secs: u64,
+    /// Many-tenants run: tenants (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    tenants: usize,
+    /// Many-tenants run: seconds of production at the steady rate.
+    #[arg(long, default_value_t = 20)]
+    tenants_secs: u64,
+    /// Where to write the figures (default: BENCHMARKS.md at the repository root).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Who is measured besides tally: the broker and ClickHouse by pid when
+/// bench.sh started them (TALLY_BENCH_BROKER_PID, TALLY_BENCH_CLICKHOUSE_PID),
+/// else every process of that name; Postgres is every `postgres` process.
+fn roles() -> Roles {
+    let by_pid = |var: &str, comm: &'static str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .map_or(Who::Comm(comm), |p| Who::Pids(vec![p]))
+    };
+    Roles(vec![
+        ("broker", by_pid("TALLY_BENCH_BROKER_PID", "noida-db")),
+        (
+            "clickhouse",
+            by_pid("TALLY_BENCH_CLICKHOUSE_PID", "clickhouse-serv"),
+        ),
+        ("postgres", Who::Comm("postgres")),
+    ])
+}
+
+/// Runs `f` and measures every role's CPU over it.
+async fn measured<T, F: Future<Output = anyhow::Result<T>>>(
+    roles: &Roles,
+    f: F,
+) -> anyhow::Result<Phase<T>> {
+    let tck = procs::clk_tck();
+    let before = roles.snapshot();
+    let run = f.await?;
+    let after = roles.snapshot();
+    Ok(Phase {
+        run,
+        cpu: procs::cpu_seconds(&before, &after, tck),
+        load: report::loadavg(),
+    })
+}
+
+/// Produces `count` events of `seed` to `topic`; returns the time taken.
+async fn produce(
+    cfg: &Config,
+    topic: &str,
+    count: u64,
+    seed: u64,
+    encoding: Encoding,
+) -> anyhow::Result<Duration> {
+    let gen = Generator::new(setup::gen_config(count, seed, encoding, 60));
+    let r = tally_producers::produce(&cfg.kafka.brokers, topic, gen, None, true)
+        .await
+        .with_context(|| format!("producing to {topic}"))?;
+    if r.good != count {
+        bail!(
+            "produced {} good events to {topic}, expected {count}",
+            r.good
+        );
+    }
+    Ok(r.elapsed)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.count == 0 {
+        bail!("--count must be > 0");
+    }
+    let base = Config::load(args.config.as_deref())?;
+    let cfg_file = args.config.as_deref();
+    let roles = roles();
+    let ts = chrono::Utc::now().timestamp();
+    let seed = u64::try_from(ts).unwrap_or(0);
+    let n = args.count;
+    let mut fig = Figures {
+        count: n,
+        ..Figures::default()
+    };
+
+    // The same events on two topics: JSON (everyone) and Avro (tally's second run).
+    let json = setup::scoped(
+        &base,
+        &format!("bench.json.{ts}"),
+        &format!("bench-json-{ts}"),
+    );
+    let avro = setup::scoped(
+        &base,
+        &format!("bench.avro.{ts}"),
+        &format!("bench-avro-{ts}"),
+    );
+    setup::create_topics(&json).await?;
+    eprintln!(
+        "bench: producing {n} JSON events to {}",
+        json.kafka.usage_topic
+    );
+    fig.produce_json = produce(&base, &json.kafka.usage_topic, n, seed, Encoding::Json).await?;
+    if !args.no_avro {
+        setup::create_topics(&avro).await?;
+        eprintln!(
+            "bench: producing the same events in Avro to {}",
+            avro.kafka.usage_topic
+        );
+        fig.produce_avro = produce(&base, &avro.kafka.usage_topic, n, seed, Encoding::Avro).await?;
+    }
+
+    eprintln!("bench: raw consume");
+    let (brokers, topic) = (base.kafka.brokers.clone(), json.kafka.usage_topic.clone());
+    let raw = measured(&roles, async move {
+        tokio::task::spawn_blocking(move || {
+            setup::raw_consume(&brokers, &topic, &format!("bench-raw-{ts}"), n)
+        })
+        .await?
+    })
+    .await?;
+    fig.mean_bytes_json = raw.run.bytes / n;
+    fig.raw = Some(raw);
+    if !args.no_avro {
+        let (brokers, topic) = (base.kafka.brokers.clone(), avro.kafka.usage_topic.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            setup::raw_consume(&brokers, &topic, &format!("bench-raw-avro-{ts}"), n)
+        })
+        .await??;
+        fig.mean_bytes_avro = r.bytes / n;
+    }
+
+    if !args.no_engine {
+        eprintln!("bench: ClickHouse Kafka engine");
+        let group = format!("bench-engine-{ts}");
+        fig.engine = Some(
+            measured(
+                &roles,
+                engine::run(&base, &json.kafka.usage_topic, &group, n),
+            )
+            .await?,
+        );
+    }
+
+    eprintln!("bench: tally, JSON");
+    let db = setup::fresh_databases(&base, 60).await?;
+    let run_cfg = setup::scoped(&db, &json.kafka.usage_topic, &json.kafka.group_id);
+    fig.tally_json = Some(
+        measured(
+            &roles,
+            child::run(&run_cfg, cfg_file, n, &format!("{ts}-json"), None),
+        )
+        .await?,
+    );
+    if !args.no_avro {
+        eprintln!("bench: tally, Avro");
+        let db = setup::fresh_databases(&base, 60).await?;
+        let run_cfg = setup::scoped(&db, &avro.kafka.usage_topic, &avro.kafka.group_id);
+        fig.tally_avro = Some(
+            measured(
+                &roles,
+                child::run(&run_cfg, cfg_file, n, &format!("{ts}-avro"), None),
+            )
+            .await?,
+        );
+    }
+    let max_rate = fig
+        .tally_json
+        .as_ref()
+        .map_or(10_000.0, |p| report::per_sec(n, p.run.elapsed));
+    // half of the max rate, whole events per second
+    #[allow(
+        clippy::float_arithmetic,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let half = ((max_rate / 2.0) as u64).max(1);
+
+    if args.steady_secs > 0 {
+        eprintln!("bench: steady state at {half}/s for {} s", args.steady_secs);
+        let db = setup::fresh_databases(&base, 60).await?;
+        let c = setup::scoped(
+            &db,
+            &format!("bench.steady.{ts}"),
+            &format!("bench-steady-{ts}"),
+        );
+        setup::create_topics(&c).await?;
+        let steady = child::Steady {
+            rate: half,
+            count: half * args.steady_secs,
+            seed: seed ^ 1,
+            tenants: 60,
+            watch_rollup: true,
+        };
+        let p = measured(
+            &roles,
+            child::run(
+                &c,
+                cfg_file,
+                steady.count,
+                &format!("{ts}-steady"),
+                Some(&steady),
+            ),
+        )
+        .await?;
+        fig.steady = Some((half, base.pipeline.batch_linger_ms, p));
+    }
+    if args.tenants > 0 && args.tenants_secs > 0 {
+        eprintln!(
+            "bench: {} tenants at {half}/s for {} s (seeding the tenants first)",
+            args.tenants, args.tenants_secs
+        );
+        let db = setup::fresh_databases(&base, args.tenants).await?;
+        let c = setup::scoped(
+            &db,
+            &format!("bench.tenants.{ts}"),
+            &format!("bench-tenants-{ts}"),
+        );
+        setup::create_topics(&c).await?;
+        let steady = child::Steady {
+            rate: half,
+            count: half * args.tenants_secs,
+            seed: seed ^ 2,
+            tenants: args.tenants,
+            watch_rollup: false,
+        };
+        let p = measured(
+            &roles,
+            child::run(
+                &c,
+                cfg_file,
+                steady.count,
+                &format!("{ts}-tenants"),
+                Some(&steady),
+            ),
+        )
+        .await?;
+        let ch = tally::sinks::clickhouse::ClickHouseSink::new(&c.clickhouse);
+        let seen = ch
+            .client()
+            .query("SELECT toUInt64(uniqExact(tenant_id)) FROM usage_events")
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0);
+        fig.tenants = Some((args.tenants, seen, half, p));
+    }
+
+    let table = report::render(&fig);
+    println!("{table}");
+    let path = match args.out {
+        Some(p) => p,
+        None => setup::repo_root()?.join("BENCHMARKS.md"),
+    };
+    std::fs::write(&path, report::markdown(&fig, &table, ANALYSIS))
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! The figures of one run, printed and written to BENCHMARKS.md.
+//!
+//! Guarantee: every number shown is one this run measured (rates, ratios,
+//! CPU-seconds per million per process, RSS, latency quantiles), with the
+//! load average at the time; nothing is carried over from earlier runs
+//! except the hand-written analysis kept below the figures.
+
+use crate::child::ChildRun;
+use crate::engine::EngineRun;
+use crate::setup::Raw;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+pub type Cpu = BTreeMap<&'static str, Duration>;
+
+/// One measured phase: what it measured, the CPU of each process during it,
+/// and the load average when it ended.
+#[derive(Debug, Clone, Default)]
+pub struct Phase<T> {
+    pub run: T,
+    pub cpu: Cpu,
+    pub load: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Figures {
+    pub count: u64,
+    pub mean_bytes_json: u64,
+    pub mean_bytes_avro: u64,
+    pub produce_json: Duration,
+    pub produce_avro: Duration,
+    pub raw: Option<Phase<Raw>>,
+    pub engine: Option<Phase<EngineRun>>,
+    pub tally_json: Option<Phase<ChildRun>>,
+    pub tally_avro: Option<Phase<ChildRun>>,
+    /// (rate, linger ms, run)
+    pub steady: Option<(u64, u64, Phase<ChildRun>)>,
+    /// (tenants seeded, distinct tenants in the events, rate, run)
+    pub tenants: Option<(usize, u64, u64, Phase<ChildRun>)>,
+}
+
+// rates for display, not money
+#[allow(clippy::float_arithmetic)]
+pub fn per_sec(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+// rates for display, not money
+#[allow(clippy::float_arithmetic)]
+fn per_million(d: Duration, events: u64) -> f64 {
+    d.as_secs_f64() * 1_000_000.0 / events.max(1) as f64
+}
+
+// display only
+#[allow(clippy::float_arithmetic)]
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+/// The load average now (1, 5, 15 min).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Produce-to-visible latency quantiles (p50, p99) of a steady run: event i is
+/// taken as produced at `from + i / rate` (the producer's schedule) and as
+/// visible at the first rollup sample counting more than i requests.
+// display only
+#[allow(clippy::float_arithmetic)]
+pub fn latency(run: &ChildRun, rate: u64) -> Option<(Duration, Duration)> {
+    let (from, _) = run.produce_window?;
+    if run.visible.is_empty() || rate == 0 {
+        return None;
+    }
+    let mut lat = Vec::with_capacity(usize::try_from(run.events).unwrap_or(0));
+    let mut s = 0;
+    for i in 0..run.events {
+        while s < run.visible.len() && run.visible[s].1 <= i {
+            s += 1;
+        }
+        let Some((seen, _)) = run.visible.get(s) else {
+            break;
+        };
+        let produced = from + Duration::from_secs_f64(i as f64 / rate as f64);
+        lat.push(seen.saturating_sub(produced));
+    }
+    if lat.is_empty() {
+        return None;
+    }
+    lat.sort();
+    let q = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
+    Some((q(50), q(99)))
+}
+
+/// RSS over a run in quarters: the max RSS (MB) of each quarter of the samples.
+fn rss_quarters(run: &ChildRun) -> String {
+    if run.rss.is_empty() {
+        return "-".into();
+    }
+    let n = run.rss.len();
+    (0..4)
+        .map(|q| {
+            let part = &run.rss[n * q / 4..(n * (q + 1) / 4).max(n * q / 4 + 1).min(n)];
+            format!(
+                "{:.0}",
+                mb(part.iter().map(|(_, kb)| *kb).max().unwrap_or(0))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn cpu_cells(cpu: &Cpu, tally: Option<Duration>, events: u64) -> String {
+    let cell = |d: Option<&Duration>| {
+        d.map_or("-".to_string(), |d| {
+            format!("{:.1}", per_million(*d, events))
+        })
+    };
+    format!(
+        "{} | {} | {} | {}",
+        cell(tally.as_ref()),
+        cell(cpu.get("broker")),
+        cell(cpu.get("clickhouse")),
+        cell(cpu.get("postgres"))
+    )
+}
+
+// display only
+#[allow(clippy::float_arithmetic)]
+pub fn render(f: &Figures) -> String {
+    let mut s = String::new();
+    let n = f.count;
+    let _ = writeln!(s, "| run | events/s | time s | tally CPU-s/1M | broker | ClickHouse | Postgres | load (1 5 15) |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let line = |s: &mut String,
+                name: &str,
+                d: Duration,
+                cpu: &Cpu,
+                tally: Option<Duration>,
+                load: &str| {
+        let _ = writeln!(
+            s,
+            "| {name} | {:.0} | {:.2} | {} | {load} |",
+            per_sec(n, d),
+            d.as_secs_f64(),
+            cpu_cells(cpu, tally, n)
+        );
+    };
+    if let Some(p) = &f.raw {
+        line(
+            &mut s,
+            "raw consume (bare rdkafka consumer, JSON topic)",
+            p.run.elapsed,
+            &p.cpu,
+            None,
+            &p.load,
+        );
+    }
+    if let Some(p) = &f.engine {
+        line(
+            &mut s,
+            "ClickHouse Kafka engine (raw + 1m/1h/1d views)",
+            p.run.elapsed,
+            &p.cpu,
+            None,
+            &p.load,
+        );
+    }
+    if let Some(p) = &f.tally_json {
+        line(
+            &mut s,
+            "tally end to end, JSON",
+            p.run.elapsed,
+            &p.cpu,
+            Some(p.run.cpu),
+            &p.load,
+        );
+    }
+    if let Some(p) = &f.tally_avro {
+        line(
+            &mut s,
+            "tally end to end, Avro",
+            p.run.elapsed,
+            &p.cpu,
+            Some(p.run.cpu),
+            &p.load,
+        );
+    }
+    let _ = writeln!(s);
+    let rate = |p: &Option<Phase<ChildRun>>| p.as_ref().map(|p| per_sec(n, p.run.elapsed));
+    let (tj, ta) = (rate(&f.tally_json), rate(&f.tally_avro));
+    let raw = f.raw.as_ref().map(|p| per_sec(n, p.run.elapsed));
+    let eng = f.engine.as_ref().map(|p| per_sec(n, p.run.elapsed));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}", a / b.max(1e-9)),
+        _ => "-".into(),
+    };
+    let _ = writeln!(s, "| figure | value |\n|---|---|");
+    let _ = writeln!(s, "| events (N), 4 partitions | {n} |");
+    let _ = writeln!(
+        s,
+        "| mean message bytes JSON / Avro | {} / {} |",
+        f.mean_bytes_json, f.mean_bytes_avro
+    );
+    let _ = writeln!(
+        s,
+        "| produce JSON / Avro, events/s | {:.0} / {:.0} |",
+        per_sec(n, f.produce_json),
+        per_sec(n, f.produce_avro)
+    );
+    let _ = writeln!(s, "| ratio tally/engine (JSON) | {} |", ratio(tj, eng));
+    let _ = writeln!(s, "| ratio tally/engine (Avro) | {} |", ratio(ta, eng));
+    let _ = writeln!(s, "| ratio tally/raw (JSON) | {} |", ratio(tj, raw));
+    if let Some(p) = &f.engine {
+        let _ = writeln!(
+            s,
+            "| engine: first rows after / 1m rollup rows | {:.2} s / {} |",
+            p.run.first.unwrap_or_default().as_secs_f64(),
+            p.run.rollup_1m_rows
+        );
+    }
+    for (name, p) in [("JSON", &f.tally_json), ("Avro", &f.tally_avro)] {
+        if let Some(p) = p {
+            let _ = writeln!(
+                s,
+                "| tally {name}: first commit after / done events / peak RSS MB (backlog drain) | {:.2} s / {} / {:.0} |",
+                p.run.first_progress.unwrap_or_default().as_secs_f64(),
+                p.run.done_events,
+                mb(p.run.peak_rss_kb)
+            );
+        }
+    }
+    if let Some((rate, linger, p)) = &f.steady {
+        let lat = latency(&p.run, *rate);
+        let _ = writeln!(
+            s,
+            "| steady state: offered load | {rate}/s for {} events (load {}) |",
+            p.run.events, p.load
+        );
+        let _ = writeln!(
+            s,
+            "| steady state: peak RSS MB (VmHWM) / by quarter | {:.0} / {} |",
+            mb(p.run.peak_rss_kb),
+            rss_quarters(&p.run)
+        );
+        let _ = writeln!(
+            s,
+            "| steady state: CPU-s/1M tally, broker, ClickHouse, Postgres | {} |",
+            cpu_cells(&p.cpu, Some(p.run.cpu), p.run.events)
+        );
+        let _ = writeln!(
+            s,
+            "| steady state: produce-to-visible in usage_1m p50 / p99 (batch linger {linger} ms) | {} |",
+            lat.map_or("-".into(), |(a, b)| format!("{:.0} ms / {:.0} ms", a.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3))
+        );
+    }
+    if let Some((tenants, seen, rate, p)) = &f.tenants {
+        let _ = writeln!(s, "| many tenants: {tenants} seeded, {seen} distinct in {} events at {rate}/s: peak RSS MB / by quarter | {:.0} / {} |", p.run.events, mb(p.run.peak_rss_kb), rss_quarters(&p.run));
+    }
+    for (name, p) in [("JSON", &f.tally_json), ("Avro", &f.tally_avro)] {
+        if let Some(c) = p.as_ref().and_then(|p| p.run.counters.as_ref()) {
+            let _ = writeln!(s, "\ntally counters ({name}): {c}");
+        }
+    }
+    s
+}
+
+/// Stage seconds of a run's counters as a table.
+pub fn stages(counters: &str) -> String {
+    let mut s = String::from("| stage | seconds |\n|---|---|\n");
+    for part in counters.split(", ") {
+        if let Some(rest) = part.strip_prefix("tally_stage_seconds_total{stage=\"") {
+            if let Some((stage, secs)) = rest.split_once("\"} ") {
+                let _ = writeln!(s, "| {stage} | {secs} |");
+            }
+        }
+    }
+    s
+}
+
+// display only
+#[allow(clippy::float_arithmetic)]
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{cpus} CPUs (nproc), {:.1} GB RAM, {model}",
+        mb(mem_kb) / 1024.0
+    )
+}
+
+/// BENCHMARKS.md: the figures, how they were taken, and the analysis.
+pub fn markdown(f: &Figures, table: &str, analysis: &str) -> String {
+    let mut s = String::new();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let _ = writeln!(s, "# tally benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Produced by `make bench` (`tally-bench --count {}`, {profile} build).\n",
+        f.count
+    );
+    let _ = writeln!(
+        s,
+        "- date: {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    let _ = writeln!(s, "- machine: {}", machine());
+    let _ = writeln!(s, "- on the same machine: a private noida-db (Kafka protocol) and a private ClickHouse 18.16 started for the run, the shared Postgres 15, and other users' builds (see the load column)");
+    let _ = writeln!(s, "- N = {} usage events, 4 partitions, no duplicates, late or poison messages; one JSON topic read by the bare consumer, the Kafka engine and tally, and the same events in Avro single-object encoding on a second topic\n", f.count);
+    let _ = writeln!(s, "## Figures\n");
+    s.push_str(table);
+    let _ = writeln!(s, "\n## How they are taken\n");
+    let _ = writeln!(s, "- events/s: N over the time from the start of a run (consumer creation, engine DDL, `tally run` spawn: startup and group join included) until every event is where the run puts it: counted by the bare consumer; `count()` of the engine's raw table; tally's offsets of record in Postgres reaching N (they move only in a batch's final commit, after its ClickHouse inserts).");
+    let _ = writeln!(s, "- CPU-s per 1M: utime+stime deltas from /proc/<pid>/stat over the run, per process: tally (the child), the private broker and ClickHouse (by pid), Postgres (sum over every `postgres` process: shared with other users of this machine, so an upper bound).");
+    let _ = writeln!(s, "- The Kafka engine (`sql/bench/kafka_engine.sql`) dedups nothing, prices nothing, dead-letters nothing, keeps no spend/quota/budget state and raises no violations; a crash between its block insert and its offset commit writes the block again. tally does all of that with every guarantee on (claims in `seen_events`, fenced ClickHouse inserts, one Postgres commit per batch).");
+    let _ = writeln!(s, "- Steady state: events produced at half of tally's JSON drain rate while tally consumes; latency = when the 1m rollup's request count first covers an event minus its scheduled produce time (sampled every ~20 ms). noida-db answers a fetch with the whole backlog, so drain RSS reflects that reply; the steady-state RSS does not.");
+    let _ = writeln!(s, "\n## Where tally's time goes\n");
+    if let Some(c) = f.tally_json.as_ref().and_then(|p| p.run.counters.as_ref()) {
+        let _ = writeln!(
+            s,
+            "Stage seconds, JSON drain (summed over up to one concurrent batch per partition):\n"
+        );
+        s.push_str(&stages(c));
+    }
+    s.push_str(analysis);
+    s
+}

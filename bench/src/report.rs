@@ -273,13 +273,23 @@ pub fn render(f: &Figures) -> String {
 pub fn stages(counters: &str) -> String {
     let mut s = String::from("| stage | seconds |\n|---|---|\n");
     for part in counters.split(", ") {
-        if let Some(rest) = part.strip_prefix("tally_stage_seconds_total{stage=\"") {
-            if let Some((stage, secs)) = rest.split_once("\"} ") {
-                let _ = writeln!(s, "| {stage} | {secs} |");
-            }
+        if let Some((stage, secs)) = stage_seconds(part) {
+            let _ = writeln!(s, "| {stage} | {secs} |");
         }
     }
     s
+}
+
+/// A stage's total seconds from one series of tally's stop line, e.g.
+/// `tally_stage_duration_seconds_sum{stream="usage",stage="claim"} 13.4`.
+fn stage_seconds(part: &str) -> Option<(&str, &str)> {
+    let rest = part.strip_prefix("tally_stage_duration_seconds_sum{")?;
+    let (labels, secs) = rest.split_once("} ")?;
+    let stage = labels
+        .split(',')
+        .find_map(|l| l.strip_prefix("stage=\""))?
+        .strip_suffix('"')?;
+    Some((stage, secs))
 }
 
 // display only
@@ -348,4 +358,16 @@ pub fn markdown(f: &Figures, table: &str, analysis: &str) -> String {
     }
     s.push_str(analysis);
     s
+}
+
+#[cfg(test)]
+mod stage_tests {
+    #[test]
+    fn stage_seconds_are_read_from_the_histogram_sums() {
+        let line = "tally_stage_duration_seconds_sum{stream=\"usage\",stage=\"claim\"} 13.4, \
+                    tally_stage_duration_seconds_count{stream=\"usage\",stage=\"claim\"} 3";
+        let t = super::stages(line);
+        assert!(t.contains("| claim | 13.4 |"), "{t}");
+        assert!(!t.contains("| claim | 3 |"), "{t}");
+    }
 }

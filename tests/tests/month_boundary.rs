@@ -173,13 +173,13 @@ async fn month_spanning_batch_killed_between_parts_loses_nothing() -> anyhow::Re
         log.contains("replaying pending batch") && log.contains(&format!("batch_id={batch_id}")),
         "no replay of batch {batch_id} in the log:\n{log}"
     );
+    // Parts that landed stay (an insert of another table may have been in
+    // flight at the abort: ClickHouse commits what it received, and the
+    // replay completes that part by key). Exactness is the totals check below.
     let after = batch_parts(&env, batch_id).await?;
     for ((t, m), n) in &parts {
-        assert_eq!(
-            after.get(&(t.clone(), *m)),
-            Some(n),
-            "{t} {m} changed by the replay"
-        );
+        let now = after.get(&(t.clone(), *m)).copied().unwrap_or(0);
+        assert!(now >= *n, "{t} {m}: {n} rows before the replay, {now} after");
     }
     let problems = check_totals(&env, &exp).await?;
     assert!(problems.is_empty(), "{problems:#?}");

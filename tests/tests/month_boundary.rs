@@ -179,7 +179,10 @@ async fn month_spanning_batch_killed_between_parts_loses_nothing() -> anyhow::Re
     let after = batch_parts(&env, batch_id).await?;
     for ((t, m), n) in &parts {
         let now = after.get(&(t.clone(), *m)).copied().unwrap_or(0);
-        assert!(now >= *n, "{t} {m}: {n} rows before the replay, {now} after");
+        assert!(
+            now >= *n,
+            "{t} {m}: {n} rows before the replay, {now} after"
+        );
     }
     let problems = check_totals(&env, &exp).await?;
     assert!(problems.is_empty(), "{problems:#?}");

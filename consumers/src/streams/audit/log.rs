@@ -128,8 +128,7 @@ pub async fn reserve(ctx: &BatchCtx<'_>, events: &[(&str, Uuid)]) -> Result<Vec<
 #[derive(Debug, Clone)]
 pub struct Signed {
     pub tenant_id: String,
-    pub size: u64,
-    pub root: Hash,
+    pub checkpoint: Checkpoint,
     pub note: String,
 }
 
@@ -153,8 +152,7 @@ pub fn sign(
         .map_err(|e| StageError::Fatal(format!("sign checkpoint of tenant {tenant}: {e}")))?;
     Ok(Signed {
         tenant_id: tenant.to_string(),
-        size: compact.size(),
-        root: c.root,
+        checkpoint: c,
         note,
     })
 }
@@ -259,19 +257,24 @@ pub async fn commit_leaves(
     Ok(signed)
 }
 
+/// Stores a signed checkpoint in the caller's transaction (`store::insert_checkpoint`,
+/// its errors classified as the engine's).
 pub async fn insert_checkpoint(
     conn: &mut sqlx::PgConnection,
     s: &Signed,
 ) -> Result<(), StageError> {
-    sqlx::query(
-        "INSERT INTO tally.audit_checkpoints (tenant_id, tree_size, root, signed_note) VALUES ($1, $2, $3, $4)",
+    crate::streams::audit::store::insert_checkpoint(
+        &mut *conn,
+        &s.tenant_id,
+        &s.checkpoint,
+        &s.note,
     )
-    .bind(&s.tenant_id)
-    .bind(i64::try_from(s.size).unwrap_or(i64::MAX))
-    .bind(s.root.to_vec())
-    .bind(&s.note)
-    .execute(&mut *conn)
     .await
-    .map_err(pg("store checkpoint"))?;
-    Ok(())
+    .map(|_| ())
+    .map_err(|e| match e {
+        crate::streams::audit::store::StoreError::Postgres { what, source } => {
+            crate::errors::classify_pg(what, source)
+        }
+        other => StageError::Fatal(other.to_string()),
+    })
 }

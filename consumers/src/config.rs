@@ -11,6 +11,9 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+mod security;
+pub use security::{KAFKA_PROTOCOLS, PG_SSLMODES, SASL_MECHANISMS};
+
 const DEFAULTS: &str = include_str!("config.defaults.toml");
 
 /// A configuration problem, always naming the key it is about.
@@ -39,6 +42,18 @@ pub struct KafkaConfig {
     pub max_poll_interval_ms: u32,
     pub receive_message_max_bytes: u32,
     pub commit_interval_ms: u64,
+    pub security_protocol: String,
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    pub sasl_password: String,
+    pub sasl_password_file: String,
+    pub ssl_ca_location: String,
+    pub ssl_certificate_location: String,
+    pub ssl_key_location: String,
+    pub ssl_key_password: String,
+    pub ssl_key_password_file: String,
+    pub ssl_endpoint_identification: bool,
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -46,6 +61,12 @@ pub struct KafkaConfig {
 pub struct PostgresConfig {
     pub url: String,
     pub max_connections: u32,
+    pub password: String,
+    pub password_file: String,
+    pub sslmode: String,
+    pub ssl_root_cert: String,
+    pub ssl_client_cert: String,
+    pub ssl_client_key: String,
 }
 
 #[derive(Clone, Deserialize)]
@@ -55,6 +76,8 @@ pub struct ClickHouseConfig {
     pub database: String,
     pub user: String,
     pub password: String,
+    pub password_file: String,
+    pub ca_file: String,
 }
 
 #[derive(Clone, Deserialize)]
@@ -62,6 +85,10 @@ pub struct ClickHouseConfig {
 pub struct RegistryConfig {
     pub url: String,
     pub timeout_ms: u64,
+    pub username: String,
+    pub password: String,
+    pub password_file: String,
+    pub ca_file: String,
 }
 
 #[derive(Clone, Deserialize)]
@@ -130,7 +157,9 @@ pub struct AuditConfig {
     pub partitions: i32,
     pub checkpoint_topic: String,
     pub signing_key: String,
+    pub signing_key_file: String,
     pub pseudonym_key: String,
+    pub pseudonym_key_file: String,
     pub pseudonym_key_version: u32,
     pub max_user_agent_bytes: usize,
     pub max_details_bytes: usize,
@@ -233,7 +262,8 @@ impl Config {
                 &format!("environment variable {name}"),
             )?;
         }
-        let config = build(merged)?;
+        let mut config = build(merged)?;
+        security::resolve_secret_files(&mut config)?;
         config.validate()?;
         Ok(config)
     }
@@ -281,12 +311,7 @@ impl Config {
                 "must start with http:// or https://",
             ));
         }
-        if !self.registry.url.is_empty() && !self.registry.url.starts_with("http://") {
-            return Err(invalid(
-                "registry.url",
-                "must be empty or start with http://",
-            ));
-        }
+        security::validate(self)?;
         if self.pipeline.batch_max_messages == 0 || self.pipeline.batch_max_messages > 1_000_000 {
             return Err(invalid(
                 "pipeline.batch_max_messages",
@@ -551,6 +576,7 @@ impl fmt::Debug for Config {
             .field("kafka.brokers", &self.kafka.brokers)
             .field("kafka.group_id", &self.kafka.group_id)
             .field("kafka.usage_topic", &self.kafka.usage_topic)
+            .field("kafka.security_protocol", &self.kafka.security_protocol)
             .field("postgres.url", &redact_url(&self.postgres.url))
             .field("clickhouse.url", &self.clickhouse.url)
             .field(
@@ -561,6 +587,8 @@ impl fmt::Debug for Config {
                     "***"
                 },
             )
+            .field("clickhouse.ca_file", &self.clickhouse.ca_file)
+            .field("postgres.sslmode", &self.postgres.sslmode)
             .field("registry.url", &self.registry.url)
             .field(
                 "pipeline.batch_max_messages",

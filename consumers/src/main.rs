@@ -290,8 +290,12 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 policy: cfg.policy.topic.clone(),
                 audit: cfg.audit.topic.clone(),
             };
-            for (topic, report) in
-                tally_producers::cli::run(&cfg.kafka.brokers, &topics, &opts).await?
+            for (topic, report) in tally_producers::cli::run(
+                &tally::sinks::kafka_client::KafkaClient::new(&cfg.kafka).config(),
+                &topics,
+                &opts,
+            )
+            .await?
             {
                 println!(
                     "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s, seed {}",

@@ -140,10 +140,11 @@ async fn upgrade_audit_events(sink: &ClickHouseSink, db: &str) -> Result<(), Sta
 
 /// Creates the topics with their partition counts; "already exists" is success.
 pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .create()
-        .map_err(|e| StageError::Fatal(format!("kafka admin: {e}")))?;
+    let admin: AdminClient<DefaultClientContext> =
+        crate::sinks::kafka_client::KafkaClient::new(&cfg.kafka)
+            .config()
+            .create()
+            .map_err(|e| StageError::Fatal(format!("kafka admin: {e}")))?;
     let k = &cfg.kafka;
     let wanted = [
         (k.usage_topic.as_str(), k.usage_partitions),

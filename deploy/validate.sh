@@ -49,9 +49,10 @@ fi
 
 ensure_prometheus
 
-if ! have kubectl && ! have kustomize; then
-  # Debian 12 ships kubectl 1.20 (kustomize v2) as kubernetes-client; later releases may not.
-  (apt_install kubernetes-client) || true
+if ! have kubectl && ! have kustomize && have apt-get; then
+  # Debian 12 ships kubectl 1.20 (its kustomize builds deploy/k8s) as kubernetes-client;
+  # later releases may not: then the build is skipped.
+  (apt_install kubernetes-client) || warn "no kubernetes-client package here"
 fi
 
 # ---- kustomize build --------------------------------------------------------------------------

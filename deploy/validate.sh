@@ -118,11 +118,21 @@ grep -Eq 'cargo build --release .*-p tally' "$df" || { echo "  FAIL  $df: no 'ca
 grep -Eq '^ENTRYPOINT \["tally"\]' "$df" || { echo "  FAIL  $df: ENTRYPOINT is not [\"tally\"]"; dockerfile_ok=0; }
 grep -Eq '^CMD \["run"\]' "$df" || { echo "  FAIL  $df: CMD is not [\"run\"]"; dockerfile_ok=0; }
 grep -Eq '^USER 10001' "$df" || { echo "  FAIL  $df: no USER 10001 (the uid the k8s manifests run as)"; dockerfile_ok=0; }
+# TLS through the system OpenSSL (rdkafka's ssl feature, native-tls): headers to build, the
+# library to run.
+if grep -Eq '^rdkafka.*"ssl"|^native-tls|^hyper-tls' Cargo.toml; then
+  grep -Eq 'install .*libssl-dev' "$df" || { echo "  FAIL  $df: the builder does not install libssl-dev (Cargo.toml builds with OpenSSL)"; dockerfile_ok=0; }
+  grep -Eq 'install .*libssl3' "$df" || { echo "  FAIL  $df: the runtime image does not install libssl3 (Cargo.toml builds with OpenSSL)"; dockerfile_ok=0; }
+fi
+# Every workspace member must be in the build context (cargo loads every member's manifest).
+while read -r member; do
+  grep -Eq "^COPY ${member}/? " "$df" || { echo "  FAIL  $df: workspace member $member is not copied into the builder"; dockerfile_ok=0; }
+done < <("$venv/bin/python" -c 'import tomllib; print("\n".join(tomllib.load(open("Cargo.toml", "rb"))["workspace"]["members"]))')
 # Every COPY source from the build context must exist.
 while read -r src; do
   [[ -e "$src" ]] || { echo "  FAIL  $df: COPY source '$src' does not exist"; dockerfile_ok=0; }
 done < <(awk '/^COPY / && !/--from=/ { for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i }' "$df")
-if ((dockerfile_ok)); then ok "$df: stages, build command, ENTRYPOINT/CMD, USER, COPY sources"; else bad "$df"; fi
+if ((dockerfile_ok)); then ok "$df: stages, build command, ENTRYPOINT/CMD, USER, workspace members and COPY sources, OpenSSL packages"; else bad "$df"; fi
 if have hadolint; then
   if hadolint "$df"; then ok "hadolint $df"; else bad "hadolint $df"; fi
 fi

@@ -16,7 +16,7 @@ prepare() {
   cp -r "$repo/deploy" "$scratch/repo/"
   cp "$repo/consumers/src/config.defaults.toml" "$scratch/repo/consumers/src/"
   # COPY sources of the Dockerfile
-  for d in Cargo.toml Cargo.lock schemas producers tests sql; do ln -s "$repo/$d" "$scratch/repo/$d"; done
+  for d in Cargo.toml Cargo.lock schemas producers tests bench sql; do ln -s "$repo/$d" "$scratch/repo/$d"; done
 }
 
 # case NAME EXPECTED_OUTPUT_REGEX SHELL_SNIPPET (run in the scratch copy)
@@ -83,6 +83,10 @@ case_ "compose Prometheus not scraping tally-2" 'scrapes tally-2:9898' \
   'sed -i "s/, \"tally-2:9898\"//" deploy/prometheus/prometheus.compose.yml'
 case_ "Grafana without the ClickHouse data source" 'vertamedia-clickhouse-datasource data source' \
   'sed -i "s/type: vertamedia-clickhouse-datasource/type: grafana-clickhouse-datasource/" deploy/grafana/provisioning/datasources/datasources.yml'
+case_ "a workspace member not copied into the image" 'workspace member bench is not copied' \
+  'sed -i "/^COPY bench /d" deploy/Dockerfile'
+case_ "OpenSSL build without libssl3 at run time" 'does not install libssl3' \
+  'sed "s/^rdkafka = .*/rdkafka = { version = \"0.39\", features = [\"ssl\"] }/" Cargo.toml >Cargo.toml.new && rm Cargo.toml && mv Cargo.toml.new Cargo.toml && sed -i "s/ libssl3//" deploy/Dockerfile'
 
 echo "$pass passed, $failed failed"
 ((failed == 0))

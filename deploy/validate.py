@@ -556,11 +556,19 @@ def main():
     R.ok(f"{n} YAML files parse")
 
     docs = k8s_checks(args.kustomize_output)
+    before = (R.passed, R.failed)
     spec = k8s_consistency(docs)
+    if R.failed == before[1]:
+        R.ok(f"{R.passed - before[0]} checks: config keys, Secret mounts, probes, securityContext, selectors, "
+             "ScaledObject vs groups/topics/partitions, NetworkPolicy vs endpoints, PrometheusRule = alerts.yml")
+    before = (R.passed, R.failed)
     if spec is not None:
         with open(args.rules_out, "w") as f:
             yaml.safe_dump(spec, f)
     compose_checks(args.prom_config_out)
+    if R.failed == before[1]:
+        R.ok(f"{R.passed - before[0]} checks: services, dependencies, config keys, instance ids, bind mounts, "
+             "Prometheus targets and rules, Grafana data sources and dashboard")
 
     for key in sorted(PENDING_KEYS):
         s, k = key.split(".", 1)

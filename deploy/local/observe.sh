@@ -193,19 +193,21 @@ wait_for 30 "the scrape of tally" bash -c "curl -fsS '$prom/api/v1/targets' | gr
   warn "the target is not up yet"
 api /api/v1/targets | python3 "$OBS/fmt.py" targets >&2
 
-log "tally gen: 30000 usage events at 2000/s, 5% malformed (dead letters); 3000 policy and 3000 audit events, 5% malformed"
-"$TALLY_BIN" gen --count 30000 --rate 2000 --malformed 0.05 --duplicates 0.01 >"$OBS/gen.log" 2>&1 &
-gen_pid=$!
-"$TALLY_BIN" gen --stream policy --count 3000 --malformed 0.05 >>"$OBS/gen.log" 2>&1
-"$TALLY_BIN" gen --stream audit --count 3000 --malformed 0.05 >>"$OBS/gen.log" 2>&1
-wait "$gen_pid" || { cat "$OBS/gen.log" >&2; die "tally gen failed"; }
-sed 's/^/  /' "$OBS/gen.log" >&2
+log "tally gen (in the background): 30000 usage events at 2000/s, 3000 policy and 3000 audit events at 200/s, 5% malformed (dead letters)"
+gen_pids=()
+"$TALLY_BIN" gen --count 30000 --rate 2000 --malformed 0.05 --duplicates 0.01 >"$OBS/gen-usage.log" 2>&1 &
+gen_pids+=($!)
+"$TALLY_BIN" gen --stream policy --count 3000 --rate 200 --malformed 0.05 >"$OBS/gen-policy.log" 2>&1 &
+gen_pids+=($!)
+"$TALLY_BIN" gen --stream audit --count 3000 --rate 200 --malformed 0.05 >"$OBS/gen-audit.log" 2>&1 &
+gen_pids+=($!)
 
 # ---- alerts -----------------------------------------------------------------------------------
-log "waiting up to ${OBSERVE_TIMEOUT}s for $ALERT to fire (GET /api/v1/alerts every 2 s)"
+log "watching the alerts until $ALERT fires, at most ${OBSERVE_TIMEOUT}s (GET /api/v1/alerts every 2 s)"
 deadline=$((SECONDS + OBSERVE_TIMEOUT))
 last=""
 fired=0
+generating=1
 while ((SECONDS < deadline)); do
   now="$(alerts)"
   if [[ "$now" != "$last" ]]; then
@@ -213,10 +215,18 @@ while ((SECONDS < deadline)); do
     if [[ -n "$now" ]]; then sed 's/^/  /' <<<"$now" >&2; else echo "  (none)" >&2; fi
     last="$now"
   fi
+  if ((generating)) && ! kill -0 "${gen_pids[@]}" 2>/dev/null; then
+    generating=0
+    for pid in "${gen_pids[@]}"; do
+      wait "$pid" || { cat "$OBS"/gen-*.log >&2; die "tally gen failed"; }
+    done
+    log "tally gen done:"
+    grep -h '^gen: sent [0-9]* messages to' "$OBS"/gen-*.log | sed 's/^/  /' >&2
+  fi
   if grep -q "^firing  *$ALERT " <<<"$now" ||
     { [[ "$OBSERVE_FOR" == keep ]] && grep -q "^pending  *$ALERT " <<<"$now"; }; then
     fired=1
-    break
+    ((generating)) || break
   fi
   kill -0 "$run_pid" 2>/dev/null || { tail -n 30 "$OBS/tally.log" >&2; die "tally run exited"; }
   sleep 2
@@ -226,7 +236,8 @@ log "series scraped from tally, queried through Prometheus (GET /api/v1/query):"
 {
   show_query "scrape health" 'up{job="tally"}'
   show_query "messages consumed per stream" 'sum by (stream) (tally_messages_consumed_total{job="tally"})'
-  show_query "dead letters per stream and class" 'sum by (stream, class) (tally_dead_letters_total{job="tally"})'
+  show_query "dead letters per stream" 'sum by (stream) (tally_dead_letters_total{job="tally"})'
+  show_query "the most frequent dead-letter classes" 'topk(5, sum by (stream, class) (tally_dead_letters_total{job="tally"}))'
   show_query "$ALERT's expression (dead-lettered share over 10 min, alert above 0.01)" \
     'sum by (job, stream) (rate(tally_dead_letters_total[10m])) / sum by (job, stream) (rate(tally_messages_consumed_total[10m]))'
   show_query "the ALERTS series" 'ALERTS{job="tally"}'

@@ -11,6 +11,9 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+mod ingest;
+pub use ingest::IngestConfig;
+
 const DEFAULTS: &str = include_str!("config.defaults.toml");
 
 /// A configuration problem, always naming the key it is about.
@@ -102,6 +105,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub opa: crate::streams::policy::opa::OpaMapping,
     pub audit: AuditConfig,
+    pub ingest: IngestConfig,
 }
 
 /// Which input streams `tally run` consumes.
@@ -353,6 +357,7 @@ impl Config {
         if !self.audit.pseudonym_key.trim().is_empty() {
             self.audit.pseudonym_key()?;
         }
+        self.ingest.validate()?;
         if !(self.streams.usage || self.streams.policy || self.streams.audit) {
             return Err(invalid(
                 "streams",
@@ -528,6 +533,7 @@ fn build(merged: toml::Table) -> Result<Config, ConfigError> {
         policy: section(&merged, "policy")?,
         opa: section(&merged, "opa")?,
         audit: section(&merged, "audit")?,
+        ingest: section(&merged, "ingest")?,
     })
 }
 

@@ -16,6 +16,9 @@ pub struct OpaEvent {
     /// The stored row, as the TSV line of [`decision_rows`] (None: dead-lettered).
     pub row: Option<String>,
     pub decision_id: String,
+    /// The tenant the decision is about, wherever the event carries it.
+    pub owner: String,
+    /// The Kafka key `tally ingest` gives it with the default mapping.
     pub tenant: Option<String>,
 }
 
@@ -88,6 +91,7 @@ pub fn opa_events(prefix: &str, n: usize, at: TenantAt) -> Vec<OpaEvent> {
                 json,
                 row,
                 decision_id,
+                owner: tenant.to_string(),
                 tenant: (at == TenantAt::TenantId).then(|| tenant.to_string()),
             }
         })

@@ -15,7 +15,7 @@ use super::metrics::{IngestMetrics, Outcome};
 use crate::config::IngestConfig;
 use crate::streams::policy::opa::OpaMapping;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -144,6 +144,10 @@ impl Ingest {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
+            // Read what was sent (up to a bound) so the client sees the 413
+            // rather than a reset connection.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), read_body(req.into_body(), 0)).await;
             return self.refuse(&BodyError::TooLarge { limit });
         }
         let Ok(_permit) = self.uploads.try_acquire() else {
@@ -176,12 +180,8 @@ impl Ingest {
 
     async fn receive_and_forward(&self, req: Request<Incoming>, enc: Encoding) -> (Outcome, Resp) {
         let limit = self.cfg.max_body_bytes;
-        let read = Limited::new(
-            req.into_body(),
-            usize::try_from(limit).unwrap_or(usize::MAX),
-        );
         let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
-        let raw = match tokio::time::timeout(timeout, read.collect()).await {
+        let raw = match tokio::time::timeout(timeout, read_body(req.into_body(), limit)).await {
             Err(_) => {
                 return (
                     Outcome::Timeout,
@@ -194,10 +194,8 @@ impl Ingest {
                     ),
                 )
             }
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                return self.refuse(&BodyError::TooLarge { limit });
-            }
-            Ok(Err(e)) => {
+            Ok(Err(ReadError::TooLarge)) => return self.refuse(&BodyError::TooLarge { limit }),
+            Ok(Err(ReadError::Failed(e))) => {
                 return (
                     Outcome::BadRequest,
                     text(
@@ -206,7 +204,7 @@ impl Ingest {
                     ),
                 )
             }
-            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Ok(b)) => b,
         };
         self.metrics.body_bytes.increment(raw.len() as u64);
         let (max_plain, max_events, mapping) = (
@@ -215,7 +213,7 @@ impl Ingest {
             self.mapping.clone(),
         );
         let parsed = tokio::task::spawn_blocking(move || {
-            let json = body::decode(raw.to_vec(), enc, max_plain)?;
+            let json = body::decode(raw, enc, max_plain)?;
             let events = body::split(&json, max_events, &mapping)?;
             Ok::<_, BodyError>((json, events))
         })
@@ -260,6 +258,38 @@ impl Ingest {
             }
         }
     }
+}
+
+enum ReadError {
+    TooLarge,
+    Failed(hyper::Error),
+}
+
+/// A body over `limit` bytes is read on and dropped up to [`DRAIN_CAP`] more, so
+/// the client, still sending, gets the 413 instead of a reset connection.
+const DRAIN_CAP: u64 = 8 << 20;
+
+/// The whole body, or `TooLarge` past `limit` bytes.
+async fn read_body(mut body: Incoming, limit: u64) -> Result<Vec<u8>, ReadError> {
+    let mut out = Vec::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadError::Failed)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        if total > limit.saturating_add(DRAIN_CAP) {
+            break;
+        }
+        if total <= limit {
+            out.extend_from_slice(&data);
+        }
+    }
+    if total > limit {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(out)
 }
 
 /// Serves until `shutdown` turns true, then drains (see the module docs).

@@ -57,16 +57,21 @@ pub async fn run(
         send_timeout,
         run_id: None,
         seen: BTreeSet::new(),
+        chosen: Vec::new(),
     };
     let mut letters = Vec::with_capacity(opts.batch);
     while let Some(l) = reader.next().await? {
         report.scanned += 1;
         letters.push(l);
         if letters.len() >= opts.batch {
-            round.go(std::mem::take(&mut letters), &mut report).await?;
+            round
+                .choose(std::mem::take(&mut letters), &mut report)
+                .await?;
+            round.produce(false, &mut report).await?;
         }
     }
-    round.go(letters, &mut report).await?;
+    round.choose(letters, &mut report).await?;
+    round.produce(true, &mut report).await?;
     if let Some(id) = round.run_id {
         store::finish_run(&pool, id, report.produced).await?;
     }
@@ -152,38 +157,68 @@ struct Round<'a> {
     run_id: Option<i64>,
     /// Sources selected in this run.
     seen: BTreeSet<Source>,
+    /// Selected, not produced yet.
+    chosen: Vec<(Letter, Source)>,
 }
 
 impl Round<'_> {
-    async fn go(&mut self, letters: Vec<Letter>, report: &mut Report) -> Result<(), StageError> {
+    /// Selects among `letters` (scanned in order) the ones to redrive.
+    async fn choose(
+        &mut self,
+        letters: Vec<Letter>,
+        report: &mut Report,
+    ) -> Result<(), StageError> {
         if letters.is_empty() {
             return Ok(());
         }
         let coords: Vec<(i32, i64)> = letters.iter().map(|l| (l.partition, l.offset)).collect();
         let sources: Vec<Source> = letters.iter().filter_map(Letter::source).collect();
         let recorded = store::recorded(self.pool, self.dlq, self.input, &coords, &sources).await?;
-        let mut chosen: Vec<(Letter, Source)> = Vec::new();
         for l in letters {
-            match select(&l, self.opts, self.input, &recorded, &self.seen) {
-                Ok(()) => {
-                    let source = l.source().unwrap_or_else(|| Source {
-                        topic: String::new(),
-                        partition: -1,
-                        offset: -1,
-                    });
+            match (
+                select(&l, self.opts, self.input, &recorded, &self.seen),
+                l.source(),
+            ) {
+                (Ok(()), Some(source)) => {
                     *report
                         .selected
                         .entry(l.class().unwrap_or_default().to_string())
                         .or_default() += 1;
                     self.seen.insert(source.clone());
-                    chosen.push((l, source));
+                    self.chosen.push((l, source));
                 }
-                Err(skip) => *report.skipped.entry(skip).or_default() += 1,
+                (Ok(()), None) => {
+                    *report
+                        .skipped
+                        .entry(super::Skip::NotADeadLetter)
+                        .or_default() += 1
+                }
+                (Err(skip), _) => *report.skipped.entry(skip).or_default() += 1,
             }
         }
-        if self.opts.dry_run || chosen.is_empty() {
+        Ok(())
+    }
+
+    /// Produces the chosen letters in rounds of `--batch` (`all`: the rest too).
+    async fn produce(&mut self, all: bool, report: &mut Report) -> Result<(), StageError> {
+        if self.opts.dry_run {
+            self.chosen.clear();
             return Ok(());
         }
+        while self.chosen.len() >= self.opts.batch || (all && !self.chosen.is_empty()) {
+            let n = self.chosen.len().min(self.opts.batch);
+            let round: Vec<(Letter, Source)> = self.chosen.drain(..n).collect();
+            self.go(&round, report).await?;
+        }
+        Ok(())
+    }
+
+    /// One round: record `sending`, produce, wait for the acknowledgements, record `sent`.
+    async fn go(
+        &mut self,
+        chosen: &[(Letter, Source)],
+        report: &mut Report,
+    ) -> Result<(), StageError> {
         let run_id = self.run_id().await?;
         let rows: Vec<Row<'_>> = chosen
             .iter()

@@ -83,6 +83,7 @@ fn redrive(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> anyhow::Resu
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("$ tally {}\n{stdout}", all.join(" "));
     Ok(stdout)
 }
 

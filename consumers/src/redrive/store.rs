@@ -72,27 +72,27 @@ pub async fn settle(
     u: &Unsettled,
     target: Option<(i32, i64)>,
 ) -> Result<(), StageError> {
+    let key = |q: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>| {
+        q.bind(dlq_topic.to_string())
+            .bind(u.dlq_partition)
+            .bind(u.dlq_offset)
+    };
     let q = match target {
-        Some((p, o)) => sqlx::query(
+        Some((p, o)) => key(sqlx::query(
             "UPDATE tally.dlq_redrives SET state = 'sent', target_partition = $4, target_offset = $5, \
              updated_at = now() WHERE dlq_topic = $1 AND dlq_partition = $2 AND dlq_offset = $3",
-        )
+        ))
         .bind(p)
         .bind(o),
-        None if u.redrives > 1 => sqlx::query(
+        None if u.redrives > 1 => key(sqlx::query(
             "UPDATE tally.dlq_redrives SET state = 'sent', redrives = redrives - 1, updated_at = now() \
              WHERE dlq_topic = $1 AND dlq_partition = $2 AND dlq_offset = $3",
-        ),
-        None => sqlx::query(
+        )),
+        None => key(sqlx::query(
             "DELETE FROM tally.dlq_redrives WHERE dlq_topic = $1 AND dlq_partition = $2 AND dlq_offset = $3",
-        ),
+        )),
     };
-    q.bind(dlq_topic)
-        .bind(u.dlq_partition)
-        .bind(u.dlq_offset)
-        .execute(pool)
-        .await
-        .map_err(pg("settle redrive"))?;
+    q.execute(pool).await.map_err(pg("settle redrive"))?;
     Ok(())
 }
 
@@ -201,7 +201,9 @@ pub struct Row<'a> {
     pub source: &'a Source,
 }
 
-/// Records a round's letters `sending` (one transaction), settling within `settle_secs`.
+/// Records a round's letters `sending` (one transaction), settling within
+/// `settle_secs`. A letter redriven before (`--again`) keeps its earlier target
+/// until the new one is known.
 pub async fn record_sending(
     pool: &PgPool,
     dlq_topic: &str,
@@ -218,7 +220,7 @@ pub async fn record_sending(
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'sending', now() + make_interval(secs => $10)) \
              ON CONFLICT (dlq_topic, dlq_partition, dlq_offset) DO UPDATE SET state = 'sending', \
              run_id = EXCLUDED.run_id, settle_after = EXCLUDED.settle_after, target_topic = EXCLUDED.target_topic, \
-             target_partition = NULL, target_offset = NULL, redrives = tally.dlq_redrives.redrives + 1, \
+             redrives = tally.dlq_redrives.redrives + 1, \
              updated_at = now()",
         )
         .bind(dlq_topic)
@@ -238,11 +240,15 @@ pub async fn record_sending(
     tx.commit().await.map_err(pg("commit record sending"))
 }
 
-/// Records where a round's acknowledged letters landed (one transaction).
+/// A (partition, offset).
+pub type At = (i32, i64);
+
+/// Records where a round's acknowledged letters landed (one transaction):
+/// (DLQ letter, input-topic message) pairs.
 pub async fn record_sent(
     pool: &PgPool,
     dlq_topic: &str,
-    sent: &[((i32, i64), (i32, i64))],
+    sent: &[(At, At)],
 ) -> Result<(), StageError> {
     let mut tx = pool.begin().await.map_err(pg("begin record sent"))?;
     for ((dp, d_o), (tp, to)) in sent {

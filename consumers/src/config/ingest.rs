@@ -110,3 +110,79 @@ impl IngestConfig {
         Ok((!self.token.trim().is_empty()).then(|| self.token.trim().to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, String> {
+        let env: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_from(None, &env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_named_errors() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.ingest.path, "/logs");
+        assert_eq!(c.ingest.bearer_token().unwrap(), None);
+        for (key, value, named) in [
+            ("TALLY__INGEST__LISTEN", "nowhere", "ingest.listen"),
+            ("TALLY__INGEST__PATH", "logs", "ingest.path"),
+            ("TALLY__INGEST__PATH", "/metrics", "ingest.path"),
+            ("TALLY__INGEST__MAX_EVENTS", "0", "ingest.max_events"),
+            (
+                "TALLY__INGEST__MAX_DECOMPRESSED_BYTES",
+                "10",
+                "ingest.max_decompressed_bytes",
+            ),
+            (
+                "TALLY__INGEST__SHUTDOWN_GRACE_MS",
+                "5000",
+                "ingest.shutdown_grace_ms",
+            ),
+            (
+                "TALLY__INGEST__MAX_BODY_BYTES",
+                "-1",
+                "ingest.max_body_bytes",
+            ),
+        ] {
+            let e = load(&[(key, value)]).unwrap_err();
+            assert!(e.contains(named), "{key}={value}: {e}");
+        }
+        let e = load(&[
+            ("TALLY__INGEST__TOKEN", "a"),
+            ("TALLY__INGEST__TOKEN_FILE", "/x"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("ingest.token"), "{e}");
+    }
+
+    #[test]
+    fn tokens_inline_or_from_a_file() {
+        let c = load(&[("TALLY__INGEST__TOKEN", " s3cret ")]).unwrap();
+        assert_eq!(c.ingest.bearer_token().unwrap().as_deref(), Some("s3cret"));
+        assert!(!format!("{:?}", c.ingest).contains("s3cret"));
+        let dir = std::env::temp_dir().join(format!("tally-ingest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("token");
+        std::fs::write(&f, "from-file\n").unwrap();
+        let path = f.display().to_string();
+        let c = load(&[("TALLY__INGEST__TOKEN_FILE", path.as_str())]).unwrap();
+        assert_eq!(
+            c.ingest.bearer_token().unwrap().as_deref(),
+            Some("from-file")
+        );
+        std::fs::write(&f, " \n").unwrap();
+        let e = c.ingest.bearer_token().unwrap_err().to_string();
+        assert!(
+            e.contains("ingest.token_file") && e.contains("empty"),
+            "{e}"
+        );
+        std::fs::remove_file(&f).unwrap();
+        let e = c.ingest.bearer_token().unwrap_err().to_string();
+        assert!(e.contains("cannot read"), "{e}");
+    }
+}

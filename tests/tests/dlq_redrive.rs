@@ -87,7 +87,7 @@ fn redrive(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> anyhow::Resu
     Ok(stdout)
 }
 
-/// The number after `word` on the report line starting with `prefix`.
+/// The number after `prefix` on the report line starting with it.
 fn figure(report: &str, prefix: &str) -> u64 {
     report
         .lines()
@@ -375,6 +375,23 @@ async fn opa_events_the_mapping_missed_count_once_after_the_fix_even_across_a_cr
     let report = redrive(&env, &args, &[])?;
     assert_eq!(figure(&report, "produced"), 0, "{report}");
     assert!(report.contains("skipped 140: redriven before"), "{report}");
+    // Narrower selections (dry runs): past every partition's end, after every letter.
+    let past_end = redrive(
+        &env,
+        &[&args[..], &["--from-offset", "1000000", "--dry-run"]].concat(),
+        &[],
+    )?;
+    assert_eq!(figure(&past_end, "scanned"), 0, "{past_end}");
+    let later = (Utc::now() + ChronoDuration::minutes(5)).to_rfc3339();
+    let later = redrive(
+        &env,
+        &[&args[..], &["--since", &later, "--again", "--dry-run"]].concat(),
+        &[],
+    )?;
+    assert!(
+        later.contains("skipped 140: dead-lettered before --since"),
+        "{later}"
+    );
     let report = redrive(&env, &[&args[..], &["--again"]].concat(), &[])?;
     assert_eq!(figure(&report, "produced"), 140, "{report}");
     let idle = wait_idle(&env, Duration::from_secs(120)).await;

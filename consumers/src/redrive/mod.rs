@@ -392,6 +392,16 @@ mod tests {
             select(&copy, &o, "in", &rec, &none),
             Err(Skip::CopyOfRedriven)
         );
+        let mut dated = l.clone();
+        dated.timestamp = DateTime::from_timestamp(1_000, 0);
+        let since = Options {
+            since: DateTime::from_timestamp(2_000, 0),
+            ..opts(false)
+        };
+        assert_eq!(
+            select(&dated, &since, "in", &Recorded::default(), &none),
+            Err(Skip::BeforeSince)
+        );
         let again = letter("unknown_schema_id", 0, 7, (3, 40));
         rec.targets.insert((3, 40));
         assert_eq!(

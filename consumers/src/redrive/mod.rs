@@ -313,16 +313,14 @@ impl fmt::Display for Report {
         for (skip, n) in &self.skipped {
             writeln!(f, "  skipped {n}: {}", skip.describe())?;
         }
-        if self.dry_run {
-            writeln!(f, "  would produce {selected}")
-        } else {
-            writeln!(
+        match (self.dry_run, self.run_id) {
+            (true, _) => writeln!(f, "  would produce {selected}"),
+            (false, None) => writeln!(f, "  produced 0 (nothing to redrive; no run recorded)"),
+            (false, Some(run)) => writeln!(
                 f,
-                "  produced {} to {} (run {})",
-                self.produced,
-                self.input_topic,
-                self.run_id.map_or("-".to_string(), |r| r.to_string())
-            )
+                "  produced {} to {} (run {run})",
+                self.produced, self.input_topic
+            ),
         }
     }
 }

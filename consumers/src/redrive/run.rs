@@ -33,12 +33,14 @@ pub async fn run(
         ..Report::default()
     };
     let pool = crate::sinks::postgres::connect_pg(cfg).await?;
-    // Held for the whole run: one redrive of a DLQ at a time.
-    let mut lock = sqlx::PgConnection::connect_with(&crate::sinks::postgres::pg_options(cfg)?)
-        .await
-        .map_err(pg("redrive lock connection"))?;
+    // Held (open) for the whole run: one redrive of a DLQ at a time.
+    let mut _lock = None;
     if !opts.dry_run {
-        store::lock(&mut lock, &dlq).await?;
+        let mut conn = sqlx::PgConnection::connect_with(&crate::sinks::postgres::pg_options(cfg)?)
+            .await
+            .map_err(pg("redrive lock connection"))?;
+        store::lock(&mut conn, &dlq).await?;
+        _lock = Some(conn);
         reconcile(&brokers, &pool, &dlq, &mut report).await?;
     }
     let ranges: BTreeMap<i32, (i64, i64)> = topic::watermarks(&brokers, &dlq)

@@ -11,7 +11,9 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+mod ingest;
 mod security;
+pub use ingest::IngestConfig;
 pub use security::{KAFKA_PROTOCOLS, PG_SSLMODES, SASL_MECHANISMS};
 
 const DEFAULTS: &str = include_str!("config.defaults.toml");
@@ -129,6 +131,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub opa: crate::streams::policy::opa::OpaMapping,
     pub audit: AuditConfig,
+    pub ingest: IngestConfig,
 }
 
 /// Which input streams `tally run` consumes.
@@ -378,6 +381,7 @@ impl Config {
         if !self.audit.pseudonym_key.trim().is_empty() {
             self.audit.pseudonym_key()?;
         }
+        self.ingest.validate()?;
         if !(self.streams.usage || self.streams.policy || self.streams.audit) {
             return Err(invalid(
                 "streams",
@@ -553,6 +557,7 @@ fn build(merged: toml::Table) -> Result<Config, ConfigError> {
         policy: section(&merged, "policy")?,
         opa: section(&merged, "opa")?,
         audit: section(&merged, "audit")?,
+        ingest: section(&merged, "ingest")?,
     })
 }
 

@@ -18,6 +18,7 @@ use tally_producers::{GenKind, GenMessage, World};
 use tally_schemas::UsageEvent;
 
 mod checks;
+pub mod opa;
 pub mod streams;
 pub use checks::*;
 pub mod prom;

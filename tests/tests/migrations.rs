@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 use tally_tests::*;
 
-const PG_TABLES: [&str; 15] = [
+const PG_TABLES: [&str; 17] = [
     "tenants",
     "teams",
     "projects",
@@ -25,6 +25,8 @@ const PG_TABLES: [&str; 15] = [
     "dead_letters",
     "relay_attempts",
     "topic_epochs",
+    "dlq_redrive_runs",
+    "dlq_redrives",
 ];
 
 const CH_TABLES: [&str; 6] = [

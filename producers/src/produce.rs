@@ -42,9 +42,13 @@ pub fn producer_config(connection: &ClientConfig) -> ClientConfig {
     c.set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("compression.type", "none")
         .set("queue.buffering.max.messages", "500000")
         .set("message.timeout.ms", "120000");
+    // Uncompressed unless the connection asks for a codec (e.g. zstd, as
+    // upstream producers often do).
+    if c.get("compression.type").is_none() {
+        c.set("compression.type", "none");
+    }
     c
 }
 

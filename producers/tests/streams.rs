@@ -432,6 +432,7 @@ fn gen_command_configs() {
         opa_share: 0.5,
         topic: None,
         price_change_at: start(),
+        confluent_schema_ids: Default::default(),
     };
     opts.check().unwrap();
     let c = configs(&opts);

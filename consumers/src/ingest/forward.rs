@@ -7,9 +7,9 @@
 //! the caller answers 5xx, OPA re-sends the whole upload, and the pipeline drops
 //! the re-sent copies as duplicates of (tenant, decision_id).
 
-use crate::sinks::kafka_client::KafkaClient;
 use super::body::Event;
 use crate::errors::StageError;
+use crate::sinks::kafka_client::KafkaClient;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;

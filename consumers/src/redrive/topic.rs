@@ -22,13 +22,13 @@ use crate::sinks::kafka_client::KafkaClient;
 fn client(brokers: &KafkaClient) -> rdkafka::ClientConfig {
     let mut c = brokers.config();
     c.set(
-            "group.id",
-            format!("tally-dlq-redrive-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("receive.message.max.bytes", "2147483647");
+        "group.id",
+        format!("tally-dlq-redrive-{}", std::process::id()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.partition.eof", "true")
+    .set("auto.offset.reset", "earliest")
+    .set("receive.message.max.bytes", "2147483647");
     c
 }
 

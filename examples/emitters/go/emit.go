@@ -208,7 +208,6 @@ func send(brokers string, msgs []message) error {
 	if err != nil {
 		return fmt.Errorf("connect to %s: %v", brokers, err)
 	}
-	defer producer.Close()
 	for _, m := range msgs {
 		_, _, err := producer.SendMessage(&sarama.ProducerMessage{
 			Topic: m.Topic,
@@ -216,6 +215,7 @@ func send(brokers string, msgs []message) error {
 			Value: sarama.ByteEncoder(m.payload),
 		})
 		if err != nil {
+			producer.Close()
 			return fmt.Errorf("send to %s: %v", m.Topic, err)
 		}
 	}

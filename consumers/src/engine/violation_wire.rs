@@ -10,8 +10,8 @@
 //!
 //! Encodings (`kafka.violation_encoding`): `json` (`tally_schemas::encode_json`,
 //! the default) and `avro`: the Avro single-object encoding of the bundled
-//! `compliance.violation.v1` schema (`C3 01` + the schema's CRC-64-AVRO fingerprint
-//! + the datum), self-describing without a registry. With
+//! `compliance.violation.v1` schema (`C3 01`, the schema's CRC-64-AVRO fingerprint,
+//! then the datum), self-describing without a registry. With
 //! `kafka.violation_cloudevents = true` the message is also a CloudEvent in the
 //! binary content mode of the CloudEvents Kafka protocol binding: the payload is the
 //! event's `data` as is, `content-type` is its media type, and every other attribute

@@ -281,6 +281,61 @@ mod tests {
     }
 
     #[test]
+    fn config_keys_load_and_bad_values_name_their_key() {
+        use crate::config::Config;
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = Config::load_from(None, &[]).unwrap();
+        assert_eq!(
+            ViolationOutput::from_config(&c.kafka),
+            ViolationOutput::default()
+        );
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("TALLY__KAFKA__VIOLATION_ENCODING", "avro"),
+                ("TALLY__KAFKA__VIOLATION_CLOUDEVENTS", "true"),
+                (
+                    "TALLY__KAFKA__VIOLATION_CLOUDEVENTS_SOURCE",
+                    "urn:x-tally:prod",
+                ),
+            ]),
+        )
+        .unwrap();
+        let out = ViolationOutput::from_config(&c.kafka);
+        assert_eq!(
+            (out.encoding, out.cloudevents, out.source.as_str()),
+            (ViolationEncoding::Avro, true, "urn:x-tally:prod")
+        );
+        for (pairs, key) in [
+            (
+                vec![("TALLY__KAFKA__VIOLATION_ENCODING", "xml")],
+                "kafka.violation_encoding",
+            ),
+            (
+                vec![("TALLY__KAFKA__VIOLATION_CLOUDEVENTS", "yes")],
+                "kafka.violation_cloudevents",
+            ),
+            (
+                vec![
+                    ("TALLY__KAFKA__VIOLATION_CLOUDEVENTS", "true"),
+                    ("TALLY__KAFKA__VIOLATION_CLOUDEVENTS_SOURCE", " "),
+                ],
+                "kafka.violation_cloudevents_source",
+            ),
+        ] {
+            let err = Config::load_from(None, &env(&pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
     fn encoding_names() {
         for (s, e) in [
             ("json", ViolationEncoding::Json),

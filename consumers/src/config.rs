@@ -40,6 +40,9 @@ pub struct KafkaConfig {
     pub violation_topic: String,
     pub usage_partitions: i32,
     pub violation_partitions: i32,
+    pub violation_encoding: crate::engine::violation_wire::ViolationEncoding,
+    pub violation_cloudevents: bool,
+    pub violation_cloudevents_source: String,
     pub session_timeout_ms: u32,
     pub max_poll_interval_ms: u32,
     pub receive_message_max_bytes: u32,
@@ -315,6 +318,7 @@ impl Config {
             ));
         }
         security::validate(self)?;
+        crate::engine::violation_wire::check(&self.kafka)?;
         if self.pipeline.batch_max_messages == 0 || self.pipeline.batch_max_messages > 1_000_000 {
             return Err(invalid(
                 "pipeline.batch_max_messages",

@@ -132,6 +132,8 @@ impl GenArgs {
             opa_share: self.opa_share,
             topic: self.topic,
             price_change_at: demo_price_change_at(),
+            // Filled in from the registry for --encoding confluent.
+            confluent_schema_ids: Default::default(),
         }
     }
 }
@@ -303,15 +305,17 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         }
         Command::Dlq { command } => print!("{}", tally::cli::dlq::run(&cfg, &command).await?),
         Command::Gen(args) => {
-            if args.encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
-                bail!("--encoding confluent needs a schema registry (registry.url / TALLY__REGISTRY__URL)");
-            }
-            let opts = args.options();
+            let mut opts = args.options();
             let topics = Topics {
                 usage: cfg.kafka.usage_topic.clone(),
                 policy: cfg.policy.topic.clone(),
                 audit: cfg.audit.topic.clone(),
             };
+            if opts.encoding == Encoding::Confluent {
+                opts.check()?;
+                opts.confluent_schema_ids =
+                    tally::cli::gen::confluent_schema_ids(&cfg, &topics, &opts).await?;
+            }
             for (topic, report) in tally_producers::cli::run(
                 &tally::sinks::kafka_client::KafkaClient::new(&cfg.kafka).config(),
                 &topics,

@@ -75,6 +75,25 @@ pub struct Topics {
     pub audit: String,
 }
 
+/// The Confluent schema id of each stream's subject: what the registry returned when
+/// `tally gen` registered the schemas, 1 without a registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaIds {
+    pub usage: u32,
+    pub policy: u32,
+    pub audit: u32,
+}
+
+impl Default for SchemaIds {
+    fn default() -> Self {
+        Self {
+            usage: 1,
+            policy: 1,
+            audit: 1,
+        }
+    }
+}
+
 /// The options of `tally gen`.
 #[derive(Debug, Clone)]
 pub struct GenOptions {
@@ -97,6 +116,8 @@ pub struct GenOptions {
     /// The demo world's price change; every stream's two hours of event time
     /// start an hour before it.
     pub price_change_at: DateTime<Utc>,
+    /// Schema ids written into Confluent-framed messages.
+    pub confluent_schema_ids: SchemaIds,
 }
 
 impl GenOptions {
@@ -148,17 +169,20 @@ pub fn configs(opts: &GenOptions) -> Configs {
         g.malformed = opts.malformed;
         g.start = start;
         g.span = stream.span;
+        g.confluent_schema_id = opts.confluent_schema_ids.usage;
         g
     });
     let policy = opts.stream.has(StreamChoice::Policy).then(|| {
         let mut p = PolicyGenConfig::new(world.clone(), opts.count, opts.seed);
         p.stream = stream.clone();
+        p.stream.confluent_schema_id = opts.confluent_schema_ids.policy;
         p.opa_share = opts.opa_share;
         p
     });
     let audit = opts.stream.has(StreamChoice::Audit).then(|| {
         let mut a = AuditGenConfig::new(world.clone(), opts.count, opts.seed);
         a.stream = stream.clone();
+        a.stream.confluent_schema_id = opts.confluent_schema_ids.audit;
         a
     });
     Configs {

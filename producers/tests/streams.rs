@@ -8,7 +8,7 @@
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use tally_producers::cli::{configs, GenOptions, StreamChoice};
+use tally_producers::cli::{configs, GenOptions, SchemaIds, StreamChoice};
 use tally_producers::gen_policy::{policy_ids, tenant_policies};
 use tally_producers::malformed::{AUDIT_CATALOG, POLICY_CATALOG};
 use tally_producers::{
@@ -432,6 +432,7 @@ fn gen_command_configs() {
         opa_share: 0.5,
         topic: None,
         price_change_at: start(),
+        confluent_schema_ids: Default::default(),
     };
     opts.check().unwrap();
     let c = configs(&opts);
@@ -445,6 +446,31 @@ fn gen_command_configs() {
         (0.5, u.start, 100)
     );
     assert_eq!((a.stream.seed, a.stream.world.tenants.len()), (9, 5));
+    assert_eq!(
+        (
+            u.confluent_schema_id,
+            p.stream.confluent_schema_id,
+            a.stream.confluent_schema_id
+        ),
+        (1, 1, 1),
+        "no registry: id 1"
+    );
+    opts.confluent_schema_ids = SchemaIds {
+        usage: 11,
+        policy: 12,
+        audit: 13,
+    };
+    let c = configs(&opts);
+    let (u, p, a) = (c.usage.unwrap(), c.policy.unwrap(), c.audit.unwrap());
+    assert_eq!(
+        (
+            u.confluent_schema_id,
+            p.stream.confluent_schema_id,
+            a.stream.confluent_schema_id
+        ),
+        (11, 12, 13),
+        "each stream's registered id"
+    );
     opts.stream = StreamChoice::Audit;
     let c = configs(&opts);
     assert!(c.usage.is_none() && c.policy.is_none() && c.audit.is_some());

@@ -22,6 +22,7 @@ pub mod opa;
 pub mod streams;
 pub use checks::*;
 pub mod prom;
+pub mod registry;
 pub mod servers;
 pub mod tls;
 

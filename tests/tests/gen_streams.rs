@@ -67,6 +67,7 @@ async fn all_streams_arrive_in_tenant_order() -> anyhow::Result<()> {
         opa_share: 0.3,
         topic: None,
         price_change_at: Utc.with_ymd_and_hms(2026, 2, 1, 12, 0, 0).unwrap(),
+        confluent_schema_ids: Default::default(),
     };
     let reports = run(&tally_producers::connection(&brokers), &topics, &opts).await?;
     assert_eq!(reports.len(), 3);

@@ -86,6 +86,7 @@ async fn interrupted_publish_is_reconciled_not_repeated() -> anyhow::Result<()> 
         topic: topic.clone(),
         postgres: tally::sinks::postgres::pg_options(&env.cfg)?,
         batch: 100,
+        output: Default::default(),
     };
     let task = tokio::spawn(relay::run(
         cfg,

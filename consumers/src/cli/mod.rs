@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod dlq;
+pub mod gen;
 pub mod ingest;
 pub mod migrate;
 pub mod report;

@@ -26,3 +26,4 @@ pub mod relay_watch;
 pub mod retry;
 pub mod runner;
 pub mod stream;
+pub mod violation_wire;

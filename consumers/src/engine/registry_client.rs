@@ -1,14 +1,17 @@
-//! Confluent Schema Registry client: fetches writer schemas by id, once.
+//! Confluent Schema Registry client: fetches writer schemas by id, once; registers
+//! a schema under a subject (`tally gen --encoding confluent`).
 //!
 //! Guarantee: a schema id the registry does not know is a poison message
 //! (dead-lettered as `unknown_schema_id`); a registry that cannot be reached or
 //! answers 5xx is Retryable, so an outage delays messages but never dead-letters them.
+//! [`RegistryClient::register`] returns the id the registry assigned (the existing
+//! one for a schema registered before), never an assumed one.
 //! An https:// registry is verified against `registry.ca_file` (or the system's
 //! CAs); basic-auth credentials never appear in an error.
 
 use crate::errors::StageError;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -25,7 +28,7 @@ pub enum Lookup {
 pub struct RegistryClient {
     base: String,
     timeout: Duration,
-    http: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// `Basic <base64>` when registry.username is set.
     authorization: Option<String>,
 }
@@ -75,7 +78,7 @@ impl RegistryClient {
             request = request.header(hyper::header::AUTHORIZATION, auth);
         }
         let request = request
-            .body(Empty::new())
+            .body(Full::default())
             .map_err(|e| StageError::Fatal(format!("registry request {url}: {e}")))?;
         let resp = tokio::time::timeout(self.timeout, self.http.request(request))
             .await
@@ -114,5 +117,92 @@ impl RegistryClient {
             // The registry holds a schema we cannot use: its messages are poison.
             Err(_) => Ok(Lookup::Unknown),
         }
+    }
+
+    /// Registers `schema` (Avro schema JSON) under `subject` with the Confluent
+    /// REST API (`POST /subjects/<subject>/versions`) and returns its schema id.
+    /// Registering a schema the subject already has returns its existing id.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, StageError> {
+        let url = format!("{}/subjects/{}/versions", self.base, path_segment(subject));
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| StageError::Fatal(format!("registry url {url}: {e}")))?;
+        let body = serde_json::json!({ "schema": schema }).to_string();
+        let mut request = hyper::Request::post(uri)
+            .header(
+                hyper::header::CONTENT_TYPE,
+                "application/vnd.schemaregistry.v1+json",
+            )
+            .header(
+                hyper::header::ACCEPT,
+                "application/vnd.schemaregistry.v1+json",
+            );
+        if let Some(auth) = &self.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, auth);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| StageError::Fatal(format!("registry request {url}: {e}")))?;
+        let resp = tokio::time::timeout(self.timeout, self.http.request(request))
+            .await
+            .map_err(|_| StageError::Retryable(format!("schema registry timed out: {url}")))?
+            .map_err(|e| StageError::Retryable(format!("schema registry {url}: {e}")))?;
+        let status = resp.status();
+        let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| StageError::Retryable(format!("schema registry timed out: {url}")))?
+            .map_err(|e| StageError::Retryable(format!("schema registry body {url}: {e}")))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        if status.is_server_error() {
+            return Err(StageError::Retryable(format!(
+                "schema registry {url}: HTTP {status}: {text}"
+            )));
+        }
+        if !status.is_success() {
+            // 401/403 credentials, 409 incompatible with the subject's compatibility
+            // setting, 422 an invalid schema: retrying does not help.
+            let hint = match status.as_u16() {
+                401 | 403 => " (check registry.username and registry.password)",
+                409 => " (incompatible with the subject's earlier versions)",
+                _ => "",
+            };
+            return Err(StageError::Fatal(format!(
+                "registering {subject} at {url}: HTTP {status}{hint}: {text}"
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| StageError::Fatal(format!("schema registry {url}: bad JSON: {e}")))?;
+        v.get("id")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| {
+                StageError::Fatal(format!("schema registry {url}: no schema `id` in {text}"))
+            })
+    }
+}
+
+/// `s` percent-encoded for one URL path segment (subjects are topic names plus
+/// `-value`: letters, digits, `.`, `_`, `-`; anything else is escaped).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subjects_are_one_path_segment() {
+        assert_eq!(
+            super::path_segment("llm.usage.v1-value"),
+            "llm.usage.v1-value"
+        );
+        assert_eq!(super::path_segment("a/b c"), "a%2Fb%20c");
     }
 }

@@ -32,12 +32,13 @@
 //! equal over a minute (deadlines are Postgres `now()` plus durations measured
 //! with monotonic clocks).
 
+use crate::engine::violation_wire;
 use crate::errors::{classify_kafka, pg, StageError};
 use crate::metrics::Metrics;
 use crate::sinks::kafka_client::KafkaClient;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -47,7 +48,7 @@ use sqlx::{Connection, Row};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_schemas::{encode_json, ComplianceViolation, Severity};
+use tally_schemas::{ComplianceViolation, Decoder, Severity};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -69,6 +70,8 @@ pub struct RelayConfig {
     pub topic: String,
     pub postgres: sqlx::postgres::PgConnectOptions,
     pub batch: i64,
+    /// Payload encoding and headers (`kafka.violation_*`).
+    pub output: crate::engine::violation_wire::ViolationOutput,
 }
 
 /// Runs until `shutdown` flips; retries Retryable errors, returns Fatal ones.
@@ -273,17 +276,8 @@ async fn publish_once(
             );
             break;
         }
-        let payload = encode_json(v);
-        let id = v.violation_id.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "tally.violation_id",
-                value: Some(&id),
-            })
-            .insert(Header {
-                key: "tally.rule",
-                value: Some(&v.rule),
-            });
+        let payload = cfg.output.payload(v);
+        let headers = cfg.output.kafka_headers(v);
         let record = FutureRecord::to(&cfg.topic)
             .key(&v.tenant_id)
             .payload(&payload)
@@ -478,6 +472,7 @@ async fn ids_on_topic(
         c.assign(&tpl)
             .map_err(|e| classify_kafka("relay scan assign", &e))?;
         let mut found = HashSet::new();
+        let decoder = Decoder::new();
         let mut reached = vec![false; from.len()];
         for (p, (s, e)) in from.iter().zip(ends.iter()).enumerate() {
             reached[p] = s >= e;
@@ -499,14 +494,15 @@ async fn ids_on_topic(
                     if p < reached.len() && m.offset() + 1 >= ends[p] {
                         reached[p] = true;
                     }
-                    if let Some(payload) = m.payload() {
-                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
-                            if let Some(id) = v.get("violation_id").and_then(|x| x.as_str()) {
-                                if let Ok(u) = Uuid::parse_str(id) {
-                                    found.insert(u);
-                                }
-                            }
-                        }
+                    // Any encoding tally may have written (violation_wire.rs).
+                    let header = |name: &str| {
+                        m.headers()
+                            .and_then(|h| h.iter().find(|x| x.key == name))
+                            .and_then(|x| x.value)
+                    };
+                    let id = violation_wire::violation_id_in(&decoder, m.payload(), header);
+                    if let Some(u) = id {
+                        found.insert(u);
                     }
                 }
                 Some(Err(e)) => return Err(classify_kafka("relay scan", &e)),

@@ -114,6 +114,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
             topic: cfg.kafka.violation_topic.clone(),
             postgres: crate::sinks::postgres::pg_options(&cfg)?,
             batch: 1000,
+            output: crate::engine::violation_wire::ViolationOutput::from_config(&cfg.kafka),
         };
         tokio::spawn(crate::engine::relay_watch::supervise(
             rc,

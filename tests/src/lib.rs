@@ -142,6 +142,17 @@ pub async fn test_env_on(
             .fetch_all(&admin)
             .await?;
     for stale in old {
+        // Only what a test process that no longer runs left behind: another
+        // run of the same test (a second checkout) may be using its own.
+        let owner: Option<u32> = stale
+            .strip_prefix(&format!("tally_t_{name}_"))
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse().ok());
+        if owner.is_some_and(|pid| {
+            pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }) {
+            continue;
+        }
         sqlx::query(&format!("DROP DATABASE IF EXISTS {stale} WITH (FORCE)"))
             .execute(&admin)
             .await?;

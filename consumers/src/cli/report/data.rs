@@ -169,7 +169,7 @@ pub async fn spend(
     let (cond, binds) = f.ch_where();
     let sql = format!(
         "SELECT tenant_id, provider, model, sum(requests) AS requests, sum(tokens) AS tokens, \
-         toString(sum(cost)) AS cost, sum(unpriced_requests) AS unpriced_requests \
+         toString(sum(cost)) AS cost_text, sum(unpriced_requests) AS unpriced_requests \
          FROM {}.spend_hourly WHERE {cond} GROUP BY tenant_id, provider, model \
          ORDER BY sum(cost) DESC, tenant_id, provider, model",
         cfg.clickhouse.database

@@ -262,10 +262,13 @@ pub fn table(r: &Report, limit: Option<usize>, violation_topic: &str) -> String 
             |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         )
     };
+    let range = if f.from.is_none() && f.to.is_none() {
+        "all time".to_string()
+    } else {
+        format!("from {} to {} (exclusive)", bound(f.from), bound(f.to))
+    };
     out.push_str(&format!(
-        "tally report: from {} to {} (exclusive), tenant {}; money in {}\n",
-        bound(f.from),
-        bound(f.to),
+        "tally report: {range}, tenant {}; money in {}\n",
         f.tenant.as_deref().unwrap_or("(all)"),
         r.currency
     ));
@@ -284,7 +287,7 @@ pub fn table(r: &Report, limit: Option<usize>, violation_topic: &str) -> String 
                 s.model,
                 s.requests,
                 s.tokens,
-                s.cost.round_dp(6),
+                format!("{:.6}", s.cost.round_dp(6)),
                 s.unpriced_requests
             ));
         }
@@ -298,13 +301,13 @@ pub fn table(r: &Report, limit: Option<usize>, violation_topic: &str) -> String 
     }) = &r.spend_totals
     {
         out.push_str(&format!(
-            "\nClickHouse total: {requests} requests, cost {} {}, {unpriced_requests} unpriced requests\n",
+            "\nClickHouse total: {requests} requests, cost {:.6} {}, {unpriced_requests} unpriced requests\n",
             cost.round_dp(6),
             r.currency
         ));
         match postgres {
             Some((req, cost, unpriced)) => out.push_str(&format!(
-                "Postgres spend_daily: {req} requests, cost {} {}, {unpriced} unpriced requests\n",
+                "Postgres spend_daily: {req} requests, cost {:.6} {}, {unpriced} unpriced requests\n",
                 cost.round_dp(6),
                 r.currency
             )),

@@ -22,7 +22,7 @@ LOCAL := deploy/local
 ENV   := $(LOCAL)/env.sh
 CARGO := cargo
 
-.PHONY: help up down status build migrate demo test test-chaos bench fuzz fmt lint clean-state validate-deploy check-cargo json-schemas check-observability
+.PHONY: help up down status build migrate demo test test-chaos bench fuzz fmt lint clean-state validate-deploy check-cargo json-schemas check-observability k8s-prometheusrule observe
 
 help:
 	@echo "make up | down | status     local broker (TALLY_BROKER=noida|tansu), ClickHouse, PostgreSQL"
@@ -35,7 +35,9 @@ help:
 	@echo "make fuzz                   decoders fuzzed, FUZZ_INPUTS=10000000 per codec (optimised, overflow checks)"
 	@echo "make fmt | lint             rustfmt / rustfmt --check + clippy -D warnings"
 	@echo "make json-schemas           regenerate schemas/json/ from the Avro schemas"
-	@echo "make validate-deploy        check deploy/ Dockerfile, compose and k8s files"
+	@echo "make validate-deploy        deploy/: k8s manifests and CRDs, compose file against their JSON schemas, cross-checks"
+	@echo "make k8s-prometheusrule     regenerate deploy/k8s/prometheusrule.yaml from deploy/prometheus/alerts.yml"
+	@echo "make observe                up + build + a local Prometheus scraping tally, alerts.yml loaded, one alert firing"
 	@echo "make check-observability    promtool check + unit tests of deploy/prometheus/alerts.yml (installs prometheus if missing)"
 	@echo "make clean-state            down + delete .local/"
 	@echo "CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)"
@@ -65,7 +67,7 @@ demo: up build
 
 # Tests run the tally binary built with failpoints (`cargo run`/`cargo build` without the
 # feature would rebuild it without them, and every failpoint test would then refuse to run).
-test: up check-cargo check-observability
+test: up check-cargo check-observability validate-deploy
 	$(CARGO) build --workspace --bins --features tally/failpoints
 	$(ENV) $(CARGO_TARGET_DIR)/debug/tally migrate
 	$(ENV) $(CARGO) test --workspace --features tally/failpoints --no-fail-fast
@@ -98,6 +100,14 @@ lint: check-cargo
 
 validate-deploy:
 	deploy/validate.sh
+
+k8s-prometheusrule:
+	deploy/k8s/gen-prometheusrule.sh
+
+# A real Prometheus (Debian's package) scraping a local tally run, alerts.yml loaded, until an
+# alert fires; stops what it started (deploy/local/observe.sh, state in .local/observe).
+observe: up build
+	TALLY_BIN=$(CARGO_TARGET_DIR)/debug/tally $(LOCAL)/observe.sh
 
 # The JSON Schemas of the JSON encodings (schemas/json/), generated from schemas/avro/;
 # `make test` fails when the committed ones are stale.

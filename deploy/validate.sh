@@ -1,171 +1,115 @@
 #!/usr/bin/env bash
-# Validate the deploy/ files as far as this machine allows (no Docker engine, no cluster):
-#   - every YAML file parses (PyYAML);
-#   - docker-compose.yml: `docker compose config -q` if the compose plugin exists
-#     (else `docker-compose config -q` if that exists, else skipped with a message);
-#   - k8s: every document has apiVersion, kind and metadata.name;
-#   - the tally settings used (k8s ConfigMap tally.toml, TALLY__SECTION__KEY variables in compose
-#     and k8s) name keys that exist in consumers/src/config.defaults.toml (unknown keys are
-#     fatal at tally start-up);
-#   - the Dockerfile has the expected stages, ENTRYPOINT and CMD.
+# Validates deploy/ as far as a machine without a Docker engine or a cluster can
+# (make validate-deploy; part of make test). Installs what it needs once, idempotently:
+# a virtualenv in ~/.cache/tally/validate-venv with deploy/requirements-validate.txt
+# (kubernetes-validate: the Kubernetes API schemas; check-jsonschema: the compose-spec
+# schema), Debian's prometheus package for promtool, and, where no kubectl or kustomize is
+# on PATH, Debian's kubernetes-client if the distribution has it.
+#   - deploy/validate.py: Kubernetes manifests and the `kustomize build` output against the
+#     Kubernetes and CRD schemas, kustomization.yaml's resources, tally config keys,
+#     cross-references (see its docstring), docker-compose.yml against the compose-spec schema;
+#   - deploy/k8s/prometheusrule.yaml is what gen-prometheusrule.sh makes of alerts.yml;
+#   - promtool check rules on the PrometheusRule's rules, promtool check config on the
+#     compose Prometheus config;
+#   - `docker compose config -q` where the compose plugin exists;
+#   - the Dockerfile's stages, ENTRYPOINT/CMD, USER and COPY sources.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=local/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local/common.sh"
+# shellcheck source=prometheus/install.sh
+source "$REPO/deploy/prometheus/install.sh"
+cd "$REPO"
 
 fail=0
 ok() { printf 'ok    %s\n' "$*"; }
 bad() { printf 'FAIL  %s\n' "$*"; fail=1; }
 skip() { printf 'skip  %s\n' "$*"; }
 
-if ! python3 -c 'import yaml' 2>/dev/null; then
-  echo "PyYAML missing; running: python3 -m pip install -q pyyaml"
-  python3 -m pip install -q pyyaml
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+# ---- tools ------------------------------------------------------------------------------------
+venv="$CACHE/validate-venv"
+req=deploy/requirements-validate.txt
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]]; then
+  have python3 || apt_install python3 python3-venv
+  if ! python3 -m venv --clear "$venv" >>"$LOGS/validate-venv.log" 2>&1; then
+    # Debian's python3 has venv's ensurepip in a package of its own.
+    rm -rf "$venv"
+    apt_install python3-venv
+    python3 -m venv --clear "$venv" >>"$LOGS/validate-venv.log" 2>&1 || die "python3 -m venv failed (see $LOGS/validate-venv.log)"
+  fi
+  log "installing $req into $venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >>"$LOGS/validate-venv.log" 2>&1 ||
+    die "pip install -r $req failed (see $LOGS/validate-venv.log)"
+  printf '%s\n' "$want" >"$venv/.requirements.sha256"
+fi
+"$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$venv: Python >= 3.11 needed (tomllib)"
+
+ensure_prometheus
+
+if ! have kubectl && ! have kustomize && have apt-get; then
+  # Debian 12 ships kubectl 1.20 (its kustomize builds deploy/k8s) as kubernetes-client;
+  # later releases may not: then the build is skipped.
+  (apt_install kubernetes-client) || warn "no kubernetes-client package here"
 fi
 
-# ---- YAML, k8s shape, tally config keys (one Python pass) ----------------------------------
-if python3 - <<'PY'; then ok "YAML/k8s/config-key checks"; else bad "YAML/k8s/config-key checks"; fi
-import glob, os, re, sys
-import yaml
-
-try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    tomllib = None
-
-failed = False
-
-def report(ok, what):
-    global failed
-    print(("  ok    " if ok else "  FAIL  ") + what)
-    if not ok:
-        failed = True
-
-defaults_path = "consumers/src/config.defaults.toml"
-defaults = None
-if tomllib and os.path.exists(defaults_path):
-    with open(defaults_path, "rb") as f:
-        defaults = tomllib.load(f)
-else:
-    print(f"  skip  config-key checks ({defaults_path} missing or no tomllib)")
-
-def key_known(section, key):
-    return defaults is None or (section in defaults and isinstance(defaults[section], dict) and key in defaults[section])
-
-def check_env_name(name, where):
-    m = re.fullmatch(r"TALLY__([A-Z0-9_]+?)__([A-Z0-9_]+)", name)
-    if not m:
-        return
-    section, key = m.group(1).lower(), m.group(2).lower()
-    report(key_known(section, key), f"{where}: {name} -> [{section}] {key}")
-
-yaml_files = sorted(glob.glob("deploy/**/*.yml", recursive=True) + glob.glob("deploy/**/*.yaml", recursive=True))
-docs_by_file = {}
-for path in yaml_files:
-    try:
-        with open(path) as f:
-            docs = [d for d in yaml.safe_load_all(f) if d is not None]
-        docs_by_file[path] = docs
-        report(True, f"{path}: parses ({len(docs)} document{'s' if len(docs) != 1 else ''})")
-    except yaml.YAMLError as e:
-        report(False, f"{path}: {e}")
-
-# compose: environment variable names
-compose = docs_by_file.get("deploy/docker-compose.yml", [None])[0]
-if isinstance(compose, dict):
-    services = compose.get("services") or {}
-    for need in ("redpanda", "clickhouse", "postgres", "migrate", "tally"):
-        report(need in services, f"docker-compose.yml: service {need}")
-    for name, svc in services.items():
-        env = (svc or {}).get("environment") or {}
-        names = env.keys() if isinstance(env, dict) else [e.split("=", 1)[0] for e in env]
-        for n in names:
-            check_env_name(n, f"docker-compose.yml {name}")
-        if name in ("migrate", "tally"):
-            for n in ("TALLY__KAFKA__BROKERS", "TALLY__CLICKHOUSE__URL", "TALLY__POSTGRES__URL"):
-                report(n in names, f"docker-compose.yml {name}: sets {n}")
-        hc = ((svc or {}).get("healthcheck") or {}).get("test")
-        if hc is not None:
-            good = isinstance(hc, str) or (isinstance(hc, list) and all(isinstance(x, str) for x in hc))
-            report(good, f"docker-compose.yml {name}: healthcheck.test is a string or a list of strings")
-    reps = ((services.get("tally") or {}).get("deploy") or {}).get("replicas")
-    report(reps == 2, f"docker-compose.yml tally: replicas = {reps}")
-
-# k8s: document shape, then specifics
-kinds = {}
-for path, docs in docs_by_file.items():
-    if not path.startswith("deploy/k8s/"):
-        continue
-    for i, d in enumerate(docs):
-        where = f"{path}#{i}"
-        if not isinstance(d, dict):
-            report(False, f"{where}: not a mapping")
-            continue
-        if d.get("kind") == "Kustomization":
-            for r in d.get("resources", []):
-                report(os.path.exists(os.path.join("deploy/k8s", r)), f"{where}: resource {r} exists")
-            continue
-        name = (d.get("metadata") or {}).get("name")
-        okd = bool(d.get("apiVersion")) and bool(d.get("kind")) and bool(name)
-        report(okd, f"{where}: {d.get('apiVersion')} {d.get('kind')} {name}")
-        kinds.setdefault(d.get("kind"), []).append(d)
-
-for need in ("Namespace", "ConfigMap", "Secret", "Job", "Deployment"):
-    report(need in kinds, f"k8s: has a {need}")
-
-for cm in kinds.get("ConfigMap", []):
-    toml_text = (cm.get("data") or {}).get("tally.toml")
-    if toml_text is None or tomllib is None:
-        continue
-    try:
-        conf = tomllib.loads(toml_text)
-        report(True, f"ConfigMap {cm['metadata']['name']}: tally.toml parses")
-    except Exception as e:
-        report(False, f"ConfigMap {cm['metadata']['name']}: tally.toml: {e}")
-        continue
-    for section, table in conf.items():
-        if not isinstance(table, dict):
-            report(False, f"tally.toml: top-level key {section} is not a section")
-            continue
-        for key in table:
-            report(key_known(section, key), f"tally.toml: [{section}] {key}")
-
-for sec in kinds.get("Secret", []):
-    for n in list((sec.get("stringData") or {}).keys()) + list((sec.get("data") or {}).keys()):
-        check_env_name(n, f"Secret {sec['metadata']['name']}")
-
-for dep in kinds.get("Deployment", []):
-    spec = dep["spec"]
-    pod = spec["template"]["spec"]
-    c = pod["containers"][0]
-    report(spec.get("replicas") == 2, f"Deployment {dep['metadata']['name']}: replicas 2")
-    report(pod.get("terminationGracePeriodSeconds") == 30, "Deployment: terminationGracePeriodSeconds 30")
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
-        hg = (c.get(probe) or {}).get("httpGet") or {}
-        report(hg.get("path") == path, f"Deployment: {probe} GET {path}")
-    ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
-    report(9898 in ports.values(), "Deployment: container port 9898")
-    res = c.get("resources") or {}
-    report(res.get("requests") == {"cpu": "500m", "memory": "256Mi"}, f"Deployment: requests {res.get('requests')}")
-    report(res.get("limits") == {"cpu": "2", "memory": "512Mi"}, f"Deployment: limits {res.get('limits')}")
-    sel = spec["selector"]["matchLabels"]
-    labels = spec["template"]["metadata"]["labels"]
-    report(all(labels.get(k) == v for k, v in sel.items()), "Deployment: selector matches pod labels")
-    for e in c.get("env", []):
-        check_env_name(e["name"], "Deployment env")
-
-sys.exit(1 if failed else 0)
-PY
-
-# ---- docker compose -------------------------------------------------------------------------
-compose_file=deploy/docker-compose.yml
-if command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; then
-  if docker compose -f "$compose_file" config -q; then ok "docker compose config -q"; else bad "docker compose config -q"; fi
-elif command -v docker-compose >/dev/null 2>&1; then
-  if docker-compose -f "$compose_file" config -q; then ok "docker-compose config -q ($(docker-compose version --short 2>/dev/null))"; else bad "docker-compose config -q"; fi
+# ---- kustomize build --------------------------------------------------------------------------
+kout=()
+if have kubectl; then
+  kver="$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: //p')"
+  if kubectl kustomize deploy/k8s >"$tmp/kustomize.yaml" 2>"$tmp/kustomize.err"; then
+    ok "kubectl kustomize deploy/k8s (kustomize ${kver:-built into kubectl})"
+    kout=(--kustomize-output "$tmp/kustomize.yaml")
+  else
+    bad "kubectl kustomize deploy/k8s: $(cat "$tmp/kustomize.err")"
+  fi
+elif have kustomize; then
+  if kustomize build deploy/k8s >"$tmp/kustomize.yaml" 2>"$tmp/kustomize.err"; then
+    ok "kustomize build deploy/k8s ($(kustomize version 2>/dev/null | head -n1))"
+    kout=(--kustomize-output "$tmp/kustomize.yaml")
+  else
+    bad "kustomize build deploy/k8s: $(cat "$tmp/kustomize.err")"
+  fi
 else
-  skip "docker compose config: the docker compose plugin is not installed here (YAML was still checked)"
+  skip "kustomize build: neither kubectl nor kustomize here (each manifest and kustomization.yaml's resources are still checked)"
 fi
 
-# ---- Dockerfile -----------------------------------------------------------------------------
+# ---- schemas and consistency ------------------------------------------------------------------
+if "$venv/bin/python" deploy/validate.py "${kout[@]}" --rules-out "$tmp/rules.yml" --prom-config-out "$tmp/prometheus.yml"; then
+  ok "deploy/validate.py (schemas, kustomization, config keys, cross-references, compose)"
+else
+  bad "deploy/validate.py"
+fi
+
+if deploy/k8s/gen-prometheusrule.sh --check; then
+  ok "deploy/k8s/prometheusrule.yaml is generated from deploy/prometheus/alerts.yml"
+else
+  bad "deploy/k8s/prometheusrule.yaml is stale (make k8s-prometheusrule)"
+fi
+
+# ---- promtool ---------------------------------------------------------------------------------
+if [[ -s "$tmp/rules.yml" ]] && promtool check rules "$tmp/rules.yml" >"$tmp/promtool.out" 2>&1; then
+  ok "promtool check rules: the PrometheusRule's rules ($(grep -o '[0-9]* rules found' "$tmp/promtool.out"))"
+else
+  bad "promtool check rules (PrometheusRule): $(cat "$tmp/promtool.out" 2>/dev/null)"
+fi
+if [[ -s "$tmp/prometheus.yml" ]] && promtool check config "$tmp/prometheus.yml" >"$tmp/promtool.out" 2>&1; then
+  ok "promtool check config: the compose Prometheus config (deploy/prometheus/prometheus.compose.yml)"
+else
+  bad "promtool check config (compose Prometheus config): $(cat "$tmp/promtool.out" 2>/dev/null)"
+fi
+
+# ---- docker compose ---------------------------------------------------------------------------
+compose_file=deploy/docker-compose.yml
+if have docker && docker compose version >/dev/null 2>&1; then
+  if docker compose -f "$compose_file" config -q; then ok "docker compose config -q"; else bad "docker compose config -q"; fi
+else
+  skip "docker compose config: no compose plugin here (the compose-spec schema was checked)"
+fi
+
+# ---- Dockerfile -------------------------------------------------------------------------------
 df=deploy/Dockerfile
 dockerfile_ok=1
 grep -Eq '^FROM rust:1-bookworm AS builder' "$df" || { echo "  FAIL  $df: no 'FROM rust:1-bookworm AS builder'"; dockerfile_ok=0; }
@@ -173,16 +117,26 @@ grep -Eq '^FROM debian:bookworm-slim' "$df" || { echo "  FAIL  $df: no 'FROM deb
 grep -Eq 'cargo build --release .*-p tally' "$df" || { echo "  FAIL  $df: no 'cargo build --release -p tally'"; dockerfile_ok=0; }
 grep -Eq '^ENTRYPOINT \["tally"\]' "$df" || { echo "  FAIL  $df: ENTRYPOINT is not [\"tally\"]"; dockerfile_ok=0; }
 grep -Eq '^CMD \["run"\]' "$df" || { echo "  FAIL  $df: CMD is not [\"run\"]"; dockerfile_ok=0; }
-grep -Eq '^USER ' "$df" || { echo "  FAIL  $df: no USER (must not run as root)"; dockerfile_ok=0; }
+grep -Eq '^USER 10001' "$df" || { echo "  FAIL  $df: no USER 10001 (the uid the k8s manifests run as)"; dockerfile_ok=0; }
+# TLS through the system OpenSSL (rdkafka's ssl feature, native-tls): headers to build, the
+# library to run.
+if grep -Eq '^rdkafka.*"ssl"|^native-tls|^hyper-tls' Cargo.toml; then
+  grep -Eq 'install .*libssl-dev' "$df" || { echo "  FAIL  $df: the builder does not install libssl-dev (Cargo.toml builds with OpenSSL)"; dockerfile_ok=0; }
+  grep -Eq 'install .*libssl3' "$df" || { echo "  FAIL  $df: the runtime image does not install libssl3 (Cargo.toml builds with OpenSSL)"; dockerfile_ok=0; }
+fi
+# Every workspace member must be in the build context (cargo loads every member's manifest).
+while read -r member; do
+  grep -Eq "^COPY ${member}/? " "$df" || { echo "  FAIL  $df: workspace member $member is not copied into the builder"; dockerfile_ok=0; }
+done < <("$venv/bin/python" -c 'import tomllib; print("\n".join(tomllib.load(open("Cargo.toml", "rb"))["workspace"]["members"]))')
 # Every COPY source from the build context must exist.
 while read -r src; do
   [[ -e "$src" ]] || { echo "  FAIL  $df: COPY source '$src' does not exist"; dockerfile_ok=0; }
 done < <(awk '/^COPY / && !/--from=/ { for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i }' "$df")
-if ((dockerfile_ok)); then ok "$df: stages, build command, ENTRYPOINT/CMD, USER, COPY sources"; else bad "$df"; fi
-if command -v hadolint >/dev/null 2>&1; then
+if ((dockerfile_ok)); then ok "$df: stages, build command, ENTRYPOINT/CMD, USER, workspace members and COPY sources, OpenSSL packages"; else bad "$df"; fi
+if have hadolint; then
   if hadolint "$df"; then ok "hadolint $df"; else bad "hadolint $df"; fi
 fi
-skip "docker build: no Docker engine on this machine"
+skip "docker build, docker compose up, kubectl apply: no Docker engine or cluster on this machine"
 
 if ((fail)); then
   echo "deploy validation: FAILED"

@@ -174,9 +174,14 @@ pub async fn run(
         let rate = s.rate;
         tokio::spawn(async move {
             let from = started.elapsed();
-            let r =
-                tally_producers::produce(&brokers, &topic, Generator::new(gen), Some(rate), false)
-                    .await;
+            let r = tally_producers::produce(
+                &tally_producers::connection(&brokers),
+                &topic,
+                Generator::new(gen),
+                Some(rate),
+                false,
+            )
+            .await;
             (r, from, started.elapsed())
         })
     });

@@ -104,9 +104,15 @@ async fn produce(
     encoding: Encoding,
 ) -> anyhow::Result<Duration> {
     let gen = Generator::new(setup::gen_config(count, seed, encoding, 60));
-    let r = tally_producers::produce(&cfg.kafka.brokers, topic, gen, None, true)
-        .await
-        .with_context(|| format!("producing to {topic}"))?;
+    let r = tally_producers::produce(
+        &tally_producers::connection(&cfg.kafka.brokers),
+        topic,
+        gen,
+        None,
+        true,
+    )
+    .await
+    .with_context(|| format!("producing to {topic}"))?;
     if r.good != count {
         bail!(
             "produced {} good events to {topic}, expected {count}",

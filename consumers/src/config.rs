@@ -11,7 +11,11 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+mod ingest;
+mod security;
 mod topics;
+pub use ingest::IngestConfig;
+pub use security::{KAFKA_PROTOCOLS, PG_SSLMODES, SASL_MECHANISMS};
 pub use topics::TopicConfig;
 
 const DEFAULTS: &str = include_str!("config.defaults.toml");
@@ -44,6 +48,18 @@ pub struct KafkaConfig {
     pub commit_interval_ms: u64,
     pub replication_factor: i32,
     pub topic_config: TopicConfig,
+    pub security_protocol: String,
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    pub sasl_password: String,
+    pub sasl_password_file: String,
+    pub ssl_ca_location: String,
+    pub ssl_certificate_location: String,
+    pub ssl_key_location: String,
+    pub ssl_key_password: String,
+    pub ssl_key_password_file: String,
+    pub ssl_endpoint_identification: bool,
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -51,6 +67,12 @@ pub struct KafkaConfig {
 pub struct PostgresConfig {
     pub url: String,
     pub max_connections: u32,
+    pub password: String,
+    pub password_file: String,
+    pub sslmode: String,
+    pub ssl_root_cert: String,
+    pub ssl_client_cert: String,
+    pub ssl_client_key: String,
 }
 
 #[derive(Clone, Deserialize)]
@@ -60,6 +82,8 @@ pub struct ClickHouseConfig {
     pub database: String,
     pub user: String,
     pub password: String,
+    pub password_file: String,
+    pub ca_file: String,
 }
 
 #[derive(Clone, Deserialize)]
@@ -67,6 +91,10 @@ pub struct ClickHouseConfig {
 pub struct RegistryConfig {
     pub url: String,
     pub timeout_ms: u64,
+    pub username: String,
+    pub password: String,
+    pub password_file: String,
+    pub ca_file: String,
 }
 
 #[derive(Clone, Deserialize)]
@@ -107,6 +135,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub opa: crate::streams::policy::opa::OpaMapping,
     pub audit: AuditConfig,
+    pub ingest: IngestConfig,
 }
 
 /// Which input streams `tally run` consumes.
@@ -135,7 +164,9 @@ pub struct AuditConfig {
     pub partitions: i32,
     pub checkpoint_topic: String,
     pub signing_key: String,
+    pub signing_key_file: String,
     pub pseudonym_key: String,
+    pub pseudonym_key_file: String,
     pub pseudonym_key_version: u32,
     pub max_user_agent_bytes: usize,
     pub max_details_bytes: usize,
@@ -238,7 +269,8 @@ impl Config {
                 &format!("environment variable {name}"),
             )?;
         }
-        let config = build(merged)?;
+        let mut config = build(merged)?;
+        security::resolve_secret_files(&mut config)?;
         config.validate()?;
         Ok(config)
     }
@@ -287,12 +319,7 @@ impl Config {
                 "must start with http:// or https://",
             ));
         }
-        if !self.registry.url.is_empty() && !self.registry.url.starts_with("http://") {
-            return Err(invalid(
-                "registry.url",
-                "must be empty or start with http://",
-            ));
-        }
+        security::validate(self)?;
         if self.pipeline.batch_max_messages == 0 || self.pipeline.batch_max_messages > 1_000_000 {
             return Err(invalid(
                 "pipeline.batch_max_messages",
@@ -359,6 +386,7 @@ impl Config {
         if !self.audit.pseudonym_key.trim().is_empty() {
             self.audit.pseudonym_key()?;
         }
+        self.ingest.validate()?;
         if !(self.streams.usage || self.streams.policy || self.streams.audit) {
             return Err(invalid(
                 "streams",
@@ -540,6 +568,7 @@ fn build(merged: toml::Table) -> Result<Config, ConfigError> {
         policy: section(&merged, "policy")?,
         opa: section(&merged, "opa")?,
         audit: section(&merged, "audit")?,
+        ingest: section(&merged, "ingest")?,
     })
 }
 
@@ -563,6 +592,7 @@ impl fmt::Debug for Config {
             .field("kafka.brokers", &self.kafka.brokers)
             .field("kafka.group_id", &self.kafka.group_id)
             .field("kafka.usage_topic", &self.kafka.usage_topic)
+            .field("kafka.security_protocol", &self.kafka.security_protocol)
             .field("postgres.url", &redact_url(&self.postgres.url))
             .field("clickhouse.url", &self.clickhouse.url)
             .field(
@@ -573,6 +603,8 @@ impl fmt::Debug for Config {
                     "***"
                 },
             )
+            .field("clickhouse.ca_file", &self.clickhouse.ca_file)
+            .field("postgres.sslmode", &self.postgres.sslmode)
             .field("registry.url", &self.registry.url)
             .field(
                 "pipeline.batch_max_messages",

@@ -1,5 +1,7 @@
-//! The `tally` command: migrate, seed, run, gen, report, reset-offsets, wait-idle,
-//! prices and budgets import (`tally::cli::import`), audit (`tally::cli::audit`). The benchmark is its own binary, `tally-bench` (bench/).
+//! The `tally` command: migrate, seed, run, ingest, gen, report, reset-offsets,
+//! wait-idle, prices and budgets import (`tally::cli::import`), dlq redrive
+//! (`tally::cli::dlq`), audit (`tally::cli::audit`). The benchmark is its own
+//! binary, `tally-bench` (bench/).
 
 use anyhow::bail;
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
@@ -39,6 +41,9 @@ enum Command {
     },
     /// Run the pipeline until SIGTERM/SIGINT.
     Run,
+    /// Serve Open Policy Agent's decision-log upload API (POST ingest.path): every
+    /// event to policy.topic, 200 only once Kafka acknowledged all. SIGTERM drains.
+    Ingest(tally::cli::ingest::IngestArgs),
     /// Produce generated traffic: usage (default), policy decisions, audit events or all.
     Gen(GenArgs),
     /// Print spend, budgets, decisions, audit logs, violations and dead letters
@@ -73,6 +78,11 @@ enum Command {
     WaitIdle {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+    },
+    /// Dead-letter topics: re-drive letters of chosen classes once their cause is fixed.
+    Dlq {
+        #[command(subcommand)]
+        command: tally::cli::dlq::DlqCommand,
     },
     /// The tamper-evident audit log: signing keys, verification, offline proofs
     /// (docs/audit-log.md). Exit codes: 0 ok, 1 error, 2 usage, 3 tampered, 4 not covered yet.
@@ -191,6 +201,15 @@ async fn main() {
     if let Command::Audit { command } = cli.command {
         std::process::exit(tally::cli::audit::run(command, cli.config.as_deref()).await);
     }
+    if let Command::Dlq {
+        command: tally::cli::dlq::DlqCommand::Redrive(args),
+    } = &cli.command
+    {
+        if let Err(e) = tally::cli::dlq::options(args) {
+            eprintln!("tally dlq redrive: {e}");
+            std::process::exit(2);
+        }
+    }
     if let Err(e) = tally::engine::failpoint::check_env() {
         eprintln!("tally: {e}");
         std::process::exit(2);
@@ -246,6 +265,11 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
             let shutdown = shutdown_on_signals();
             tally::engine::runner::run(cfg, shutdown).await?;
         }
+        Command::Ingest(args) => {
+            let shutdown = shutdown_on_signals();
+            tally::cli::ingest::run(&args, cfg, shutdown).await?;
+        }
+        Command::Dlq { command } => print!("{}", tally::cli::dlq::run(&cfg, &command).await?),
         Command::Gen(args) => {
             if args.encoding == Encoding::Confluent && cfg.registry.url.is_empty() {
                 bail!("--encoding confluent needs a schema registry (registry.url / TALLY__REGISTRY__URL)");
@@ -256,8 +280,12 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 policy: cfg.policy.topic.clone(),
                 audit: cfg.audit.topic.clone(),
             };
-            for (topic, report) in
-                tally_producers::cli::run(&cfg.kafka.brokers, &topics, &opts).await?
+            for (topic, report) in tally_producers::cli::run(
+                &tally::sinks::kafka_client::KafkaClient::new(&cfg.kafka).config(),
+                &topics,
+                &opts,
+            )
+            .await?
             {
                 println!(
                     "gen: sent {} messages to {topic} ({} new events, {} duplicates, {} malformed) in {:.1} s, seed {}",

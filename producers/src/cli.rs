@@ -170,7 +170,7 @@ pub fn configs(opts: &GenOptions) -> Configs {
 
 /// Produces the chosen streams to their topics; returns (topic, report) per stream.
 pub async fn run(
-    brokers: &str,
+    connection: &rdkafka::ClientConfig,
     topics: &Topics,
     opts: &GenOptions,
 ) -> anyhow::Result<Vec<(String, ProduceReport)>> {
@@ -179,12 +179,20 @@ pub async fn run(
     let topic = |default: &String| opts.topic.clone().unwrap_or_else(|| default.clone());
     let mut out = Vec::new();
     if let Some(g) = c.usage {
-        out.push(send(brokers, topic(&topics.usage), Generator::new(g), opts.rate).await?);
+        out.push(
+            send(
+                connection,
+                topic(&topics.usage),
+                Generator::new(g),
+                opts.rate,
+            )
+            .await?,
+        );
     }
     if let Some(p) = c.policy {
         out.push(
             send(
-                brokers,
+                connection,
                 topic(&topics.policy),
                 PolicyGenerator::new(p),
                 opts.rate,
@@ -195,7 +203,7 @@ pub async fn run(
     if let Some(a) = c.audit {
         out.push(
             send(
-                brokers,
+                connection,
                 topic(&topics.audit),
                 AuditGenerator::new(a),
                 opts.rate,
@@ -207,12 +215,12 @@ pub async fn run(
 }
 
 async fn send<M: Outgoing, I: Iterator<Item = M>>(
-    brokers: &str,
+    connection: &rdkafka::ClientConfig,
     topic: String,
     msgs: I,
     rate: Option<u64>,
 ) -> anyhow::Result<(String, ProduceReport)> {
-    let report = produce(brokers, &topic, msgs, rate, true)
+    let report = produce(connection, &topic, msgs, rate, true)
         .await
         .with_context(|| format!("producing generated traffic to {topic}"))?;
     Ok((topic, report))

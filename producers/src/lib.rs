@@ -24,5 +24,5 @@ pub use gen_audit::{
     PRIVILEGED_ACTIONS,
 };
 pub use gen_policy::{PolicyGenConfig, PolicyGenerator, PolicyMessage};
-pub use produce::{produce, ProduceReport};
+pub use produce::{connection, produce, ProduceReport};
 pub use world::{demo_world, BudgetPeriod, BudgetScope, BudgetSpec, PriceSpec, TenantSpec, World};

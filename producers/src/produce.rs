@@ -28,16 +28,27 @@ pub struct ProduceReport {
     pub elapsed: Duration,
 }
 
-/// The producer configuration `produce` uses.
-pub fn producer_config(brokers: &str) -> ClientConfig {
+/// Plain-text connection settings to `brokers` (tally's own commands pass
+/// theirs, with TLS and SASL, from `tally::sinks::kafka_client`).
+pub fn connection(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("acks", "all")
+    c.set("bootstrap.servers", brokers);
+    c
+}
+
+/// The producer configuration `produce` uses: `connection` plus its own settings.
+pub fn producer_config(connection: &ClientConfig) -> ClientConfig {
+    let mut c = connection.clone();
+    c.set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("compression.type", "none")
         .set("queue.buffering.max.messages", "500000")
         .set("message.timeout.ms", "120000");
+    // Uncompressed unless the connection asks for a codec (e.g. zstd, as
+    // upstream producers often do).
+    if c.get("compression.type").is_none() {
+        c.set("compression.type", "none");
+    }
     c
 }
 
@@ -58,13 +69,17 @@ async fn settle(fut: DeliveryFuture) -> anyhow::Result<()> {
 /// With `progress`, a line `gen: sent N/M (X msg/s)` goes to stderr about
 /// every 2 s (M is the iterator's upper size hint, `?` if unknown).
 pub async fn produce<M: Outgoing, I: Iterator<Item = M>>(
-    brokers: &str,
+    connection: &ClientConfig,
     topic: &str,
     msgs: I,
     rate_per_sec: Option<u64>,
     progress: bool,
 ) -> anyhow::Result<ProduceReport> {
-    let producer: FutureProducer = producer_config(brokers)
+    let brokers = connection
+        .get("bootstrap.servers")
+        .unwrap_or("?")
+        .to_string();
+    let producer: FutureProducer = producer_config(connection)
         .create()
         .with_context(|| format!("creating kafka producer for {brokers}"))?;
     let total = msgs
@@ -178,7 +193,7 @@ mod tests {
     fn rate_math() {
         assert_eq!(per_sec(5000, Duration::from_secs(2)), 2500);
         assert_eq!(per_sec(0, Duration::ZERO), 0);
-        let c = producer_config("localhost:9092");
+        let c = producer_config(&connection("localhost:9092"));
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("enable.idempotence"), Some("true"));
     }

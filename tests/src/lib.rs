@@ -18,10 +18,12 @@ use tally_producers::{GenKind, GenMessage, World};
 use tally_schemas::UsageEvent;
 
 mod checks;
+pub mod opa;
 pub mod streams;
 pub use checks::*;
 pub mod prom;
 pub mod servers;
+pub mod tls;
 
 /// The checkout under test, decided at run time so that a test binary never drives
 /// another checkout's scripts (see [`find_repo_root`]); resolved once per process.
@@ -697,7 +699,24 @@ pub async fn actual_budget_crossings(
 /// A stand-in for a Confluent Schema Registry: answers `GET /schemas/ids/{id}`
 /// for the ids it was given and 404 for any other. Returns its base URL.
 pub async fn registry_stub(schemas: Vec<(u32, String)>) -> anyhow::Result<String> {
+    registry_stub_with_auth(schemas, None).await
+}
+
+/// [`registry_stub`] that answers 401 unless the request carries HTTP basic
+/// auth with exactly `credentials` (user, password).
+pub async fn registry_stub_with_auth(
+    schemas: Vec<(u32, String)>,
+    credentials: Option<(&str, &str)>,
+) -> anyhow::Result<String> {
+    use base64::Engine as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let expected: Option<String> = credentials.map(|(u, p)| {
+        format!(
+            "authorization: basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+        .to_ascii_lowercase()
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let schemas: std::sync::Arc<HashMap<u32, String>> =
@@ -708,6 +727,7 @@ pub async fn registry_stub(schemas: Vec<(u32, String)>) -> anyhow::Result<String
                 return;
             };
             let schemas = schemas.clone();
+            let expected = expected.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let mut n = 0;
@@ -726,7 +746,14 @@ pub async fn registry_stub(schemas: Vec<(u32, String)>) -> anyhow::Result<String
                 let id = path
                     .strip_prefix("/schemas/ids/")
                     .and_then(|s| s.parse::<u32>().ok());
+                let authorized = expected.as_ref().is_none_or(|want| {
+                    head.lines().any(|l| l.trim().to_ascii_lowercase() == *want)
+                });
                 let (status, body) = match id.and_then(|i| schemas.get(&i)) {
+                    _ if !authorized => (
+                        "401 Unauthorized",
+                        r#"{"error_code":401,"message":"Unauthorized"}"#.to_string(),
+                    ),
                     Some(s) => ("200 OK", serde_json::json!({ "schema": s }).to_string()),
                     None => (
                         "404 Not Found",
@@ -752,7 +779,7 @@ pub fn generate(cfg: tally_producers::GenConfig) -> Vec<GenMessage> {
 /// Produces messages (clones) to the test's usage topic, optionally paced.
 pub async fn produce(env: &TestEnv, msgs: &[GenMessage], rate: Option<u64>) -> anyhow::Result<()> {
     let report = tally_producers::produce(
-        &env.cfg.kafka.brokers,
+        &tally_producers::connection(&env.cfg.kafka.brokers),
         &env.cfg.kafka.usage_topic,
         msgs.iter().cloned(),
         rate,
@@ -802,7 +829,14 @@ pub fn spawn_producer(
         msgs.to_vec(),
     );
     tokio::spawn(async move {
-        tally_producers::produce(&brokers, &topic, msgs.into_iter(), Some(rate), false).await
+        tally_producers::produce(
+            &tally_producers::connection(&brokers),
+            &topic,
+            msgs.into_iter(),
+            Some(rate),
+            false,
+        )
+        .await
     })
 }
 

@@ -80,16 +80,66 @@ pub struct PrivateClickHouse {
     pub dir: PathBuf,
     pub http_port: u16,
     pub tcp_port: u16,
+    /// With [`PrivateClickHouse::start_tls`]: the HTTPS port.
+    pub https_port: Option<u16>,
     child: Option<Child>,
+}
+
+/// HTTPS for a private ClickHouse: its certificate and key (PEM), and a user
+/// `tally` with this password (the `default` user stays password-less on the
+/// plain HTTP port, for the test's own setup queries).
+pub struct ClickHouseTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub tally_password: &'a str,
 }
 
 impl PrivateClickHouse {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// A private ClickHouse that also serves HTTPS (18.16's own `https_port`).
+    pub fn start_tls(tls: &ClickHouseTls<'_>) -> anyhow::Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ClickHouseTls<'_>>) -> anyhow::Result<Self> {
         let dir = private_dir("clickhouse")?;
         for sub in ["etc", "log", "data", "tmp", "user_files", "format_schemas"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         let (http_port, tcp_port) = (free_port()?, free_port()?);
+        let https_port = match tls {
+            Some(_) => Some(free_port()?),
+            None => None,
+        };
+        let https = match (tls, https_port) {
+            (Some(t), Some(port)) => format!(
+                "<https_port>{port}</https_port>
+    <openSSL><server>
+        <certificateFile>{}</certificateFile><privateKeyFile>{}</privateKeyFile>
+        <verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile>
+        <cacheSessions>true</cacheSessions><disableProtocols>sslv2,sslv3</disableProtocols>
+        <preferServerCiphers>true</preferServerCiphers>
+    </server></openSSL>",
+                t.cert.display(),
+                t.key.display()
+            ),
+            _ => String::new(),
+        };
+        let tally_user = match tls {
+            Some(t) => format!(
+                "<tally>
+            <password>{}</password>
+            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </tally>",
+                t.tally_password
+            ),
+            None => String::new(),
+        };
         let d = dir.display();
         std::fs::write(
             dir.join("etc/config.xml"),
@@ -106,6 +156,7 @@ impl PrivateClickHouse {
     <listen_host>127.0.0.1</listen_host>
     <http_port>{http_port}</http_port>
     <tcp_port>{tcp_port}</tcp_port>
+    {https}
     <path>{d}/data/</path>
     <tmp_path>{d}/tmp/</tmp_path>
     <user_files_path>{d}/user_files/</user_files_path>
@@ -124,7 +175,8 @@ impl PrivateClickHouse {
         )?;
         std::fs::write(
             dir.join("etc/users.xml"),
-            r#"<?xml version="1.0"?>
+            format!(
+                r#"<?xml version="1.0"?>
 <yandex>
     <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
     <users>
@@ -134,17 +186,20 @@ impl PrivateClickHouse {
             <profile>default</profile>
             <quota>default</quota>
         </default>
+        {tally_user}
     </users>
     <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
         <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time>
     </interval></default></quotas>
 </yandex>
-"#,
+"#
+            ),
         )?;
         let mut ch = Self {
             dir,
             http_port,
             tcp_port,
+            https_port,
             child: None,
         };
         ch.restart()?;
@@ -247,6 +302,63 @@ impl PrivatePostgres {
             ],
         )?;
         pg.start_again()?;
+        Ok(pg)
+    }
+
+    /// A private cluster that takes TCP connections only over TLS (`hostssl`,
+    /// `hostnossl ... reject`) with SCRAM passwords; `postgres` gets
+    /// `password`. The Unix socket stays trust-only, for the setup itself.
+    pub fn start_tls(cert: &Path, key: &Path, password: &str) -> anyhow::Result<Self> {
+        let pg = Self::start()?;
+        pg.stop()?;
+        let data = pg.data();
+        std::fs::copy(cert, data.join("server.crt"))?;
+        std::fs::copy(key, data.join("server.key"))?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )?;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\npassword_encryption = 'scram-sha-256'\n",
+        )?;
+        if pg.as_postgres {
+            for f in ["server.crt", "server.key", "pg_hba.conf", "postgresql.conf"] {
+                let path = data.join(f).display().to_string();
+                let ok = Command::new("chown")
+                    .args(["postgres:postgres", &path])
+                    .status()?
+                    .success();
+                anyhow::ensure!(ok, "chown {path}");
+            }
+        }
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        pg.start_again()?;
+        pg.run(
+            "psql",
+            &[
+                "-h",
+                &pg.dir.display().to_string(),
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                &format!("ALTER ROLE postgres PASSWORD '{password}'"),
+            ],
+        )?;
         Ok(pg)
     }
 

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Instant;
 use tally_tests::*;
 
-const PG_TABLES: [&str; 16] = [
+const PG_TABLES: [&str; 18] = [
     "tenants",
     "teams",
     "projects",
@@ -27,6 +27,8 @@ const PG_TABLES: [&str; 16] = [
     "dead_letters",
     "relay_attempts",
     "topic_epochs",
+    "dlq_redrive_runs",
+    "dlq_redrives",
 ];
 
 const CH_TABLES: [&str; 10] = [

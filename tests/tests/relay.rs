@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally::engine::relay::{self, RelayConfig};
 use tally::metrics::Metrics;
+use tally::sinks::kafka_client::KafkaClient;
 use tally_schemas::{encode_json, sample_compliance_violation, ComplianceViolation};
 use tally_tests::*;
 use uuid::Uuid;
@@ -57,7 +58,7 @@ async fn interrupted_publish_is_reconciled_not_repeated() -> anyhow::Result<()> 
     // A previous leader noted the topic's end, sent the first 6, and died
     // before marking them published, long enough ago that its delivery
     // window is over (settle_after now).
-    let ends = relay::end_offsets(&env.cfg.kafka.brokers, &topic).await?;
+    let ends = relay::end_offsets(&KafkaClient::new(&env.cfg.kafka), &topic).await?;
     let ids: Vec<Uuid> = vs.iter().map(|v| v.violation_id).collect();
     sqlx::query(
         "INSERT INTO tally.relay_attempts (topic, end_offsets, violation_ids, settle_after) VALUES ($1, $2, $3, now())",
@@ -67,7 +68,7 @@ async fn interrupted_publish_is_reconciled_not_repeated() -> anyhow::Result<()> 
     .bind(&ids)
     .execute(&env.pool)
     .await?;
-    let producer = tally::engine::dlq::producer(&env.cfg.kafka.brokers, &[])?;
+    let producer = tally::engine::dlq::producer(&KafkaClient::new(&env.cfg.kafka), &[])?;
     for v in &vs[..6] {
         let payload = encode_json(v);
         let record = rdkafka::producer::FutureRecord::to(&topic)
@@ -81,9 +82,9 @@ async fn interrupted_publish_is_reconciled_not_repeated() -> anyhow::Result<()> 
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     let cfg = RelayConfig {
-        brokers: env.cfg.kafka.brokers.clone(),
+        kafka: KafkaClient::new(&env.cfg.kafka),
         topic: topic.clone(),
-        postgres_url: env.cfg.postgres.url.clone(),
+        postgres: tally::sinks::postgres::pg_options(&env.cfg)?,
         batch: 100,
     };
     let task = tokio::spawn(relay::run(

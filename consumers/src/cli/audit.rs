@@ -194,7 +194,9 @@ async fn connect(cfg: &Config) -> Result<(clickhouse::Client, sqlx::PgPool), Fai
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&cfg.postgres.url)
+        .connect_with(
+            crate::sinks::postgres::pg_options(cfg).map_err(|e| Fail::Error(e.to_string()))?,
+        )
         .await
         .map_err(|e| Fail::Error(format!("postgres: connect: {e}")))?;
     Ok((store::clickhouse_client(&cfg.clickhouse), pool))

@@ -206,7 +206,11 @@ async fn topic_caught_up(
     group: &str,
     topic: &str,
 ) -> Result<bool, StageError> {
-    let ends = crate::engine::relay::end_offsets(&cfg.kafka.brokers, topic).await?;
+    let ends = crate::engine::relay::end_offsets(
+        &crate::sinks::kafka_client::KafkaClient::new(&cfg.kafka),
+        topic,
+    )
+    .await?;
     let offsets: Vec<(i32, i64)> = sqlx::query_as(
         "SELECT partition, next_offset FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2",
     )

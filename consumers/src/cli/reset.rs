@@ -77,8 +77,8 @@ pub fn target_offset(to: ResetTo, low: i64, high: i64) -> Result<i64, String> {
 /// Runs the command; returns what it printed (the plan, and what was done).
 pub async fn run(cfg: &Config, args: &ResetArgs) -> Result<String, StageError> {
     let group = cfg.group_for(cfg.stream_of_topic(&args.topic).unwrap_or("usage"));
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
+    let consumer: BaseConsumer = crate::sinks::kafka_client::KafkaClient::new(&cfg.kafka)
+        .config()
         .set("group.id", format!("{group}-reset-offsets"))
         .create()
         .map_err(|e| StageError::Fatal(format!("kafka client: {e}")))?;

@@ -9,6 +9,7 @@
 
 use crate::config::Config;
 use crate::errors::{classify_kafka, StageError};
+use crate::sinks::kafka_client::KafkaClient;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -58,10 +59,10 @@ pub struct Cluster {
 /// Reads the metadata of every topic (asking for all topics never creates one,
 /// even on a broker that auto-creates topics asked for by name).
 pub async fn describe(cfg: &Config) -> Result<Cluster, StageError> {
-    let brokers = cfg.kafka.brokers.clone();
+    let client = KafkaClient::new(&cfg.kafka);
     tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
+        let c: BaseConsumer = client
+            .config()
             .create()
             .map_err(|e| StageError::Fatal(format!("kafka client: {e}")))?;
         let md = c
@@ -146,10 +147,11 @@ pub async fn create(cfg: &Config) -> Result<Vec<String>, StageError> {
             cfg.kafka.brokers, cluster.brokers
         )));
     }
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .create()
-        .map_err(|e| StageError::Fatal(format!("kafka admin: {e}")))?;
+    let admin: AdminClient<DefaultClientContext> =
+        KafkaClient::new(&cfg.kafka)
+            .config()
+            .create()
+            .map_err(|e| StageError::Fatal(format!("kafka admin: {e}")))?;
     let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {

@@ -47,10 +47,14 @@ pub struct Decoding {
 impl Decoding {
     pub fn new(cfg: &Config) -> Self {
         let registry = (!cfg.registry.url.is_empty()).then(|| {
-            RegistryClient::new(
-                &cfg.registry.url,
-                Duration::from_millis(cfg.registry.timeout_ms),
-            )
+            RegistryClient::from_config(&cfg.registry).unwrap_or_else(|e| {
+                // The CA file was checked at load; this cannot happen in practice.
+                tracing::error!(error = %e, "schema registry TLS setup failed; using the system CAs");
+                RegistryClient::new(
+                    &cfg.registry.url,
+                    Duration::from_millis(cfg.registry.timeout_ms),
+                )
+            })
         });
         Self {
             decoder: Decoder::new(),

@@ -22,10 +22,12 @@ pub struct Poison<'a> {
     pub message: &'a str,
 }
 
-pub fn producer(brokers: &str, extra: &[(&str, &str)]) -> Result<FutureProducer, StageError> {
-    let mut cfg = rdkafka::ClientConfig::new();
-    cfg.set("bootstrap.servers", brokers)
-        .set("acks", "all")
+pub fn producer(
+    kafka: &crate::sinks::kafka_client::KafkaClient,
+    extra: &[(&str, &str)],
+) -> Result<FutureProducer, StageError> {
+    let mut cfg = kafka.config();
+    cfg.set("acks", "all")
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000")
         .set("linger.ms", "5");

@@ -32,6 +32,7 @@ pub const POINTS: &[&str] = &[
     "after_commit",
     "relay_before_send",
     "relay_after_publish",
+    "redrive_after_produce",
 ];
 
 /// Refuses `TALLY_FAILPOINTS` in a build without failpoints (a test that arms

@@ -127,12 +127,12 @@ impl<S: Stream> Pipeline<S> {
             topic: route.topic.clone(),
         };
         let session = cfg.kafka.session_timeout_ms;
-        let mut client = rdkafka::ClientConfig::new();
+        let kafka = crate::sinks::kafka_client::KafkaClient::new(&cfg.kafka);
+        let mut client = kafka.config();
         if !cfg.kafka.instance_id.is_empty() {
             client.set("group.instance.id", &cfg.kafka.instance_id);
         }
         let consumer: StreamConsumer<TallyContext> = client
-            .set("bootstrap.servers", &cfg.kafka.brokers)
             .set("group.id", &route.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -156,7 +156,7 @@ impl<S: Stream> Pipeline<S> {
         consumer
             .subscribe(&[&route.topic])
             .map_err(|e| StageError::Fatal(format!("subscribe {}: {e}", route.topic)))?;
-        let dlq = dlq::producer(&cfg.kafka.brokers, &[])?;
+        let dlq = dlq::producer(&kafka, &[])?;
         let lock_conn = sqlx::PgConnection::connect_with(&lock_options(&cfg)?)
             .await
             .map_err(|e| crate::errors::classify_pg("advisory lock connection", e))?;

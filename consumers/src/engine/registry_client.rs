@@ -3,10 +3,13 @@
 //! Guarantee: a schema id the registry does not know is a poison message
 //! (dead-lettered as `unknown_schema_id`); a registry that cannot be reached or
 //! answers 5xx is Retryable, so an outage delays messages but never dead-letters them.
+//! An https:// registry is verified against `registry.ca_file` (or the system's
+//! CAs); basic-auth credentials never appear in an error.
 
 use crate::errors::StageError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
@@ -22,17 +25,40 @@ pub enum Lookup {
 pub struct RegistryClient {
     base: String,
     timeout: Duration,
-    http: Client<HttpConnector, Empty<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    /// `Basic <base64>` when registry.username is set.
+    authorization: Option<String>,
 }
 
 impl RegistryClient {
+    /// No credentials; an https:// URL is verified against the system's CAs.
     pub fn new(base: &str, timeout: Duration) -> Self {
-        let http = Client::builder(TokioExecutor::new()).build_http();
+        let connector = HttpsConnector::new();
         Self {
             base: base.trim_end_matches('/').to_string(),
             timeout,
-            http,
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            authorization: None,
         }
+    }
+
+    /// From `[registry]`: its CA file and basic-auth credentials.
+    pub fn from_config(cfg: &crate::config::RegistryConfig) -> Result<Self, StageError> {
+        use base64::Engine as _;
+        let connector = crate::sinks::https::connector(&cfg.ca_file, "registry.ca_file")?;
+        let authorization = (!cfg.username.is_empty()).then(|| {
+            let pair = format!("{}:{}", cfg.username, cfg.password);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            )
+        });
+        Ok(Self {
+            base: cfg.url.trim_end_matches('/').to_string(),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            authorization,
+        })
     }
 
     /// Makes sure `id` is registered in `decoder`, fetching it if needed.
@@ -44,7 +70,14 @@ impl RegistryClient {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| StageError::Fatal(format!("registry url {url}: {e}")))?;
-        let resp = tokio::time::timeout(self.timeout, self.http.get(uri))
+        let mut request = hyper::Request::get(uri);
+        if let Some(auth) = &self.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, auth);
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| StageError::Fatal(format!("registry request {url}: {e}")))?;
+        let resp = tokio::time::timeout(self.timeout, self.http.request(request))
             .await
             .map_err(|_| StageError::Retryable(format!("schema registry timed out: {url}")))?
             .map_err(|e| StageError::Retryable(format!("schema registry {url}: {e}")))?;
@@ -56,6 +89,13 @@ impl RegistryClient {
             .to_bytes();
         if status.as_u16() == 404 {
             return Ok(Lookup::Unknown);
+        }
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            // Wrong or missing credentials: no message is poison for it, and
+            // retrying will not help until the configuration is fixed.
+            return Err(StageError::Fatal(format!(
+                "schema registry {url}: HTTP {status} (check registry.username and registry.password)"
+            )));
         }
         if !status.is_success() {
             return Err(StageError::Retryable(format!(

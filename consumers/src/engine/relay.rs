@@ -34,6 +34,7 @@
 
 use crate::errors::{classify_kafka, pg, StageError};
 use crate::metrics::Metrics;
+use crate::sinks::kafka_client::KafkaClient;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -44,7 +45,6 @@ use rust_decimal::Decimal;
 use sqlx::postgres::PgPool;
 use sqlx::{Connection, Row};
 use std::collections::HashSet;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_schemas::{encode_json, ComplianceViolation, Severity};
@@ -65,9 +65,9 @@ pub const LOCK_APPLICATION_NAME: &str = "tally-relay-lock";
 
 #[derive(Clone)]
 pub struct RelayConfig {
-    pub brokers: String,
+    pub kafka: crate::sinks::kafka_client::KafkaClient,
     pub topic: String,
-    pub postgres_url: String,
+    pub postgres: sqlx::postgres::PgConnectOptions,
     pub batch: i64,
 }
 
@@ -80,7 +80,7 @@ pub async fn run(
 ) -> Result<(), StageError> {
     let timeout_ms = DELIVERY_TIMEOUT.as_millis().to_string();
     let producer =
-        crate::engine::dlq::producer(&cfg.brokers, &[("message.timeout.ms", &timeout_ms)])?;
+        crate::engine::dlq::producer(&cfg.kafka, &[("message.timeout.ms", &timeout_ms)])?;
     // Recorded with each attempt, for operators: which process claimed what.
     let host = std::env::var("HOSTNAME")
         .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
@@ -114,8 +114,9 @@ async fn relay_while_leader(
 ) -> Result<(), StageError> {
     // The advisory lock lives as long as this connection: a crashed leader's
     // lock is released by Postgres when its connection drops.
-    let opts = sqlx::postgres::PgConnectOptions::from_str(&cfg.postgres_url)
-        .map_err(|e| StageError::Fatal(format!("config key `postgres.url`: {e}")))?
+    let opts = cfg
+        .postgres
+        .clone()
         .application_name(&format!("{LOCK_APPLICATION_NAME}:{}", std::process::id()));
     let mut lock_conn = sqlx::PgConnection::connect_with(&opts)
         .await
@@ -252,7 +253,7 @@ async fn publish_once(
         return Ok(0);
     }
     // Noted before the claim: every send of this attempt lands at or after them.
-    let ends = end_offsets(&cfg.brokers, &cfg.topic).await?;
+    let ends = end_offsets(&cfg.kafka, &cfg.topic).await?;
     // Measured from before the claim transaction starts, so the local window
     // ends no later than the attempt's `enqueue_until` (Postgres time).
     let started = Instant::now();
@@ -388,7 +389,7 @@ async fn reconcile(cfg: &RelayConfig, pool: &PgPool) -> Result<usize, StageError
         let from: Vec<i64> = a.get(0);
         let ids: Vec<Uuid> = a.get(1);
         let owner: String = a.get(2);
-        let on_topic = ids_on_topic(&cfg.brokers, &cfg.topic, &from).await?;
+        let on_topic = ids_on_topic(&cfg.kafka, &cfg.topic, &from).await?;
         let found: Vec<Uuid> = ids
             .iter()
             .copied()
@@ -413,9 +414,9 @@ async fn reconcile(cfg: &RelayConfig, pool: &PgPool) -> Result<usize, StageError
     Ok(settled)
 }
 
-fn scan_consumer(brokers: &str) -> Result<BaseConsumer, StageError> {
-    rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+fn scan_consumer(kafka: &KafkaClient) -> Result<BaseConsumer, StageError> {
+    kafka
+        .config()
         .set("group.id", "tally-relay-scan")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -425,11 +426,11 @@ fn scan_consumer(brokers: &str) -> Result<BaseConsumer, StageError> {
 }
 
 /// Current end (high watermark) of each partition of `topic`, by partition index.
-pub async fn end_offsets(brokers: &str, topic: &str) -> Result<Vec<i64>, StageError> {
-    let brokers = brokers.to_string();
+pub async fn end_offsets(kafka: &KafkaClient, topic: &str) -> Result<Vec<i64>, StageError> {
+    let kafka = kafka.clone();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let c = scan_consumer(&brokers)?;
+        let c = scan_consumer(&kafka)?;
         let md = c
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .map_err(|e| classify_kafka("topic metadata", &e))?;
@@ -458,16 +459,16 @@ pub async fn end_offsets(brokers: &str, topic: &str) -> Result<Vec<i64>, StageEr
 
 /// Violation ids present on `topic` from `from[p]` to the end of each partition.
 async fn ids_on_topic(
-    brokers: &str,
+    kafka: &KafkaClient,
     topic: &str,
     from: &[i64],
 ) -> Result<HashSet<Uuid>, StageError> {
-    let ends = end_offsets(brokers, topic).await?;
-    let brokers = brokers.to_string();
+    let ends = end_offsets(kafka, topic).await?;
+    let kafka = kafka.clone();
     let topic = topic.to_string();
     let from = from.to_vec();
     tokio::task::spawn_blocking(move || {
-        let c = scan_consumer(&brokers)?;
+        let c = scan_consumer(&kafka)?;
         let mut tpl = TopicPartitionList::new();
         for (p, start) in from.iter().enumerate() {
             let p = i32::try_from(p).unwrap_or(0);

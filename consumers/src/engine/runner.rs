@@ -110,9 +110,9 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
     }
     let relay_task = {
         let rc = RelayConfig {
-            brokers: cfg.kafka.brokers.clone(),
+            kafka: crate::sinks::kafka_client::KafkaClient::new(&cfg.kafka),
             topic: cfg.kafka.violation_topic.clone(),
-            postgres_url: cfg.postgres.url.clone(),
+            postgres: crate::sinks::postgres::pg_options(&cfg)?,
             batch: 1000,
         };
         tokio::spawn(crate::engine::relay_watch::supervise(
@@ -130,7 +130,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
                 .audit
                 .signer()
                 .map_err(|e| StageError::Fatal(e.to_string()))?,
-            producer: crate::engine::dlq::producer(&cfg.kafka.brokers, &[])?,
+            producer: crate::engine::dlq::producer(
+                &crate::sinks::kafka_client::KafkaClient::new(&cfg.kafka),
+                &[],
+            )?,
             topic: cfg.audit.checkpoint_topic.clone(),
             interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
             age: metrics.checkpoint_age(),

@@ -45,6 +45,30 @@ struct CountRow {
     n: u64,
 }
 
+/// A client for the configured server and database: TLS verified against
+/// `clickhouse.ca_file` for an https:// URL (validated at load, so the
+/// connector cannot fail here; if it did, the client would use the system's
+/// CAs and still verify), no row validation (18.16 lacks
+/// RowBinaryWithNamesAndTypes).
+pub fn client(cfg: &ClickHouseConfig) -> clickhouse::Client {
+    let base = match crate::sinks::https::connector(&cfg.ca_file, "clickhouse.ca_file") {
+        Ok(connector) => clickhouse::Client::with_http_client(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(2))
+                .build(connector),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "clickhouse TLS setup failed; using the system CAs");
+            clickhouse::Client::default()
+        }
+    };
+    base.with_url(&cfg.url)
+        .with_user(&cfg.user)
+        .with_password(&cfg.password)
+        .with_database(&cfg.database)
+        .with_validation(false)
+}
+
 #[derive(Clone)]
 pub struct ClickHouseSink {
     client: clickhouse::Client,
@@ -53,13 +77,7 @@ pub struct ClickHouseSink {
 
 impl ClickHouseSink {
     pub fn new(cfg: &ClickHouseConfig) -> Self {
-        let client = clickhouse::Client::default()
-            .with_url(&cfg.url)
-            .with_user(&cfg.user)
-            .with_password(&cfg.password)
-            .with_database(&cfg.database)
-            // 18.16 lacks RowBinaryWithNamesAndTypes.
-            .with_validation(false);
+        let client = client(cfg);
         Self {
             client,
             database: cfg.database.clone(),

@@ -5,4 +5,6 @@
 //! rows land exactly once.
 
 pub mod clickhouse;
+pub mod https;
+pub mod kafka_client;
 pub mod postgres;

@@ -178,12 +178,7 @@ pub fn rows(leaves: &[AuditLeaf], batch_id: u64) -> Vec<AuditRow> {
 
 /// A ClickHouse client for the configured database (18.16: no row validation).
 pub fn clickhouse_client(cfg: &crate::config::ClickHouseConfig) -> clickhouse::Client {
-    clickhouse::Client::default()
-        .with_url(&cfg.url)
-        .with_user(&cfg.user)
-        .with_password(&cfg.password)
-        .with_database(&cfg.database)
-        .with_validation(false)
+    crate::sinks::clickhouse::client(cfg)
 }
 
 /// Write `rows` into `audit_events` as one INSERT (plain: the stream engine adds its

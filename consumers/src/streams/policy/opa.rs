@@ -467,17 +467,8 @@ fn occurred_at(root: &Value) -> Result<DateTime<Utc>, OpaError> {
         .ok_or_else(|| OpaError::BadTimestamp("out of range".into()))
 }
 
-/// Maps one OPA decision-log event to a validated [`PolicyDecision`].
-pub fn map_event(v: &Value, m: &OpaMapping) -> Result<PolicyDecision, OpaError> {
-    if !is_opa_event(v) {
-        return Err(OpaError::NotAnEvent);
-    }
-    let ev = Opa::new(v)?;
-    let decision_id = match v.get("decision_id") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err(OpaError::MissingDecisionId),
-    };
-    let tenant_id = match ev.get(&m.tenant) {
+fn tenant_of(ev: &Opa<'_>, m: &OpaMapping) -> Result<String, OpaError> {
+    match ev.get(&m.tenant) {
         Found::Absent => Err(OpaError::MissingTenant {
             pointer: m.tenant.clone(),
             erased: false,
@@ -489,7 +480,27 @@ pub fn map_event(v: &Value, m: &OpaMapping) -> Result<PolicyDecision, OpaError> 
         Found::Value(t) => ident_text(t)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| OpaError::BadTenant(m.tenant.clone())),
-    }?;
+    }
+}
+
+/// The tenant of an OPA event as [`map_event`] reads it (the `tenant` pointer,
+/// `erased` honoured), without mapping the rest: what `tally ingest` keys the
+/// event's Kafka message by.
+pub fn tenant(v: &Value, m: &OpaMapping) -> Result<String, OpaError> {
+    tenant_of(&Opa::new(v)?, m)
+}
+
+/// Maps one OPA decision-log event to a validated [`PolicyDecision`].
+pub fn map_event(v: &Value, m: &OpaMapping) -> Result<PolicyDecision, OpaError> {
+    if !is_opa_event(v) {
+        return Err(OpaError::NotAnEvent);
+    }
+    let ev = Opa::new(v)?;
+    let decision_id = match v.get("decision_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(OpaError::MissingDecisionId),
+    };
+    let tenant_id = tenant_of(&ev, m)?;
     let policy_id = match v.get("path") {
         Some(Value::String(p)) => policy_from_path(p, m.policy_from_path),
         _ => None,

@@ -7,7 +7,7 @@
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 use tally_tests::*;
@@ -44,7 +44,7 @@ fn file(env: &TestEnv, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn import(env: &TestEnv, what: &str, path: &PathBuf) -> anyhow::Result<(i32, String, String)> {
+fn import(env: &TestEnv, what: &str, path: &Path) -> anyhow::Result<(i32, String, String)> {
     tally(
         &env.env,
         &[what, "import", &path.display().to_string()],

@@ -68,7 +68,7 @@ async fn all_streams_arrive_in_tenant_order() -> anyhow::Result<()> {
         topic: None,
         price_change_at: Utc.with_ymd_and_hms(2026, 2, 1, 12, 0, 0).unwrap(),
     };
-    let reports = run(&brokers, &topics, &opts).await?;
+    let reports = run(&tally_producers::connection(&brokers), &topics, &opts).await?;
     assert_eq!(reports.len(), 3);
     assert!(reports.iter().all(|(_, r)| r.sent == 1_500), "{reports:?}");
 

@@ -13,8 +13,10 @@ use std::str::FromStr;
 
 mod ingest;
 mod security;
+mod topics;
 pub use ingest::IngestConfig;
 pub use security::{KAFKA_PROTOCOLS, PG_SSLMODES, SASL_MECHANISMS};
+pub use topics::TopicConfig;
 
 const DEFAULTS: &str = include_str!("config.defaults.toml");
 
@@ -47,6 +49,8 @@ pub struct KafkaConfig {
     pub max_poll_interval_ms: u32,
     pub receive_message_max_bytes: u32,
     pub commit_interval_ms: u64,
+    pub replication_factor: i32,
+    pub topic_config: TopicConfig,
     pub security_protocol: String,
     pub sasl_mechanism: String,
     pub sasl_username: String,
@@ -298,6 +302,7 @@ impl Config {
                 "partition counts must be >= 1",
             ));
         }
+        topics::validate(self.kafka.replication_factor, &self.kafka.topic_config)?;
         if !self.postgres.url.starts_with("postgres://")
             && !self.postgres.url.starts_with("postgresql://")
         {
@@ -488,6 +493,12 @@ fn env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
             .parse::<bool>()
             .map(toml::Value::Boolean)
             .unwrap_or_else(|_| toml::Value::String(raw.into())),
+        // A table (e.g. kafka.topic_config) as a TOML inline table: `{ "retention.ms" = "1000" }`.
+        Some(toml::Value::Table(_)) => format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         _ => toml::Value::String(raw.into()),
     }
 }

@@ -1,5 +1,7 @@
 //! The `tally` command: migrate, seed, run, ingest, gen, report, reset-offsets,
-//! wait-idle, dlq redrive (`tally::cli::dlq`), audit (`tally::cli::audit`). The benchmark is its own binary, `tally-bench` (bench/).
+//! wait-idle, prices and budgets import (`tally::cli::import`), dlq redrive
+//! (`tally::cli::dlq`), audit (`tally::cli::audit`). The benchmark is its own
+//! binary, `tally-bench` (bench/).
 
 use anyhow::bail;
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
@@ -7,7 +9,6 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use tally::config::Config;
-use tally::errors::StageError;
 use tally_producers::cli::{GenOptions, StreamChoice, Topics};
 use tally_producers::{demo_world, Encoding};
 use tokio::sync::watch;
@@ -29,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Apply Postgres migrations and ClickHouse DDL, create the Kafka topics (idempotent).
-    Migrate,
+    Migrate(tally::cli::migrate::MigrateArgs),
     /// Write a generated world's tenants, teams, prices and budgets to Postgres.
     Seed {
         #[arg(long, default_value_t = 60)]
@@ -45,8 +46,19 @@ enum Command {
     Ingest(tally::cli::ingest::IngestArgs),
     /// Produce generated traffic: usage (default), policy decisions, audit events or all.
     Gen(GenArgs),
-    /// Print spend, budgets, violations and dead letters from ClickHouse and Postgres.
-    Report,
+    /// Print spend, budgets, decisions, audit logs, violations and dead letters
+    /// (filtered by --from/--to/--tenant; table, json or csv).
+    Report(tally::cli::report::ReportArgs),
+    /// The price book: `tally prices import FILE.csv` (docs/operations.md).
+    Prices {
+        #[command(subcommand)]
+        command: tally::cli::import::PricesCommand,
+    },
+    /// Budgets: `tally budgets import FILE.csv` (docs/operations.md).
+    Budgets {
+        #[command(subcommand)]
+        command: tally::cli::import::BudgetsCommand,
+    },
     /// Move the offsets of record of a topic (e.g. after it was deleted and created
     /// again), abandoning the partitions' pending batches. Without --yes: prints the plan only.
     ResetOffsets {
@@ -219,51 +231,7 @@ async fn main() {
 
 async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
     match command {
-        Command::Migrate => {
-            let pool = tally::sinks::postgres::connect_pg(&cfg).await?;
-            let applied = tally::cli::migrate::postgres(&pool).await?;
-            println!(
-                "postgres: {}",
-                if applied.is_empty() {
-                    "up to date".to_string()
-                } else {
-                    format!("applied {}", applied.join(", "))
-                }
-            );
-            let n = tally::cli::migrate::clickhouse(&cfg).await?;
-            println!(
-                "clickhouse: {n} DDL statements applied (all IF NOT EXISTS) to database {}",
-                cfg.clickhouse.database
-            );
-            let mut attempts = 0;
-            let created = loop {
-                match tally::cli::migrate::topics(&cfg).await {
-                    Ok(c) => break c,
-                    Err(StageError::Retryable(m)) if attempts < 10 => {
-                        attempts += 1;
-                        tracing::warn!(error = %m, "kafka not ready; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            println!(
-                "kafka: {}",
-                if created.is_empty() {
-                    "topics exist".to_string()
-                } else {
-                    format!("created {}", created.join(", "))
-                }
-            );
-            let forgotten =
-                tally::cli::migrate::forget_offsets_of_new_topics(&pool, &cfg, &created).await?;
-            if forgotten > 0 {
-                println!(
-                    "postgres: forgot {forgotten} offsets of record kept for an earlier topic of the same name \
-                     (the topic was just created, so they pointed past its end)"
-                );
-            }
-        }
+        Command::Migrate(args) => tally::cli::migrate::run(&cfg, &args).await?,
         Command::Seed { tenants, scale } => {
             if scale <= rust_decimal::Decimal::ZERO {
                 bail!("--scale must be > 0");
@@ -334,9 +302,12 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Report => {
-            let pool = tally::sinks::postgres::connect_pg(&cfg).await?;
-            print!("{}", tally::cli::report::report(&cfg, &pool).await?);
+        Command::Report(args) => print!("{}", tally::cli::report::run(&cfg, &args).await?),
+        Command::Prices { command } => {
+            print!("{}", tally::cli::import::run_prices(&cfg, command).await?)
+        }
+        Command::Budgets { command } => {
+            print!("{}", tally::cli::import::run_budgets(&cfg, command).await?)
         }
         Command::ResetOffsets {
             topic,

@@ -86,7 +86,7 @@ if ((rc != 0)); then
 fi
 
 log "tally report"
-"$TALLY_BIN" report
+"$TALLY_BIN" report --limit 15
 
 log "tally audit verify: every tenant's log recomputed from ClickHouse against its signed checkpoints"
 vrc=0

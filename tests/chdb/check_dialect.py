@@ -6,7 +6,8 @@ ClickHouse. This runs the same SQL in-process on chDB (PyPI `chdb-core`, a curre
 
   1. every sql/clickhouse/*.sql file in name order (DDL; split into statements on `;` at line end),
   2. every sql/clickhouse/queries/*.sql file (analyst queries, one statement each) against the
-     tables just created.
+     tables and views just created, in the database `tally` (the queries name no database:
+     they run in clickhouse.database, as `tally migrate` installs the views there).
 
 Prints one line per file, then `chdb dialect: N passed, M failed`; exits 1 on any failure.
 
@@ -136,6 +137,8 @@ def main() -> int:
             version = sess.query("SELECT version()", "TabSeparated").data().strip()
             print(f"chDB engine {version}; SQL from {sql_dir}")
             for path, single in [(p, False) for p in ddl_files] + [(p, True) for p in query_files]:
+                if single:
+                    sess.query("USE tally", "TabSeparated")
                 ok, detail = run_file(sess, path, single=single)
                 rel = path.relative_to(sql_dir)
                 if ok:

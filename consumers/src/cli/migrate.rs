@@ -1,18 +1,27 @@
-//! `tally migrate`: Postgres migrations (sqlx), ClickHouse DDL and Kafka topics.
+//! `tally migrate`: Postgres migrations (sqlx), ClickHouse DDL and analyst
+//! views, and Kafka topics (`cli::topics`; `--skip-topics` only checks them).
 //!
-//! Idempotent: re-running applies nothing new and says so.
+//! Idempotent: re-running applies nothing new and says so (the views, which
+//! hold no data, are re-created so that a changed definition reaches them).
 
 use crate::config::Config;
 use crate::errors::StageError;
 use crate::sinks::clickhouse::ClickHouseSink;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::types::RDKafkaErrorCode;
 use sqlx::postgres::PgPool;
 use std::time::Duration;
 
+/// The flags of `tally migrate`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MigrateArgs {
+    /// Create no Kafka topic (for clusters where applications may not): check
+    /// that the topics of the enabled streams exist; a missing one is an error
+    /// naming it (after the Postgres and ClickHouse migrations ran).
+    #[arg(long)]
+    pub skip_topics: bool,
+}
+
 /// ClickHouse DDL files, in order; each may hold several `;`-separated statements.
-pub const CLICKHOUSE_DDL: [(&str, &str); 7] = [
+pub const CLICKHOUSE_DDL: [(&str, &str); 8] = [
     (
         "001_database.sql",
         include_str!("../../../sql/clickhouse/001_database.sql"),
@@ -41,7 +50,18 @@ pub const CLICKHOUSE_DDL: [(&str, &str); 7] = [
         "007_policy_rollups.sql",
         include_str!("../../../sql/clickhouse/007_policy_rollups.sql"),
     ),
+    (
+        "008_analyst_views.sql",
+        include_str!("../../../sql/clickhouse/008_analyst_views.sql"),
+    ),
 ];
+
+/// The view a `CREATE VIEW IF NOT EXISTS <db>.<name>` statement creates.
+fn view_name(stmt: &str) -> Option<&str> {
+    let rest = stmt.strip_prefix("CREATE VIEW IF NOT EXISTS ")?;
+    let qualified = rest.split_whitespace().next()?;
+    qualified.rsplit('.').next()
+}
 
 /// Splits a DDL file into statements (ClickHouse's HTTP interface takes one per request).
 pub fn statements(sql: &str) -> Vec<String> {
@@ -90,6 +110,9 @@ pub async fn clickhouse(cfg: &Config) -> Result<usize, StageError> {
                     "DATABASE IF NOT EXISTS tally",
                     &format!("DATABASE IF NOT EXISTS {}", cfg.clickhouse.database),
                 );
+            if let Some(view) = view_name(&stmt) {
+                drop_view(&sink, &cfg.clickhouse.database, view).await?;
+            }
             sink.execute(&stmt)
                 .await
                 .map_err(|e| StageError::Fatal(format!("clickhouse DDL {name}: {e}")))?;
@@ -138,42 +161,34 @@ async fn upgrade_audit_events(sink: &ClickHouseSink, db: &str) -> Result<(), Sta
     sink.execute(&format!("DROP TABLE {db}.audit_events")).await
 }
 
-/// Creates the topics with their partition counts; "already exists" is success.
-pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
-    let admin: AdminClient<DefaultClientContext> =
-        crate::sinks::kafka_client::KafkaClient::new(&cfg.kafka)
-            .config()
-            .create()
-            .map_err(|e| StageError::Fatal(format!("kafka admin: {e}")))?;
-    let k = &cfg.kafka;
-    let wanted = [
-        (k.usage_topic.as_str(), k.usage_partitions),
-        (k.dlq_topic.as_str(), k.usage_partitions),
-        (k.violation_topic.as_str(), k.violation_partitions),
-        (cfg.policy.topic.as_str(), cfg.policy.partitions),
-        (cfg.policy.dlq_topic.as_str(), cfg.policy.partitions),
-        (cfg.audit.topic.as_str(), cfg.audit.partitions),
-        (cfg.audit.dlq_topic.as_str(), cfg.audit.partitions),
-        (cfg.audit.checkpoint_topic.as_str(), cfg.audit.partitions),
-    ];
-    let new: Vec<NewTopic<'_>> = wanted
-        .iter()
-        .map(|(t, n)| NewTopic::new(t, *n, TopicReplication::Fixed(1)))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
-    let results = admin
-        .create_topics(&new, &opts)
-        .await
-        .map_err(|e| StageError::Retryable(format!("create topics: {e}")))?;
-    let mut created = Vec::new();
-    for r in results {
-        match r {
-            Ok(t) => created.push(t),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => return Err(StageError::Fatal(format!("create topic {t}: {e}"))),
-        }
+/// Drops the view `db.name` so the DDL creates it anew; anything else of
+/// that name (a table holding data) stops the migration, naming it.
+async fn drop_view(sink: &ClickHouseSink, db: &str, name: &str) -> Result<(), StageError> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct E {
+        engine: String,
     }
-    Ok(created)
+    let found: Vec<E> = sink
+        .client()
+        .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+        .bind(db)
+        .bind(name)
+        .fetch_all()
+        .await
+        .map_err(|e| StageError::Fatal(format!("clickhouse: {e}")))?;
+    match found.first().map(|e| e.engine.as_str()) {
+        None => Ok(()),
+        Some("View") => sink.execute(&format!("DROP TABLE IF EXISTS {db}.{name}")).await,
+        Some(engine) => Err(StageError::Fatal(format!(
+            "clickhouse {db}.{name} is a {engine} table, not the analyst view tally installs under that name; \
+             rename it (RENAME TABLE {db}.{name} TO {db}.{name}_old) and migrate again"
+        ))),
+    }
+}
+
+/// Creates the missing topics (see `cli::topics::create`).
+pub async fn topics(cfg: &Config) -> Result<Vec<String>, StageError> {
+    crate::cli::topics::create(cfg).await
 }
 
 /// A topic that `topics` just created has no history: offsets of record and
@@ -195,6 +210,74 @@ pub async fn forget_offsets_of_new_topics(
     crate::engine::offsets_reset::forget_topics(pool, &ch, created, grace).await
 }
 
+/// `tally migrate`: Postgres, ClickHouse, then the topics (created, or
+/// checked with `--skip-topics`); prints what it did.
+pub async fn run(cfg: &Config, args: &MigrateArgs) -> anyhow::Result<()> {
+    let pool = crate::sinks::postgres::connect_pg(cfg).await?;
+    let applied = postgres(&pool).await?;
+    println!(
+        "postgres: {}",
+        if applied.is_empty() {
+            "up to date".to_string()
+        } else {
+            format!("applied {}", applied.join(", "))
+        }
+    );
+    let n = clickhouse(cfg).await?;
+    println!(
+        "clickhouse: {n} DDL statements applied (tables IF NOT EXISTS, analyst views re-created) to database {}",
+        cfg.clickhouse.database
+    );
+    let mut attempts = 0;
+    loop {
+        let step = if args.skip_topics {
+            crate::cli::topics::check(cfg)
+                .await
+                .map(|notes| (Vec::new(), notes))
+        } else {
+            match topics(cfg).await {
+                Ok(created) => crate::cli::topics::describe(cfg)
+                    .await
+                    .map(|c| (created, crate::cli::topics::differences(cfg, &c))),
+                Err(e) => Err(e),
+            }
+        };
+        match step {
+            Ok((created, notes)) => {
+                let what = if args.skip_topics {
+                    "topics exist (--skip-topics: none created)".to_string()
+                } else if created.is_empty() {
+                    "topics exist".to_string()
+                } else {
+                    format!(
+                        "created {} (replication factor {})",
+                        created.join(", "),
+                        cfg.kafka.replication_factor
+                    )
+                };
+                println!("kafka: {what}");
+                for n in notes {
+                    println!("kafka: note: {n}");
+                }
+                let forgotten = forget_offsets_of_new_topics(&pool, cfg, &created).await?;
+                if forgotten > 0 {
+                    println!(
+                        "postgres: forgot {forgotten} offsets of record kept for an earlier topic of the same name \
+                         (the topic was just created, so they pointed past its end)"
+                    );
+                }
+                return Ok(());
+            }
+            Err(StageError::Retryable(m)) if attempts < 10 => {
+                attempts += 1;
+                tracing::warn!(error = %m, "kafka not ready; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +288,21 @@ mod tests {
             .iter()
             .map(|(_, s)| statements(s).len())
             .sum();
-        assert_eq!(total, 10);
+        assert_eq!(total, 14);
+        let views: Vec<String> = CLICKHOUSE_DDL
+            .iter()
+            .flat_map(|(_, s)| statements(s))
+            .filter_map(|s| view_name(&s).map(str::to_string))
+            .collect();
+        assert_eq!(
+            views,
+            [
+                "spend_hourly",
+                "unpriced_usage_hourly",
+                "policy_decisions_hourly",
+                "audit_events_hourly"
+            ]
+        );
         for (_, sql) in CLICKHOUSE_DDL {
             for s in statements(sql) {
                 assert!(s.starts_with("CREATE"), "{s}");

@@ -1,124 +1,161 @@
 //! `tally report` and `tally wait-idle`: what the pipeline wrote, read back from
-//! ClickHouse and Postgres, and whether it has caught up with the topic.
+//! ClickHouse (through the analyst views) and Postgres, filtered by time range
+//! and tenant, as a table, JSON or CSV; and whether it has caught up.
+//!
+//! Guarantee: read-only; every section applies the same filters (or says why it
+//! cannot), and JSON and CSV carry money exactly (docs/operations.md).
+
+pub mod data;
+pub mod render;
 
 use crate::config::Config;
-use crate::errors::{classify_ch, pg, StageError};
+use crate::errors::{pg, StageError};
 use crate::sinks::clickhouse::ClickHouseSink;
-use clickhouse::Row;
-use rust_decimal::Decimal;
-use serde::Deserialize;
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
+pub use data::{Filters, Report};
+pub use render::Section;
 use sqlx::postgres::PgPool;
-use sqlx::Row as _;
 use std::time::{Duration, Instant};
 
-#[derive(Row, Deserialize)]
-struct SpendRow {
-    tenant_id: String,
-    provider: String,
-    model: String,
-    requests: u64,
-    tokens: u64,
-    total_cost: String,
+/// The output format of `tally report`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Csv,
 }
 
-pub async fn report(cfg: &Config, pool: &PgPool) -> Result<String, StageError> {
+/// The flags of `tally report`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Start of the range, inclusive: YYYY-MM-DD or an RFC 3339 time on a whole hour (UTC).
+    #[arg(long, value_parser = parse_bound)]
+    pub from: Option<DateTime<Utc>>,
+    /// End of the range, exclusive: YYYY-MM-DD or an RFC 3339 time on a whole hour (UTC).
+    #[arg(long, value_parser = parse_bound)]
+    pub to: Option<DateTime<Utc>>,
+    /// Only this tenant (dead letters carry no tenant: that section is then left out).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// table (for people), json (one document) or csv (one section: needs --section).
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Only this section (spend, budgets, decisions, audit, violations, dlq).
+    #[arg(long, value_enum)]
+    pub section: Option<Section>,
+    /// Table format: at most this many rows per section.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// A range bound: a date (midnight UTC) or an RFC 3339 time on a whole hour
+/// (the report reads hourly rollups, so anything finer would be inexact).
+pub fn parse_bound(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    let t = DateTime::parse_from_rfc3339(s)
+        .map_err(|_| format!("{s:?} is neither a date YYYY-MM-DD nor an RFC 3339 time such as 2025-01-01T10:00:00Z"))?
+        .with_timezone(&Utc);
+    if t.minute() != 0 || t.second() != 0 || t.nanosecond() != 0 {
+        return Err(format!(
+            "{s:?} is not on a whole hour: the report reads hourly rollups, so it takes whole hours (UTC)"
+        ));
+    }
+    Ok(t)
+}
+
+impl ReportArgs {
+    /// The filters, after checking the flags against each other.
+    pub fn filters(&self) -> Result<Filters, String> {
+        if let (Some(f), Some(t)) = (self.from, self.to) {
+            if f >= t {
+                return Err(format!(
+                    "--from {f} must be before --to {t} (the range is [from, to))"
+                ));
+            }
+        }
+        if self.format == Format::Csv && self.section.is_none() {
+            return Err("--format csv writes one section: add --section spend|budgets|decisions|audit|violations|dlq".into());
+        }
+        if self.tenant.is_some() && self.format == Format::Csv && self.section == Some(Section::Dlq)
+        {
+            return Err("--section dlq cannot be filtered by --tenant: dead letters carry no tenant (a poison message may have none)".into());
+        }
+        if self.tenant.as_deref().is_some_and(str::is_empty) {
+            return Err("--tenant must not be empty".into());
+        }
+        Ok(Filters {
+            from: self.from,
+            to: self.to,
+            tenant: self.tenant.clone(),
+        })
+    }
+}
+
+/// Reads every section `section` asks for (all when `None`).
+pub async fn collect(
+    cfg: &Config,
+    pool: &PgPool,
+    filters: &Filters,
+    section: Option<Section>,
+) -> Result<Report, StageError> {
     let ch = ClickHouseSink::new(&cfg.clickhouse);
-    let mut out = String::new();
-    out.push_str("== Spend by tenant and model (ClickHouse usage_1d, top 15) ==\n");
-    out.push_str(&format!(
-        "{:<12} {:<10} {:<18} {:>9} {:>12} {:>16}\n",
-        "tenant", "provider", "model", "requests", "tokens", "cost"
-    ));
-    let sql = format!(
-        "SELECT tenant_id, provider, model, sum(requests) AS requests, \
-         sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens + reasoning_tokens) AS tokens, \
-         toString(sum(cost)) AS total_cost FROM {}.usage_1d GROUP BY tenant_id, provider, model \
-         ORDER BY sum(cost) DESC, tenant_id, provider, model LIMIT 15",
-        cfg.clickhouse.database
-    );
-    let rows: Vec<SpendRow> = ch
-        .client()
-        .query(&sql)
-        .fetch_all()
-        .await
-        .map_err(|e| classify_ch("report spend", e))?;
-    for r in rows {
-        let cost: Decimal = r.total_cost.parse().unwrap_or_default();
-        out.push_str(&format!(
-            "{:<12} {:<10} {:<18} {:>9} {:>12} {:>16}\n",
-            r.tenant_id,
-            r.provider,
-            r.model,
-            r.requests,
-            r.tokens,
-            cost.round_dp(6)
-        ));
+    let want = |s: Section| section.is_none_or(|x| x == s);
+    let mut r = Report {
+        filters: filters.clone(),
+        currency: data::currency(pool).await?,
+        ..Report::default()
+    };
+    if want(Section::Spend) {
+        let rows = data::spend(cfg, &ch, filters).await?;
+        let totals = data::spend_totals(pool, filters, &rows).await?;
+        if totals.postgres.is_none() {
+            r.notes.push(
+                "spend_totals.postgres is null: Postgres keeps spend per day and the range is not whole days".into(),
+            );
+        }
+        r.spend_totals = Some(totals);
+        r.spend = Some(rows);
     }
-    let totals = sqlx::query(
-        "SELECT coalesce(sum(requests),0)::bigint, coalesce(sum(cost),0), coalesce(sum(unpriced_requests),0)::bigint FROM tally.spend_daily",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(pg("report totals"))?;
-    let (req, cost, unpriced): (i64, Decimal, i64) = (totals.get(0), totals.get(1), totals.get(2));
-    out.push_str(&format!(
-        "\nPostgres spend_daily: {req} requests, cost {} USD, {unpriced} unpriced requests\n",
-        cost.round_dp(6)
-    ));
+    if want(Section::Budgets) {
+        r.budgets = Some(data::budgets(pool, filters).await?);
+    }
+    if want(Section::Decisions) {
+        r.decisions = Some(data::decisions(cfg, &ch, filters).await?);
+    }
+    if want(Section::Audit) {
+        r.audit = Some(data::audit(cfg, &ch, pool, filters).await?);
+    }
+    if want(Section::Violations) {
+        r.violations = Some(data::violations(pool, filters).await?);
+    }
+    if want(Section::Dlq) {
+        if filters.tenant.is_some() {
+            r.notes.push(
+                "dlq is null: dead letters carry no tenant (a poison message may have none), so --tenant cannot select them".into(),
+            );
+        } else {
+            r.dlq = Some(data::dlq(pool, filters).await?);
+        }
+    }
+    Ok(r)
+}
 
-    out.push_str("\n== Budget status (highest use first) ==\n");
-    let budgets = sqlx::query(
-        "SELECT b.budget_id, b.scope, b.period, s.period_start, s.spent, b.amount, round(100 * s.spent / b.amount, 1) AS pct \
-         FROM tally.budget_spend s JOIN tally.budgets b USING (budget_id) ORDER BY s.spent / b.amount DESC LIMIT 12",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(pg("report budgets"))?;
-    for b in budgets {
-        let (id, scope, period): (String, String, String) = (b.get(0), b.get(1), b.get(2));
-        let start: chrono::NaiveDate = b.get(3);
-        let (spent, amount, pct): (Decimal, Decimal, Decimal) = (b.get(4), b.get(5), b.get(6));
-        out.push_str(&format!(
-            "{id:<24} {scope:<6} {period:<5} {start} spent {:>12} of {:>10} ({pct}%)\n",
-            spent.round_dp(4),
-            amount.normalize()
-        ));
-    }
-
-    out.push_str(&decisions_and_logs(cfg, &ch, pool).await?);
-
-    out.push_str("\n== Violations raised (by rule) ==\n");
-    let vs = sqlx::query(
-        "SELECT rule, count(*)::bigint, count(published_at)::bigint FROM tally.violations GROUP BY rule ORDER BY rule",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(pg("report violations"))?;
-    for v in vs {
-        let (rule, n, published): (String, i64, i64) = (v.get(0), v.get(1), v.get(2));
-        out.push_str(&format!(
-            "{rule:<22} {n:>6} raised, {published:>6} published to {}\n",
-            cfg.kafka.violation_topic
-        ));
-    }
-    let dlq = sqlx::query(
-        "SELECT topic || ': ' || error_class, count(*)::bigint FROM tally.dead_letters GROUP BY 1 ORDER BY 2 DESC",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(pg("report dead letters"))?;
-    let total: i64 = dlq.iter().map(|r| r.get::<i64, _>(1)).sum();
-    out.push_str(&format!(
-        "\n== Dead letters: {total} messages (on each source topic's .dlq) ==\n"
-    ));
-    for r in dlq {
-        out.push_str(&format!(
-            "{:<24} {:>6}\n",
-            r.get::<String, _>(0),
-            r.get::<i64, _>(1)
-        ));
-    }
-    Ok(out)
+/// `tally report`: the rendered report (usage errors are `Err(message)` before anything is read).
+pub async fn run(cfg: &Config, args: &ReportArgs) -> anyhow::Result<String> {
+    let filters = args.filters().map_err(anyhow::Error::msg)?;
+    let pool = crate::sinks::postgres::connect_pg(cfg).await?;
+    let report = collect(cfg, &pool, &filters, args.section).await?;
+    Ok(match args.format {
+        Format::Table => render::table(&report, args.limit, &cfg.kafka.violation_topic),
+        Format::Json => render::json(&report),
+        Format::Csv => args
+            .section
+            .and_then(|s| render::csv(&report, s))
+            .unwrap_or_default(),
+    })
 }
 
 /// Waits until the offsets of record reach the topic's end, no batch is
@@ -188,66 +225,4 @@ async fn topic_caught_up(
                 .iter()
                 .any(|(q, n)| usize::try_from(*q).ok() == Some(p) && n >= end)
     }))
-}
-
-#[derive(Row, Deserialize)]
-struct DecisionRow {
-    policy_id: String,
-    decision: String,
-    enforcement: String,
-    decisions: u64,
-}
-
-/// Policy decisions by policy and outcome (ClickHouse) and each tenant's audit
-/// log (Postgres: tree size, latest checkpoint).
-async fn decisions_and_logs(
-    cfg: &Config,
-    ch: &ClickHouseSink,
-    pool: &PgPool,
-) -> Result<String, StageError> {
-    let mut out = String::from(
-        "\n== Policy decisions by policy and outcome (ClickHouse policy_decisions_1d) ==\n",
-    );
-    let sql = format!(
-        "SELECT policy_id, decision, enforcement, sum(decisions) AS decisions FROM {}.policy_decisions_1d \
-         GROUP BY policy_id, decision, enforcement ORDER BY policy_id, decision, enforcement LIMIT 30",
-        cfg.clickhouse.database
-    );
-    let rows: Vec<DecisionRow> = ch
-        .client()
-        .query(&sql)
-        .fetch_all()
-        .await
-        .map_err(|e| classify_ch("report decisions", e))?;
-    out.push_str(&format!(
-        "{:<28} {:<8} {:<8} {:>10}\n",
-        "policy", "decision", "mode", "decisions"
-    ));
-    for r in rows {
-        out.push_str(&format!(
-            "{:<28} {:<8} {:<8} {:>10}\n",
-            r.policy_id, r.decision, r.enforcement, r.decisions
-        ));
-    }
-    out.push_str("\n== Audit logs (per tenant: leaves in the tree, latest signed checkpoint) ==\n");
-    let logs = sqlx::query(
-        "SELECT t.tenant_id, t.tree_size, t.next_index, \
-           (SELECT c.tree_size FROM tally.audit_checkpoints c WHERE c.tenant_id = t.tenant_id ORDER BY c.checkpoint_id DESC LIMIT 1), \
-           (SELECT count(*) FROM tally.audit_checkpoints c WHERE c.tenant_id = t.tenant_id AND c.published_at IS NOT NULL) \
-         FROM tally.audit_trees t ORDER BY t.tenant_id LIMIT 20",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(pg("report audit logs"))?;
-    for l in logs {
-        let (tenant, size, reserved): (String, i64, i64) = (l.get(0), l.get(1), l.get(2));
-        let (signed, published): (Option<i64>, i64) = (l.get(3), l.get(4));
-        out.push_str(&format!(
-            "{tenant:<16} {size:>8} leaves ({} reserved, not committed), checkpoint at {}, {published} checkpoints on {}\n",
-            reserved - size,
-            signed.map_or_else(|| "-".to_string(), |s| s.to_string()),
-            cfg.audit.checkpoint_topic
-        ));
-    }
-    Ok(out)
 }

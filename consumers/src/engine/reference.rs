@@ -7,7 +7,8 @@
 //! stored in `tally.reference_snapshots`, so a price, tenant or budget that
 //! changes between an attempt and its replay cannot make the stores disagree.
 //! Prices are versioned by `effective_from`: a price added later applies to
-//! events at or after it; add prices ahead of their effective time. All
+//! events at or after it; add prices ahead of their effective time. Budgets
+//! are versioned by the first day of a period (`Reference::budget_in_force`). All
 //! prices are in the book currency (`tally.price_book`; Postgres rejects a price
 //! row in another currency, and a snapshot holding one is refused, naming it).
 
@@ -151,8 +152,14 @@ pub async fn load_rows(pool: &PgPool) -> Result<ReferenceRows, StageError> {
         )
     })
     .collect();
+    // Every version of every budget: the budgets row (its first version) and
+    // the later ones (`tally budgets import`, migration 0007).
     let budgets = sqlx::query(
-        "SELECT budget_id, tenant_id, team_id, period, amount, thresholds_pct FROM tally.budgets ORDER BY budget_id",
+        "SELECT budget_id, tenant_id, team_id, period, amount, thresholds_pct, effective_from FROM tally.budgets \
+         UNION ALL \
+         SELECT v.budget_id, b.tenant_id, b.team_id, b.period, v.amount, v.thresholds_pct, v.effective_from \
+         FROM tally.budget_versions v JOIN tally.budgets b USING (budget_id) \
+         ORDER BY budget_id, effective_from NULLS FIRST",
     )
     .fetch_all(pool)
     .await
@@ -169,6 +176,7 @@ pub async fn load_rows(pool: &PgPool) -> Result<ReferenceRows, StageError> {
             period: if period == "month" { BudgetPeriod::Month } else { BudgetPeriod::Day },
             amount: r.get(4),
             thresholds_pct: thresholds,
+            effective_from: r.get(6),
         }
     })
     .collect();

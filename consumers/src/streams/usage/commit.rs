@@ -289,7 +289,10 @@ pub async fn apply_budgets(
         let day = e.event.occurred_at.date_naive();
         for i in reference.budgets_for(&e.event.tenant_id, e.event.team_id.as_deref()) {
             let (start, _) = rules::period_bounds(day, reference.budgets[i].period);
-            groups.entry((i, start)).or_default().push(e);
+            // One version of each budget is in force per period (effective dating).
+            if reference.budget_in_force(i, start) {
+                groups.entry((i, start)).or_default().push(e);
+            }
         }
     }
     if groups.is_empty() {

@@ -10,7 +10,7 @@
 
 use crate::fasthash::Map;
 use crate::streams::usage::cost::{cost_of, is_mismatch, PriceBook, Tokens};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -38,6 +38,11 @@ pub struct Budget {
     pub period: BudgetPeriod,
     pub amount: Decimal,
     pub thresholds_pct: Vec<Decimal>,
+    /// This version's first day (`tally budgets import`); `None`: in force for
+    /// every period before the next version (what `tally seed` writes). Left out
+    /// of the snapshot body when `None`, so older snapshots hash the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_from: Option<NaiveDate>,
 }
 
 /// One immutable snapshot of the reference data (refreshed by swapping).
@@ -48,6 +53,9 @@ pub struct Reference {
     pub budgets: Vec<Budget>,
     /// Indexes into `budgets` by tenant id.
     budgets_by_tenant: Map<String, Vec<usize>>,
+    /// Per entry of `budgets`: the first day of the same budget's next version
+    /// (`None`: none follows), so each period has one version in force.
+    budget_until: Vec<Option<NaiveDate>>,
     /// Content hash of the snapshot (see `reference::ReferenceRows`); empty
     /// for a snapshot built in memory by a test.
     pub version: String,
@@ -66,13 +74,45 @@ impl Reference {
                 .or_default()
                 .push(i);
         }
+        // Versions of each budget in effective order; each ends where the next begins.
+        let mut versions: Map<&str, Vec<(Option<NaiveDate>, usize)>> = Map::default();
+        for (i, b) in budgets.iter().enumerate() {
+            versions
+                .entry(b.budget_id.as_str())
+                .or_default()
+                .push((b.effective_from, i));
+        }
+        let mut budget_until = vec![None; budgets.len()];
+        for list in versions.values_mut() {
+            list.sort();
+            for pair in list.windows(2) {
+                budget_until[pair[0].1] = pair[1].0;
+            }
+        }
         Self {
             tenants: tenants.into_iter().collect(),
             prices,
             budgets,
             budgets_by_tenant,
+            budget_until,
             version: String::new(),
         }
+    }
+
+    /// Whether entry `i` of `budgets` is its budget's version in force for the
+    /// period starting `period_start`: the version with the greatest
+    /// `effective_from` on or before that day (`None` counts as the earliest).
+    pub fn budget_in_force(&self, i: usize, period_start: NaiveDate) -> bool {
+        let Some(b) = self.budgets.get(i) else {
+            return false;
+        };
+        b.effective_from.is_none_or(|from| from <= period_start)
+            && self
+                .budget_until
+                .get(i)
+                .copied()
+                .flatten()
+                .is_none_or(|until| period_start < until)
     }
 
     /// Indexes (into `budgets`) of the budgets an event of `tenant_id`/`team_id` counts towards.
@@ -340,5 +380,49 @@ pub(crate) mod tests {
                 proptest::prop_assert_eq!(out.cost_mismatch, base.cost_mismatch);
             }
         }
+    }
+
+    #[test]
+    fn one_budget_version_is_in_force_per_period() {
+        let d = |m, day| NaiveDate::from_ymd_opt(2026, m, day).unwrap();
+        let v = |from: Option<NaiveDate>, amount: i64| Budget {
+            budget_id: "b".into(),
+            tenant_id: "t".into(),
+            team_id: None,
+            period: BudgetPeriod::Month,
+            amount: Decimal::from(amount),
+            thresholds_pct: vec![Decimal::ONE_HUNDRED],
+            effective_from: from,
+        };
+        let other = Budget {
+            budget_id: "c".into(),
+            tenant_id: "u".into(),
+            ..v(Some(d(5, 1)), 7)
+        };
+        // Versions in any order: the base (None), March and June.
+        let r = Reference::new(
+            HashMap::new(),
+            PriceBook::default(),
+            vec![
+                v(Some(d(6, 1)), 30),
+                other,
+                v(None, 10),
+                v(Some(d(3, 1)), 20),
+            ],
+        );
+        let in_force = |start: NaiveDate| -> Vec<i64> {
+            r.budgets_for("t", None)
+                .filter(|i| r.budget_in_force(*i, start))
+                .map(|i| i64::try_from(r.budgets[i].amount.mantissa()).unwrap())
+                .collect()
+        };
+        assert_eq!(in_force(d(1, 1)), [10]);
+        assert_eq!(in_force(d(3, 1)), [20]);
+        assert_eq!(in_force(d(5, 1)), [20]);
+        assert_eq!(in_force(d(6, 1)), [30]);
+        assert_eq!(in_force(d(12, 1)), [30]);
+        // A budget whose first version starts later counts nothing before it.
+        assert!(!r.budget_in_force(1, d(4, 1)));
+        assert!(r.budget_in_force(1, d(5, 1)));
     }
 }

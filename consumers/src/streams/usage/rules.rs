@@ -302,6 +302,7 @@ mod tests {
             period: BudgetPeriod::Day,
             amount: Decimal::from(amount),
             thresholds_pct: vec![Decimal::from(50), Decimal::from(80), Decimal::from(100)],
+            effective_from: None,
         }
     }
 

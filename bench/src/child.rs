@@ -131,6 +131,16 @@ pub async fn run(
         .env("TALLY__KAFKA__VIOLATION_TOPIC", &cfg.kafka.violation_topic)
         .env("TALLY__KAFKA__GROUP_ID", &group)
         .env("TALLY__POSTGRES__URL", &cfg.postgres.url)
+        // Loopback: plain text unless the bench config asks for TLS (libpq's
+        // default `prefer` would encrypt, and load the system CAs per connection).
+        .env(
+            "TALLY__POSTGRES__SSLMODE",
+            if cfg.postgres.sslmode.is_empty() {
+                "disable"
+            } else {
+                cfg.postgres.sslmode.as_str()
+            },
+        )
         .env("TALLY__CLICKHOUSE__URL", &cfg.clickhouse.url)
         .env("TALLY__CLICKHOUSE__DATABASE", &cfg.clickhouse.database)
         .env("TALLY__SERVER__LISTEN", "")

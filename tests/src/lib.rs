@@ -144,14 +144,18 @@ pub async fn test_env_on(
     for stale in old {
         // Only what a test process that no longer runs left behind: another
         // run of the same test (a second checkout) may be using its own.
+        // Exactly `tally_t_<name>_<pid>_<millis>`: another test's name may
+        // start with this one's (`relay` and `relay_stalled`), and tests of
+        // one binary run in parallel threads of one process.
         let owner: Option<u32> = stale
             .strip_prefix(&format!("tally_t_{name}_"))
-            .and_then(|rest| rest.split('_').next())
-            .and_then(|pid| pid.parse().ok());
-        if owner.is_some_and(|pid| {
-            pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists()
-        }) {
-            continue;
+            .and_then(|rest| rest.split_once('_'))
+            .filter(|(_, ms)| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|(pid, _)| pid.parse().ok());
+        match owner {
+            None => continue,
+            Some(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => continue,
+            Some(_) => {}
         }
         sqlx::query(&format!("DROP DATABASE IF EXISTS {stale} WITH (FORCE)"))
             .execute(&admin)

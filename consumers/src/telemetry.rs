@@ -22,7 +22,6 @@ use serde::Deserialize;
 use std::str::FromStr;
 use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 /// The `[tracing]` section of the configuration.
@@ -134,36 +133,13 @@ pub struct Telemetry {
 /// [`TARGET`]) never reach the log, so log lines look the same either way.
 /// Must run inside the Tokio runtime (the exporter sends through it).
 pub fn init(traces: Option<&TracingConfig>) -> Result<Telemetry, String> {
-    use tracing_subscriber::EnvFilter;
-    let mut filter = EnvFilter::try_from_env("TALLY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
-    if let Ok(d) = format!("{TARGET}=off").parse() {
-        filter = filter.add_directive(d);
-    }
-    let provider = match traces.filter(|t| t.enabled()) {
-        Some(t) => Some(provider(t)?),
-        None => None,
-    };
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("tally"))
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target(TARGET, tracing::Level::INFO),
-            )
-    });
-    let registry = tracing_subscriber::registry().with(otel);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let installed = if std::env::var("TALLY_LOG_FORMAT").as_deref() == Ok("json") {
-        registry.with(fmt.json().with_filter(filter)).try_init()
-    } else {
-        registry.with(fmt.with_filter(filter)).try_init()
-    };
-    installed.map_err(|e| format!("installing the log subscriber: {e}"))?;
-    if let Some(t) = traces.filter(|t| t.enabled()) {
+    let traces = traces.filter(|t| t.enabled());
+    let provider = traces.map(provider).transpose()?;
+    let json = std::env::var("TALLY_LOG_FORMAT").as_deref() == Ok("json");
+    let tracer = provider.as_ref().map(|p| p.tracer("tally"));
+    tracing_subscriber::util::SubscriberInitExt::try_init(subscriber(tracer, json))
+        .map_err(|e| format!("installing the log subscriber: {e}"))?;
+    if let Some(t) = traces {
         tracing::info!(
             url = %t.traces_url(),
             service_name = %t.service_name,
@@ -172,8 +148,47 @@ pub fn init(traces: Option<&TracingConfig>) -> Result<Telemetry, String> {
         );
     }
     Ok(Telemetry {
-        provider: provider.map(|p| (p, traces.map(|t| t.export_timeout()).unwrap_or_default())),
+        provider: provider.zip(traces.map(TracingConfig::export_timeout)),
     })
+}
+
+/// The log layer (filtered by `TALLY_LOG`, never showing [`TARGET`]) and,
+/// when there is a tracer, the OpenTelemetry layer (only [`TARGET`]'s spans).
+fn subscriber(
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    json: bool,
+) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    use tracing_subscriber::EnvFilter;
+    let mut filter = EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
+    if let Ok(d) = format!("{TARGET}=off").parse() {
+        filter = filter.add_directive(d);
+    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = if json {
+        fmt.json().with_filter(filter).boxed()
+    } else {
+        fmt.with_filter(filter).boxed()
+    };
+    let base = tracing_subscriber::registry().with(log);
+    // No layer at all without a tracer (an absent `Option` layer would still
+    // enable the spans): they are then disabled at their call sites.
+    match tracer {
+        None => Box::new(base),
+        Some(t) => Box::new(
+            base.with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(t)
+                    .with_location(false)
+                    .with_threads(false)
+                    .with_tracked_inactivity(false)
+                    .with_filter(
+                        tracing_subscriber::filter::Targets::new()
+                            .with_target(TARGET, tracing::Level::INFO),
+                    ),
+            ),
+        ),
+    }
 }
 
 impl Telemetry {
@@ -298,6 +313,21 @@ mod tests {
             }
         }
         TracingConfig::try_from(raw)
+    }
+
+    #[test]
+    fn spans_cost_nothing_without_an_endpoint() {
+        use crate::engine::trace::stage;
+        let off = tracing::subscriber::with_default(subscriber(None, false), || {
+            stage("decode").is_disabled()
+        });
+        assert!(off, "with traces off the spans are disabled");
+        let provider = SdkTracerProvider::builder().build();
+        let on = tracing::subscriber::with_default(
+            subscriber(Some(provider.tracer("t")), false),
+            || stage("decode").is_disabled(),
+        );
+        assert!(!on, "with a tracer the spans are recorded");
     }
 
     #[test]

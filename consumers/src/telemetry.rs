@@ -182,6 +182,7 @@ fn subscriber(
                     .with_location(false)
                     .with_threads(false)
                     .with_tracked_inactivity(false)
+                    .with_target(false)
                     .with_filter(
                         tracing_subscriber::filter::Targets::new()
                             .with_target(TARGET, tracing::Level::INFO),

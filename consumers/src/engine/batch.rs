@@ -220,10 +220,13 @@ impl<S: Stream> BatchRunner<S> {
         let rules = committed.map(|c| c.violations_new).unwrap_or_default();
         let violations = rules.len();
         self.count_committed(records.len(), duplicates, &dead, &rules);
-        span.record("tally.events", records.len());
-        span.record("tally.duplicates", duplicates);
-        span.record("tally.dead_letters", dead.len());
-        span.record("tally.violations", violations);
+        span.record("tally.events", trace::count(records.len()));
+        span.record(
+            "tally.duplicates",
+            i64::try_from(duplicates).unwrap_or(i64::MAX),
+        );
+        span.record("tally.dead_letters", trace::count(dead.len()));
+        span.record("tally.violations", trace::count(violations));
         tracing::debug!(
             stream = S::NAME,
             partition = p,

@@ -108,7 +108,7 @@ pub fn batch_span(b: &BatchInfo<'_>, msgs: &[OwnedMessage]) -> Span {
         messaging.destination.name = b.topic,
         messaging.destination.partition.id = b.partition,
         messaging.consumer.group.name = b.group,
-        messaging.batch.message_count = msgs.len(),
+        messaging.batch.message_count = count(msgs.len()),
         tally.stream = b.stream,
         tally.first_offset = b.first,
         tally.last_offset = b.last,
@@ -132,6 +132,11 @@ pub fn batch_span(b: &BatchInfo<'_>, msgs: &[OwnedMessage]) -> Span {
         }
     }
     span
+}
+
+/// A count as a span attribute (an OTLP integer: `usize` would be a string).
+pub fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// What the batch span says about its batch.

@@ -268,6 +268,13 @@ async fn check_spans(
     last_batch_off: i64,
     half: usize,
 ) -> anyhow::Result<()> {
+    let batches: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT batch_id, first_offset, last_offset FROM tally.batches \
+         WHERE batch_id > $1 AND state = 'done' ORDER BY batch_id",
+    )
+    .bind(last_batch_off)
+    .fetch_all(&env.pool)
+    .await?;
     let got = got.lock().expect("lock");
     assert!(got.bad.is_empty(), "{:?}", got.bad);
     let spans: Vec<&Span> = got
@@ -277,13 +284,6 @@ async fn check_spans(
         .map(|(_, s)| s)
         .collect();
     assert_eq!(spans.len(), got.spans.len(), "resource service.name");
-    let batches: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT batch_id, first_offset, last_offset FROM tally.batches \
-         WHERE batch_id > $1 AND state = 'done' ORDER BY batch_id",
-    )
-    .bind(last_batch_off)
-    .fetch_all(&env.pool)
-    .await?;
     assert!(!batches.is_empty(), "the second run committed no batch");
     let by_id: BTreeMap<i64, &Span> = spans
         .iter()

@@ -268,14 +268,12 @@ impl<S: Stream> BatchRunner<S> {
         sm.violations_raised(rules.iter().map(String::as_str));
     }
 
-    /// The trace contexts of the owned events' messages, for the violations
-    /// they cause (empty, and cheap, when no message carries one).
-    fn carry(&self, msgs: &[OwnedMessage], candidates: &[Candidate<S::Event>]) -> Carry {
-        let mut carry = Carry::default();
+    /// Which owned events' messages carry a trace context, for the violations
+    /// they cause (a header scan; parsed only for a violation).
+    fn carry<'m>(&self, msgs: &'m [OwnedMessage], candidates: &[Candidate<S::Event>]) -> Carry<'m> {
+        let mut carry = Carry::new(msgs);
         for c in candidates {
-            if let Some(t) = MessageTrace::of(&msgs[c.msg]) {
-                carry.note(&c.event, t);
-            }
+            carry.note(&c.event, c.msg);
         }
         carry
     }

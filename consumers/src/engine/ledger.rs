@@ -36,7 +36,7 @@ pub struct CommitInput<'a, S: Stream> {
     /// The dedup cutoff the batch applied (the partition's never moves back).
     pub dedup_cutoff: DateTime<Utc>,
     /// Trace contexts of the owned events, stored with the violations they cause.
-    pub carry: &'a crate::engine::trace::Carry,
+    pub carry: &'a crate::engine::trace::Carry<'a>,
 }
 
 impl<S: Stream> Clone for CommitInput<'_, S> {
@@ -188,7 +188,7 @@ impl Ledger {
 async fn insert_violations(
     tx: &mut sqlx::PgConnection,
     vs: &[ComplianceViolation],
-    carry: &crate::engine::trace::Carry,
+    carry: &crate::engine::trace::Carry<'_>,
 ) -> Result<Vec<String>, StageError> {
     if vs.is_empty() {
         return Ok(Vec::new());
@@ -228,13 +228,13 @@ async fn insert_violations(
     .bind(
         traces
             .iter()
-            .map(|t| t.map(|t| t.traceparent.clone()))
+            .map(|t| t.as_ref().map(|t| t.traceparent.clone()))
             .collect::<Vec<_>>(),
     )
     .bind(
         traces
             .iter()
-            .map(|t| t.and_then(|t| t.tracestate.clone()))
+            .map(|t| t.as_ref().and_then(|t| t.tracestate.clone()))
             .collect::<Vec<_>>(),
     )
     .fetch_all(&mut *tx)

@@ -197,29 +197,46 @@ impl Evidence for AuditEvent {
     }
 }
 
-/// The trace contexts of a batch's owned events, by (tenant, event id): a
-/// violation whose evidence is one of them carries it.
-#[derive(Debug, Default)]
-pub struct Carry(Map<(String, Uuid), MessageTrace>);
+/// Which messages of a batch carry a trace context, by the (tenant, event
+/// id) of their owned event: a violation naming that event as its evidence
+/// carries it. Noting is a header scan; the context is parsed only for a
+/// violation that needs it.
+#[derive(Debug)]
+pub struct Carry<'a> {
+    msgs: &'a [OwnedMessage],
+    by_event: Map<(String, Uuid), usize>,
+}
 
-impl Carry {
-    /// Notes `event`'s trace context (the first occurrence of an id wins).
-    pub fn note(&mut self, event: &impl Evidence, trace: MessageTrace) {
-        let (tenant, id) = event.evidence();
-        self.0.entry((tenant.to_string(), id)).or_insert(trace);
+impl<'a> Carry<'a> {
+    pub fn new(msgs: &'a [OwnedMessage]) -> Self {
+        Self {
+            msgs,
+            by_event: Map::default(),
+        }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// Notes `event`, decoded from `msgs[msg]`, if that message has a
+    /// `traceparent` header (the first occurrence of an id wins).
+    pub fn note(&mut self, event: &impl Evidence, msg: usize) {
+        let traced = self
+            .msgs
+            .get(msg)
+            .and_then(|m| m.headers())
+            .is_some_and(|h| h.iter().any(|x| x.key.eq_ignore_ascii_case(TRACEPARENT)));
+        if traced {
+            let (tenant, id) = event.evidence();
+            self.by_event.entry((tenant.to_string(), id)).or_insert(msg);
+        }
     }
 
     /// The trace context of the event `v` names first as its evidence.
-    pub fn for_violation(&self, v: &ComplianceViolation) -> Option<&MessageTrace> {
-        if self.0.is_empty() {
+    pub fn for_violation(&self, v: &ComplianceViolation) -> Option<MessageTrace> {
+        if self.by_event.is_empty() {
             return None;
         }
         let id = Uuid::parse_str(v.evidence_event_ids.first()?).ok()?;
-        self.0.get(&(v.tenant_id.clone(), id))
+        let msg = self.by_event.get(&(v.tenant_id.clone(), id))?;
+        MessageTrace::of(self.msgs.get(*msg)?)
     }
 }
 
@@ -282,9 +299,12 @@ mod tests {
     #[test]
     fn a_violation_finds_its_evidence() {
         let mut e = tally_schemas::sample_usage();
-        let t = MessageTrace::of(&message(&[(TRACEPARENT, TP)])).expect("valid");
-        let mut carry = Carry::default();
-        carry.note(&e, t.clone());
+        let msgs = [message(&[]), message(&[(TRACEPARENT, TP)])];
+        let t = MessageTrace::of(&msgs[1]).expect("valid");
+        let mut untraced = Carry::new(&msgs);
+        untraced.note(&e, 0);
+        let mut carry = Carry::new(&msgs);
+        carry.note(&e, 1);
         let v = ComplianceViolation {
             violation_id: Uuid::nil(),
             rule: "budget_threshold".into(),
@@ -300,7 +320,8 @@ mod tests {
             detected_at: e.occurred_at,
             message: String::new(),
         };
-        assert_eq!(carry.for_violation(&v), Some(&t));
+        assert_eq!(carry.for_violation(&v), Some(t));
+        assert_eq!(untraced.for_violation(&v), None);
         e.tenant_id = "other".into();
         let other = ComplianceViolation {
             tenant_id: e.tenant_id.clone(),

@@ -9,8 +9,9 @@
 //! a batch span (exported at the latest by the flush at SIGTERM) with its stage
 //! spans as children, and a link to every valid producer trace of its offset
 //! range. In both runs: a dead letter carries its message's `traceparent` and
-//! `tracestate`, a violation those of the event it names as evidence, a bad
-//! `traceparent` none; and the totals are exact (tracing changes no count).
+//! `tracestate`, a violation those of the event it names as evidence (also as a
+//! CloudEvent, in the second run), a bad `traceparent` none; and the totals are
+//! exact (tracing changes no count).
 
 use bytes::Bytes;
 use chrono::{Duration as ChronoDuration, DurationRound, Utc};
@@ -241,6 +242,8 @@ async fn batches_are_traced_and_trace_context_is_carried() -> anyhow::Result<()>
         &[
             ("TALLY__TRACING__OTLP_ENDPOINT", endpoint.as_str()),
             ("TALLY__TRACING__SERVICE_NAME", "tally-under-test"),
+            // Violations as CloudEvents (binary mode): the trace headers come too.
+            ("TALLY__KAFKA__VIOLATION_CLOUDEVENTS", "true"),
         ],
     )?);
     env.wait_handled(msgs.len() as i64, Duration::from_secs(120))
@@ -448,7 +451,7 @@ async fn check_violations(env: &TestEnv, msgs: &[GenMessage]) -> anyhow::Result<
         in_pg as usize,
         Duration::from_secs(60),
     )?;
-    let mut traced = 0;
+    let (mut traced, mut cloudevents) = (0, 0);
     for v in &published {
         let p: serde_json::Value = serde_json::from_slice(&v.payload)?;
         let tenant = p["tenant_id"].as_str().unwrap_or_default().to_string();
@@ -470,7 +473,12 @@ async fn check_violations(env: &TestEnv, msgs: &[GenMessage]) -> anyhow::Result<
             "{rule} caused by {i}"
         );
         traced += usize::from(tp.is_some());
+        cloudevents += usize::from(tp.is_some() && v.headers.contains_key("ce_id"));
     }
     assert!(traced > 0, "no violation was caused by a traced message");
+    assert!(
+        cloudevents > 0,
+        "no traced violation was published as a CloudEvent"
+    );
     Ok(())
 }

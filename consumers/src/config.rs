@@ -139,6 +139,7 @@ pub struct Config {
     pub opa: crate::streams::policy::opa::OpaMapping,
     pub audit: AuditConfig,
     pub ingest: IngestConfig,
+    pub tracing: crate::telemetry::TracingConfig,
 }
 
 /// Which input streams `tally run` consumes.
@@ -573,6 +574,7 @@ fn build(merged: toml::Table) -> Result<Config, ConfigError> {
         opa: section(&merged, "opa")?,
         audit: section(&merged, "audit")?,
         ingest: section(&merged, "ingest")?,
+        tracing: section(&merged, "tracing")?,
     })
 }
 

@@ -20,3 +20,4 @@ pub mod metrics;
 pub mod redrive;
 pub mod sinks;
 pub mod streams;
+pub mod telemetry;

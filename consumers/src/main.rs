@@ -159,20 +159,6 @@ fn demo_price_change_at() -> DateTime<Utc> {
     hour - ChronoDuration::hours(1)
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TALLY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TALLY_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn shutdown_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -196,11 +182,11 @@ fn shutdown_on_signals() -> watch::Receiver<bool> {
 
 #[tokio::main]
 async fn main() {
-    init_logging();
     let cli = Cli::parse();
     // Loads the configuration itself, and only where needed (verify-proof and keygen
     // run offline); exits with its own codes.
     if let Command::Audit { command } = cli.command {
+        let _logging = tally::telemetry::init(None);
         std::process::exit(tally::cli::audit::run(command, cli.config.as_deref()).await);
     }
     if let Command::Dlq {
@@ -223,7 +209,18 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = dispatch(cli.command, cfg).await {
+    // The log, and for `tally run` the traces (`[tracing]`, off by default).
+    let traces = matches!(cli.command, Command::Run).then_some(&cfg.tracing);
+    let telemetry = match tally::telemetry::init(traces) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tally: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = dispatch(cli.command, cfg).await;
+    telemetry.shutdown().await;
+    if let Err(e) = result {
         eprintln!("tally: {e:#}");
         std::process::exit(1);
     }

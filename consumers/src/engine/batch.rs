@@ -16,6 +16,7 @@ use crate::engine::ledger::{CommitInput, DeadLetter, Ledger};
 use crate::engine::ownership::Fence;
 use crate::engine::reference::SharedReference;
 use crate::engine::stream::{BatchCtx, Owned, Stream};
+use crate::engine::trace::{self, Carry, MessageTrace};
 use crate::errors::StageError;
 use crate::fasthash::Map;
 use crate::metrics::{Stage, StreamMetrics};
@@ -26,6 +27,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Timestamp};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use uuid::Uuid;
 
 pub struct BatchRunner<S: Stream> {
@@ -90,24 +92,56 @@ struct Candidate<E> {
 
 impl<S: Stream> BatchRunner<S> {
     /// Runs one batch through the state machine: decode, dead letters, claim,
-    /// enrich and prepare, ClickHouse, the single Postgres commit.
+    /// enrich and prepare, ClickHouse, the single Postgres commit; traced as
+    /// one span with a child span per stage (`trace.rs`).
     pub async fn process_batch(&self, w: BatchWork) -> Result<BatchResult, StageError> {
-        let p = w.partition;
         let first = w.replay.map_or_else(|| w.msgs[0].offset(), |b| b.first);
         let last = w
             .replay
             .map_or_else(|| w.msgs[w.msgs.len() - 1].offset(), |b| b.last);
+        let info = trace::BatchInfo {
+            stream: S::NAME,
+            topic: &self.topic,
+            group: self.ledger.group(),
+            partition: w.partition,
+            first,
+            last,
+            replay: w.replay.is_some(),
+        };
+        let span = trace::batch_span(&info, &w.msgs);
+        let r = self
+            .run_batch(w, first, last, &span)
+            .instrument(span.clone())
+            .await;
+        trace::finish(&span, &r);
+        r
+    }
+
+    async fn run_batch(
+        &self,
+        w: BatchWork,
+        first: i64,
+        last: i64,
+        span: &tracing::Span,
+    ) -> Result<BatchResult, StageError> {
+        let p = w.partition;
         let reference = self.reference_for(w.replay).await?;
         let (clock, cutoff) = self.dedup_clock(&w);
 
         let mut t = Instant::now();
-        let decoded = self.decode_all(&w, clock, cutoff).await?;
+        let decoded = self
+            .decode_all(&w, clock, cutoff)
+            .instrument(trace::stage("decode"))
+            .await?;
         self.sm.stage(Stage::Decode, t);
         t = Instant::now();
 
         // 1. Dead letters, acknowledged before anything commits.
         let mut dead = Vec::new();
-        let (candidates, dup_in_batch) = self.screen(&w, decoded, &mut dead).await?;
+        let (candidates, dup_in_batch) = self
+            .screen(&w, decoded, &mut dead)
+            .instrument(trace::stage("screen"))
+            .await?;
         self.sm.stage(Stage::DeadLetter, t);
         t = Instant::now();
 
@@ -121,8 +155,11 @@ impl<S: Stream> BatchRunner<S> {
         };
         let (batch, candidates, duplicates) = self
             .claim(&w, &claim, candidates, dup_in_batch, &mut dead)
+            .instrument(trace::stage("claim"))
             .await?;
         self.sm.stage(Stage::Claim, t);
+        span.record("tally.batch_id", batch.batch_id);
+        let carry = self.carry(&w.msgs, &candidates);
         t = Instant::now();
 
         // Enrich against the batch's reference snapshot, then read or reserve
@@ -135,13 +172,18 @@ impl<S: Stream> BatchRunner<S> {
             ledger: &self.ledger,
             now: Utc::now(),
         };
-        let records = self.prepare(&ctx, &w.msgs, candidates).await?;
+        let records = self
+            .prepare(&ctx, &w.msgs, candidates)
+            .instrument(trace::stage("prepare"))
+            .await?;
         self.sm.stage(Stage::Enrich, t);
         t = Instant::now();
 
         // 3. ClickHouse, fenced by the ownership epoch, checked first whenever an
         // earlier attempt may have landed.
-        self.write_clickhouse(&w, batch, &records).await?;
+        self.write_clickhouse(&w, batch, &records)
+            .instrument(trace::stage("clickhouse"))
+            .await?;
         self.sm.stage(Stage::ClickHouse, t);
         t = Instant::now();
 
@@ -157,21 +199,34 @@ impl<S: Stream> BatchRunner<S> {
             dead: &dead,
             newest_message_at: w.msgs.iter().filter_map(message_time).max(),
             dedup_cutoff: cutoff,
+            carry: &carry,
         };
-        crate::engine::failpoint::hit("before_commit").await?;
-        let committed = breaker::call(
-            &self.sm,
-            &self.breaker,
-            Sink::Postgres,
-            Step::Commit,
-            || self.commit_once(p, batch, &input),
-        )
+        let committed = async {
+            crate::engine::failpoint::hit("before_commit").await?;
+            let committed = breaker::call(
+                &self.sm,
+                &self.breaker,
+                Sink::Postgres,
+                Step::Commit,
+                || self.commit_once(p, batch, &input),
+            )
+            .await?;
+            crate::engine::failpoint::hit("after_commit").await?;
+            Ok::<_, StageError>(committed)
+        }
+        .instrument(trace::stage("commit"))
         .await?;
-        crate::engine::failpoint::hit("after_commit").await?;
         self.sm.stage(Stage::Commit, t);
         let rules = committed.map(|c| c.violations_new).unwrap_or_default();
         let violations = rules.len();
         self.count_committed(records.len(), duplicates, &dead, &rules);
+        span.record("tally.events", trace::count(records.len()));
+        span.record(
+            "tally.duplicates",
+            i64::try_from(duplicates).unwrap_or(i64::MAX),
+        );
+        span.record("tally.dead_letters", trace::count(dead.len()));
+        span.record("tally.violations", trace::count(violations));
         tracing::debug!(
             stream = S::NAME,
             partition = p,
@@ -211,6 +266,16 @@ impl<S: Stream> BatchRunner<S> {
             sm.dead_letters(class, n);
         }
         sm.violations_raised(rules.iter().map(String::as_str));
+    }
+
+    /// Which owned events' messages carry a trace context, for the violations
+    /// they cause (a header scan; parsed only for a violation).
+    fn carry<'m>(&self, msgs: &'m [OwnedMessage], candidates: &[Candidate<S::Event>]) -> Carry<'m> {
+        let mut carry = Carry::new(msgs);
+        for c in candidates {
+            carry.note(&c.event, c.msg);
+        }
+        carry
     }
 
     /// Decodes every message (Confluent ids are resolved through the registry first).
@@ -504,14 +569,20 @@ impl<S: Stream> BatchRunner<S> {
         if items.is_empty() {
             return Ok(());
         }
+        let traces: Vec<Option<MessageTrace>> = items
+            .iter()
+            .map(|(i, _, _)| MessageTrace::of(&msgs[*i]))
+            .collect();
         let poison: Vec<Poison<'_>> = items
             .iter()
-            .map(|(i, class, message)| {
+            .zip(&traces)
+            .map(|((i, class, message), trace)| {
                 let m = &msgs[*i];
                 Poison {
                     key: m.key(),
                     payload: m.payload().unwrap_or_default(),
                     headers: None,
+                    trace: trace.as_ref(),
                     partition: p,
                     offset: m.offset(),
                     class,
@@ -527,6 +598,7 @@ impl<S: Stream> BatchRunner<S> {
             Step::DeadLetterSend,
             || dlq::send_all(&self.dlq, dlq_topic, src, &poison),
         )
+        .instrument(trace::stage("dlq"))
         .await?;
         dead.extend(poison.iter().map(|x| DeadLetter {
             partition: p,

@@ -5,6 +5,7 @@
 //! (acks=all) before the batch commits, so a source offset is never committed
 //! ahead of its dead letter. A crash between the two can repeat a dead letter on
 //! the topic; consumers of the DLQ dedup on the source topic/partition/offset headers.
+//! A dead letter carries its message's `traceparent` and `tracestate` (`trace.rs`).
 
 use crate::errors::{classify_kafka, StageError};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -16,6 +17,9 @@ pub struct Poison<'a> {
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
     pub headers: Option<&'a rdkafka::message::BorrowedHeaders>,
+    /// The poison message's W3C trace context, carried as `traceparent` /
+    /// `tracestate` (when `headers` are not copied, which would carry it anyway).
+    pub trace: Option<&'a crate::engine::trace::MessageTrace>,
     pub partition: i32,
     pub offset: i64,
     pub class: &'a str,
@@ -75,6 +79,13 @@ pub async fn send_all(
                 headers = headers.insert(Header {
                     key: h.key,
                     value: h.value,
+                });
+            }
+        } else if let Some(trace) = p.trace {
+            for (key, value) in trace.headers() {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
                 });
             }
         }

@@ -35,6 +35,8 @@ pub struct CommitInput<'a, S: Stream> {
     pub newest_message_at: Option<DateTime<Utc>>,
     /// The dedup cutoff the batch applied (the partition's never moves back).
     pub dedup_cutoff: DateTime<Utc>,
+    /// Trace contexts of the owned events, stored with the violations they cause.
+    pub carry: &'a crate::engine::trace::Carry<'a>,
 }
 
 impl<S: Stream> Clone for CommitInput<'_, S> {
@@ -90,6 +92,7 @@ impl Ledger {
             dead,
             newest_message_at,
             dedup_cutoff,
+            carry,
         } = *input;
         let epoch = ctx.epoch;
         let mut tx = self.pool.begin().await.map_err(pg("commit begin"))?;
@@ -114,7 +117,7 @@ impl Ledger {
         }
 
         let violations = stream.commit(&mut tx, ctx, records).await?;
-        let violations_new = insert_violations(&mut tx, &violations).await?;
+        let violations_new = insert_violations(&mut tx, &violations, carry).await?;
 
         if !dead.is_empty() {
             let parts: Vec<i32> = dead.iter().map(|d| d.partition).collect();
@@ -179,11 +182,13 @@ impl Ledger {
     }
 }
 
-/// Inserts violations into the outbox; an id seen before is ignored. Returns
-/// the rules of those inserted.
+/// Inserts violations into the outbox, each with the trace context of the
+/// event it names as evidence (if that message carried one); an id seen
+/// before is ignored. Returns the rules of those inserted.
 async fn insert_violations(
     tx: &mut sqlx::PgConnection,
     vs: &[ComplianceViolation],
+    carry: &crate::engine::trace::Carry<'_>,
 ) -> Result<Vec<String>, StageError> {
     if vs.is_empty() {
         return Ok(Vec::new());
@@ -191,6 +196,7 @@ async fn insert_violations(
     // Within one batch the same id can be derived twice (e.g. two unpriced events).
     let mut seen = HashSet::new();
     let vs: Vec<&ComplianceViolation> = vs.iter().filter(|v| seen.insert(v.violation_id)).collect();
+    let traces: Vec<_> = vs.iter().map(|v| carry.for_violation(v)).collect();
     sqlx::query_scalar(include_str!(
         "../../../sql/postgres/queries/insert_violations.sql"
     ))
@@ -219,6 +225,18 @@ async fn insert_violations(
     )
     .bind(vs.iter().map(|v| v.detected_at).collect::<Vec<_>>())
     .bind(vs.iter().map(|v| v.message.clone()).collect::<Vec<_>>())
+    .bind(
+        traces
+            .iter()
+            .map(|t| t.as_ref().map(|t| t.traceparent.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        traces
+            .iter()
+            .map(|t| t.as_ref().and_then(|t| t.tracestate.clone()))
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(&mut *tx)
     .await
     .map_err(pg("commit violations"))

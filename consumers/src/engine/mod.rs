@@ -26,4 +26,5 @@ pub mod relay_watch;
 pub mod retry;
 pub mod runner;
 pub mod stream;
+pub mod trace;
 pub mod violation_wire;

@@ -183,6 +183,21 @@ fn row_to_violation(r: &sqlx::postgres::PgRow) -> ComplianceViolation {
     }
 }
 
+/// The trace context stored with a violation (`0009_violation_trace_context.sql`).
+fn row_trace(r: &sqlx::postgres::PgRow) -> Option<crate::engine::trace::MessageTrace> {
+    let traceparent: Option<String> = r.try_get("traceparent").ok().flatten();
+    Some(crate::engine::trace::MessageTrace {
+        traceparent: traceparent.filter(|t| !t.is_empty())?,
+        tracestate: r.try_get("tracestate").ok().flatten(),
+    })
+}
+
+/// A claimed violation and the trace context its message headers carry.
+type Outgoing = (
+    ComplianceViolation,
+    Option<crate::engine::trace::MessageTrace>,
+);
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -194,7 +209,7 @@ async fn claim(
     pool: &PgPool,
     owner: &str,
     ends: &[i64],
-) -> Result<Option<(i64, Vec<ComplianceViolation>)>, StageError> {
+) -> Result<Option<(i64, Vec<Outgoing>)>, StageError> {
     let mut tx = pool.begin().await.map_err(pg("relay claim begin"))?;
     let attempt_id: i64 = sqlx::query_scalar(
         "INSERT INTO tally.relay_attempts (topic, end_offsets, violation_ids, owner, enqueue_until, settle_after) \
@@ -225,9 +240,12 @@ async fn claim(
         tx.rollback().await.map_err(pg("relay claim rollback"))?;
         return Ok(None);
     }
-    let mut violations: Vec<ComplianceViolation> = rows.iter().map(row_to_violation).collect();
-    violations.sort_by_key(|v| (v.detected_at, v.violation_id));
-    let ids: Vec<Uuid> = violations.iter().map(|v| v.violation_id).collect();
+    let mut violations: Vec<Outgoing> = rows
+        .iter()
+        .map(|r| (row_to_violation(r), row_trace(r)))
+        .collect();
+    violations.sort_by_key(|(v, _)| (v.detected_at, v.violation_id));
+    let ids: Vec<Uuid> = violations.iter().map(|(v, _)| v.violation_id).collect();
     sqlx::query("UPDATE tally.relay_attempts SET violation_ids = $2 WHERE attempt_id = $1")
         .bind(attempt_id)
         .bind(&ids)
@@ -266,7 +284,7 @@ async fn publish_once(
     crate::engine::failpoint::hit("relay_before_send").await?;
     let mut pending = Vec::with_capacity(violations.len());
     let mut enqueue_error = None;
-    for v in &violations {
+    for (v, trace) in &violations {
         if started.elapsed() >= ENQUEUE_WINDOW {
             tracing::warn!(
                 attempt_id,
@@ -277,7 +295,14 @@ async fn publish_once(
             break;
         }
         let payload = cfg.output.payload(v);
-        let headers = cfg.output.kafka_headers(v);
+        let mut headers = cfg.output.kafka_headers(v);
+        // The trace context of the event that caused it (`trace.rs`).
+        for (key, value) in trace.iter().flat_map(|t| t.headers()) {
+            headers = headers.insert(rdkafka::message::Header {
+                key,
+                value: Some(value),
+            });
+        }
         let record = FutureRecord::to(&cfg.topic)
             .key(&v.tenant_id)
             .payload(&payload)

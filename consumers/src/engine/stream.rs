@@ -52,7 +52,7 @@ pub struct Owned<E> {
 
 pub trait Stream: Send + Sync + Sized + 'static {
     /// A decoded, validated event.
-    type Event: tally_schemas::Event + Send + Sync + 'static;
+    type Event: tally_schemas::Event + crate::engine::trace::Evidence + Send + Sync + 'static;
     /// An event made ready to store (enriched, pseudonymised, placed).
     type Record: Send + Sync + 'static;
 

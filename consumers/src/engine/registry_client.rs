@@ -64,21 +64,21 @@ impl RegistryClient {
         })
     }
 
-    /// Makes sure `id` is registered in `decoder`, fetching it if needed.
-    pub async fn ensure(&self, decoder: &Decoder, id: u32) -> Result<Lookup, StageError> {
-        if decoder.has_confluent_schema(id) {
-            return Ok(Lookup::Registered);
-        }
-        let url = format!("{}/schemas/ids/{id}", self.base);
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| StageError::Fatal(format!("registry url {url}: {e}")))?;
-        let mut request = hyper::Request::get(uri);
+    /// Sends one request (with the basic-auth header when configured) and reads
+    /// the whole answer, both within the timeout. A URL that does not parse is
+    /// Fatal; no answer, or a cut one, is Retryable.
+    async fn send(
+        &self,
+        url: &str,
+        request: hyper::http::request::Builder,
+        body: Full<Bytes>,
+    ) -> Result<(hyper::StatusCode, Bytes), StageError> {
+        let mut request = request;
         if let Some(auth) = &self.authorization {
             request = request.header(hyper::header::AUTHORIZATION, auth);
         }
         let request = request
-            .body(Full::default())
+            .body(body)
             .map_err(|e| StageError::Fatal(format!("registry request {url}: {e}")))?;
         let resp = tokio::time::timeout(self.timeout, self.http.request(request))
             .await
@@ -90,6 +90,18 @@ impl RegistryClient {
             .map_err(|_| StageError::Retryable(format!("schema registry timed out: {url}")))?
             .map_err(|e| StageError::Retryable(format!("schema registry body {url}: {e}")))?
             .to_bytes();
+        Ok((status, body))
+    }
+
+    /// Makes sure `id` is registered in `decoder`, fetching it if needed.
+    pub async fn ensure(&self, decoder: &Decoder, id: u32) -> Result<Lookup, StageError> {
+        if decoder.has_confluent_schema(id) {
+            return Ok(Lookup::Registered);
+        }
+        let url = format!("{}/schemas/ids/{id}", self.base);
+        let (status, body) = self
+            .send(&url, hyper::Request::get(&url), Full::default())
+            .await?;
         if status.as_u16() == 404 {
             return Ok(Lookup::Unknown);
         }
@@ -124,11 +136,8 @@ impl RegistryClient {
     /// Registering a schema the subject already has returns its existing id.
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, StageError> {
         let url = format!("{}/subjects/{}/versions", self.base, path_segment(subject));
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| StageError::Fatal(format!("registry url {url}: {e}")))?;
         let body = serde_json::json!({ "schema": schema }).to_string();
-        let mut request = hyper::Request::post(uri)
+        let request = hyper::Request::post(&url)
             .header(
                 hyper::header::CONTENT_TYPE,
                 "application/vnd.schemaregistry.v1+json",
@@ -137,22 +146,9 @@ impl RegistryClient {
                 hyper::header::ACCEPT,
                 "application/vnd.schemaregistry.v1+json",
             );
-        if let Some(auth) = &self.authorization {
-            request = request.header(hyper::header::AUTHORIZATION, auth);
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| StageError::Fatal(format!("registry request {url}: {e}")))?;
-        let resp = tokio::time::timeout(self.timeout, self.http.request(request))
-            .await
-            .map_err(|_| StageError::Retryable(format!("schema registry timed out: {url}")))?
-            .map_err(|e| StageError::Retryable(format!("schema registry {url}: {e}")))?;
-        let status = resp.status();
-        let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
-            .await
-            .map_err(|_| StageError::Retryable(format!("schema registry timed out: {url}")))?
-            .map_err(|e| StageError::Retryable(format!("schema registry body {url}: {e}")))?
-            .to_bytes();
+        let (status, body) = self
+            .send(&url, request, Full::new(Bytes::from(body)))
+            .await?;
         let text = String::from_utf8_lossy(&body);
         if status.is_server_error() {
             return Err(StageError::Retryable(format!(

@@ -147,8 +147,8 @@ pub async fn run(
         // usage events only: the policy and audit streams have their own topics
         .env("TALLY__STREAMS__POLICY", "false")
         .env("TALLY__STREAMS__AUDIT", "false")
-        // warn, plus the runner's start/stop lines (the stop line carries the counters)
-        .env("TALLY_LOG", "warn,tally::engine::runner=info")
+        // info (a few lines a run; the stop line carries the counters)
+        .env("TALLY_LOG", "info,sqlx=warn,librdkafka=warn")
         .env_remove("TALLY_LOG_FORMAT")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

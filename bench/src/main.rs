@@ -62,6 +62,10 @@ struct Args {
 /// Who is measured besides tally: the broker and ClickHouse by pid when
 /// bench.sh started them (TALLY_BENCH_BROKER_PID, TALLY_BENCH_CLICKHOUSE_PID),
 /// else every process of that name; Postgres is every `postgres` process.
+/// Also, within the broker's figure, its `autosave` thread: noida-db
+/// re-serializes its whole state (every message of every topic, as JSON) after
+/// any second with a write request (produce, offset commit, group join), a
+/// cost of that test broker that a Kafka broker does not have.
 fn roles() -> Roles {
     let by_pid = |var: &str, comm: &'static str| {
         std::env::var(var)
@@ -69,8 +73,14 @@ fn roles() -> Roles {
             .and_then(|v| v.trim().parse::<u32>().ok())
             .map_or(Who::Comm(comm), |p| Who::Pids(vec![p]))
     };
+    let broker = by_pid("TALLY_BENCH_BROKER_PID", "noida-db");
+    let saves = match &broker {
+        Who::Pids(p) if p.len() == 1 => Who::Threads(p[0], "autosave"),
+        _ => Who::Pids(Vec::new()),
+    };
     Roles(vec![
-        ("broker", by_pid("TALLY_BENCH_BROKER_PID", "noida-db")),
+        ("broker", broker),
+        ("broker_saves", saves),
         (
             "clickhouse",
             by_pid("TALLY_BENCH_CLICKHOUSE_PID", "clickhouse-serv"),

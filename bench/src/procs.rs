@@ -14,6 +14,9 @@ pub enum Who {
     Pids(Vec<u32>),
     /// Every process whose `comm` is this name (Postgres: all its processes).
     Comm(&'static str),
+    /// The threads of a process whose `comm` is this name (noida-db's
+    /// `autosave` thread, which re-serializes its whole state).
+    Threads(u32, &'static str),
 }
 
 impl Who {
@@ -21,8 +24,46 @@ impl Who {
         match self {
             Who::Pids(p) => p.clone(),
             Who::Comm(name) => pids_by_comm(name),
+            Who::Threads(..) => Vec::new(),
         }
     }
+
+    /// CPU ticks of each process (or thread) now.
+    fn ticks(&self) -> BTreeMap<u32, u64> {
+        match self {
+            Who::Threads(pid, name) => threads_by_comm(*pid, name)
+                .into_iter()
+                .filter_map(|t| Some((t, thread_ticks(*pid, t)?)))
+                .collect(),
+            _ => self
+                .pids()
+                .into_iter()
+                .filter_map(|p| Some((p, cpu_ticks_with_children(p)?)))
+                .collect(),
+        }
+    }
+}
+
+/// Thread ids of `pid` whose `comm` is `name`.
+fn threads_by_comm(pid: u32, name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
+/// utime + stime of one thread in clock ticks.
+fn thread_ticks(pid: u32, tid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; fields after `(comm)` start at 3.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Ticks per second of /proc/<pid>/stat utime and stime.
@@ -99,12 +140,7 @@ impl Roles {
     pub fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot::default();
         for (role, who) in &self.0 {
-            let per: BTreeMap<u32, u64> = who
-                .pids()
-                .into_iter()
-                .filter_map(|p| Some((p, cpu_ticks_with_children(p)?)))
-                .collect();
-            s.0.insert(role, per);
+            s.0.insert(role, who.ticks());
         }
         s
     }
@@ -141,6 +177,11 @@ mod tests {
         assert!(status_kb(pid, "VmHWM").unwrap_or(0) > 0);
         assert!(cpu_ticks(pid).is_some());
         assert!(clk_tck() > 0);
+        // The main thread is named like the process.
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let name: &'static str = Box::leak(comm.trim().to_string().into_boxed_str());
+        let threads = Who::Threads(pid, name).ticks();
+        assert!(threads.contains_key(&pid), "{threads:?}");
     }
 
     #[test]

@@ -121,9 +121,10 @@ fn cpu_cells(cpu: &Cpu, tally: Option<Duration>, events: u64) -> String {
         })
     };
     format!(
-        "{} | {} | {} | {}",
+        "{} | {} | {} | {} | {}",
         cell(tally.as_ref()),
         cell(cpu.get("broker")),
+        cell(cpu.get("broker_saves")),
         cell(cpu.get("clickhouse")),
         cell(cpu.get("postgres"))
     )
@@ -134,8 +135,8 @@ fn cpu_cells(cpu: &Cpu, tally: Option<Duration>, events: u64) -> String {
 pub fn render(f: &Figures) -> String {
     let mut s = String::new();
     let n = f.count;
-    let _ = writeln!(s, "| run | events/s | time s | tally CPU-s/1M | broker | ClickHouse | Postgres | load (1 5 15) |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| run | events/s | time s | tally CPU-s/1M | broker | of which snapshot saves | ClickHouse | Postgres | load (1 5 15) |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     let line = |s: &mut String,
                 name: &str,
                 d: Duration,
@@ -147,7 +148,7 @@ pub fn render(f: &Figures) -> String {
             "| {name} | {:.0} | {:.2} | {} | {load} |",
             per_sec(n, d),
             d.as_secs_f64(),
-            cpu_cells(cpu, tally, n)
+            cpu_cells(cpu, tally, n),
         );
     };
     if let Some(p) = &f.raw {
@@ -249,7 +250,7 @@ pub fn render(f: &Figures) -> String {
         );
         let _ = writeln!(
             s,
-            "| steady state: CPU-s/1M tally, broker, ClickHouse, Postgres | {} |",
+            "| steady state: CPU-s/1M tally, broker (of which snapshot saves), ClickHouse, Postgres | {} |",
             cpu_cells(&p.cpu, Some(p.run.cpu), p.run.events)
         );
         let _ = writeln!(

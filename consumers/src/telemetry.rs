@@ -152,8 +152,14 @@ pub fn init(traces: Option<&TracingConfig>) -> Result<Telemetry, String> {
     })
 }
 
-/// The log layer (filtered by `TALLY_LOG`, never showing [`TARGET`]) and,
-/// when there is a tracer, the OpenTelemetry layer (only [`TARGET`]'s spans).
+/// The log layer and, when there is a tracer, the OpenTelemetry layer (only
+/// [`TARGET`]'s spans). `TALLY_LOG` filters the whole subscriber, with
+/// [`TARGET`] on only when exporting; the log layer leaves [`TARGET`] out.
+///
+/// The `EnvFilter` is global, not a per-layer filter of the log layer: a
+/// per-layer filter that disables an event queried through the `log` crate
+/// (librdkafka's logs, with `librdkafka=warn`) swallowed the next event on
+/// that thread (tokio-rs/tracing#2519), e.g. the `tally run stopped` line.
 fn subscriber(
     tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     json: bool,
@@ -161,16 +167,20 @@ fn subscriber(
     use tracing_subscriber::EnvFilter;
     let mut filter = EnvFilter::try_from_env("TALLY_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
-    if let Ok(d) = format!("{TARGET}=off").parse() {
+    let export = if tracer.is_some() { "info" } else { "off" };
+    if let Ok(d) = format!("{TARGET}={export}").parse() {
         filter = filter.add_directive(d);
     }
+    // Never disables anything but TARGET's spans, so no `log` query leaves a
+    // disabled mark behind.
+    let not_exported = tracing_subscriber::filter::filter_fn(|m| m.target() != TARGET);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let log: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = if json {
-        fmt.json().with_filter(filter).boxed()
+        fmt.json().with_filter(not_exported).boxed()
     } else {
-        fmt.with_filter(filter).boxed()
+        fmt.with_filter(not_exported).boxed()
     };
-    let base = tracing_subscriber::registry().with(log);
+    let base = tracing_subscriber::registry().with(log).with(filter);
     // No layer at all without a tracer (an absent `Option` layer would still
     // enable the spans): they are then disabled at their call sites.
     match tracer {

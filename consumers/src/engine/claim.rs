@@ -68,6 +68,19 @@ pub struct Claimed {
     /// conflicts (dead-lettered), unless the stored one is the event's v1
     /// fingerprint (claimed before the current layout: a re-send).
     pub conflicts: Map<Uuid, i64>,
+    /// How the keys were claimed.
+    pub path: ClaimPath,
+}
+
+/// How a claim wrote its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimPath {
+    /// One binary COPY: no key had been claimed before.
+    Copy,
+    /// The COPY met a key claimed before and was rolled back; then as `Insert`.
+    CopyThenInsert,
+    /// `INSERT ... ON CONFLICT DO NOTHING` (a replay, or soon after a fallback).
+    Insert,
 }
 
 /// The usage stream's dedup key (see `engine::stream::scoped_key`).
@@ -165,23 +178,26 @@ impl Ledger {
             }
             None => self.open_batch(&mut tx, c).await?,
         };
-        let keys: Vec<Uuid> = c.keys.iter().map(|k| k.key).collect();
-        let times: Vec<DateTime<Utc>> = c.keys.iter().map(|k| k.occurred_at).collect();
-        let prints: Vec<i64> = c.keys.iter().map(|k| k.fingerprint).collect();
-        let mut owned: Set<Uuid> = sqlx::query_scalar::<_, Uuid>(
-            "INSERT INTO tally.seen_events (event_id, occurred_at, batch_id, fingerprint) \
-             SELECT u.id, u.ts, $3, u.fp FROM UNNEST($1::uuid[], $2::timestamptz[], $4::bigint[]) AS u(id, ts, fp) \
-             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-        )
-        .bind(&keys)
-        .bind(&times)
-        .bind(batch.batch_id)
-        .bind(&prints)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(pg("claim event ids"))?
-        .into_iter()
-        .collect();
+        // Sorted by key: the primary key's B-tree is then filled page by page.
+        let mut sorted: Vec<KeyClaim> = c.keys.to_vec();
+        sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<Uuid> = sorted.iter().map(|k| k.key).collect();
+        let fast = c.replay_of.is_none() && self.claims.try_fast();
+        let (mut owned, path): (Set<Uuid>, ClaimPath) =
+            if fast && copy_claims(&mut *tx, batch.batch_id, &sorted).await? {
+                (keys.iter().copied().collect(), ClaimPath::Copy)
+            } else {
+                let path = if fast {
+                    self.claims.fell_back();
+                    ClaimPath::CopyThenInsert
+                } else {
+                    ClaimPath::Insert
+                };
+                (
+                    insert_claims(&mut *tx, batch.batch_id, &sorted).await?,
+                    path,
+                )
+            };
         let mut conflicts = Map::default();
         if owned.len() < keys.len() {
             let others: Vec<Uuid> = keys
@@ -189,7 +205,7 @@ impl Ledger {
                 .filter(|k| !owned.contains(k))
                 .copied()
                 .collect();
-            let mine: Map<Uuid, i64> = c.keys.iter().map(|k| (k.key, k.fingerprint)).collect();
+            let mine: Map<Uuid, i64> = sorted.iter().map(|k| (k.key, k.fingerprint)).collect();
             let rows = sqlx::query(
                 "SELECT event_id, batch_id, fingerprint FROM tally.seen_events WHERE event_id = ANY($1)",
             )
@@ -211,6 +227,7 @@ impl Ledger {
             batch,
             owned,
             conflicts,
+            path,
         })
     }
 
@@ -305,6 +322,119 @@ impl Ledger {
         .await
         .map_err(pg("prune seen events"))?;
         Ok(r.rows_affected())
+    }
+}
+
+/// Claims every key with one binary COPY, under a savepoint: the common case,
+/// in which no key was claimed before, at about a third of the server CPU of
+/// `INSERT ... ON CONFLICT`. Returns false (nothing written, the transaction
+/// usable) when a key is already claimed; the caller then claims key by key.
+async fn copy_claims(
+    tx: &mut sqlx::PgConnection,
+    batch_id: i64,
+    keys: &[KeyClaim],
+) -> Result<bool, StageError> {
+    if keys.is_empty() {
+        return Ok(true);
+    }
+    sqlx::query("SAVEPOINT claim_copy")
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("claim savepoint"))?;
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY tally.seen_events (event_id, occurred_at, batch_id, fingerprint) \
+             FROM STDIN (FORMAT binary)",
+        )
+        .await
+        .map_err(pg("claim copy"))?;
+    copy.send(copy_rows(batch_id, keys))
+        .await
+        .map_err(pg("claim copy send"))?;
+    match copy.finish().await {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT claim_copy")
+                .execute(&mut *tx)
+                .await
+                .map_err(pg("claim rollback to savepoint"))?;
+            Ok(false)
+        }
+        Err(e) => Err(crate::errors::classify_pg("claim copy", e)),
+    }
+}
+
+/// Postgres' binary COPY encoding of claim rows (uuid, timestamptz, bigint, bigint).
+pub(crate) fn copy_rows(batch_id: i64, keys: &[KeyClaim]) -> Vec<u8> {
+    /// 2000-01-01T00:00:00Z, Postgres' timestamp epoch, in Unix microseconds.
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    let mut out = Vec::with_capacity(21 + keys.len() * 58);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags
+    out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+    for k in keys {
+        out.extend_from_slice(&4i16.to_be_bytes());
+        out.extend_from_slice(&16i32.to_be_bytes());
+        out.extend_from_slice(k.key.as_bytes());
+        out.extend_from_slice(&8i32.to_be_bytes());
+        out.extend_from_slice(&(k.occurred_at.timestamp_micros() - PG_EPOCH_MICROS).to_be_bytes());
+        out.extend_from_slice(&8i32.to_be_bytes());
+        out.extend_from_slice(&batch_id.to_be_bytes());
+        out.extend_from_slice(&8i32.to_be_bytes());
+        out.extend_from_slice(&k.fingerprint.to_be_bytes());
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
+/// Claims the keys not claimed yet; returns the ones this statement claimed.
+async fn insert_claims(
+    tx: &mut sqlx::PgConnection,
+    batch_id: i64,
+    keys: &[KeyClaim],
+) -> Result<Set<Uuid>, StageError> {
+    let ids: Vec<Uuid> = keys.iter().map(|k| k.key).collect();
+    let times: Vec<DateTime<Utc>> = keys.iter().map(|k| k.occurred_at).collect();
+    let prints: Vec<i64> = keys.iter().map(|k| k.fingerprint).collect();
+    Ok(sqlx::query_scalar::<_, Uuid>(
+        "INSERT INTO tally.seen_events (event_id, occurred_at, batch_id, fingerprint) \
+         SELECT u.id, u.ts, $3, u.fp FROM UNNEST($1::uuid[], $2::timestamptz[], $4::bigint[]) AS u(id, ts, fp) \
+         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    )
+    .bind(&ids)
+    .bind(&times)
+    .bind(batch_id)
+    .bind(&prints)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg("claim event ids"))?
+    .into_iter()
+    .collect())
+}
+
+/// When a claim tries the COPY first: always, except for a few claims after
+/// one that met an earlier claim (re-sends come in runs; a failed COPY is
+/// wasted work).
+#[derive(Debug, Default)]
+pub struct ClaimMode {
+    skip_copy: std::sync::atomic::AtomicU32,
+}
+
+impl ClaimMode {
+    const SKIP_AFTER_FALLBACK: u32 = 8;
+
+    fn try_fast(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.skip_copy
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_err()
+    }
+
+    fn fell_back(&self) {
+        self.skip_copy.store(
+            Self::SKIP_AFTER_FALLBACK,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 

@@ -17,10 +17,33 @@ use uuid::Uuid;
 
 /// The fingerprint of an event's content.
 pub fn fingerprint<E: tally_schemas::Event>(e: &E) -> i64 {
-    let mut c = Canon(XxHash3_64::with_seed(0));
-    // Serializing these plain structs into a hasher cannot fail.
-    let _ = e.serialize(&mut c);
-    i64::from_be_bytes(c.0.finish().to_be_bytes())
+    thread_local! {
+        static LAYOUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LAYOUT.with(|cell| {
+        let mut buf = cell.take();
+        buf.clear();
+        let mut c = Canon(Layout(buf));
+        // Serializing these plain structs into a buffer cannot fail.
+        let _ = e.serialize(&mut c);
+        let hash = c.0.finish();
+        cell.replace(c.0 .0);
+        i64::from_be_bytes(hash.to_be_bytes())
+    })
+}
+
+/// The layout's bytes, hashed in one go when finished: XXH3-64 of the whole
+/// equals the streaming hash of its pieces, at a fraction of the cost of
+/// many small streaming writes.
+struct Layout(Vec<u8>);
+
+impl Hasher for Layout {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+    fn finish(&self) -> u64 {
+        XxHash3_64::oneshot_with_seed(0, &self.0)
+    }
 }
 
 const FINGERPRINT_NS: Uuid = Uuid::from_u128(0x7a11_f1a9_0000_4000_8000_0000_0000_0001);
@@ -56,8 +79,8 @@ mod tag {
     pub const INT128: u8 = 16;
 }
 
-/// A serde serializer that feeds the layout into the hasher.
-struct Canon(XxHash3_64);
+/// A serde serializer that writes the layout.
+struct Canon(Layout);
 
 impl Canon {
     fn tag(&mut self, t: u8) {

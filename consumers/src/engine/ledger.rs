@@ -58,6 +58,8 @@ pub struct Ledger {
     pub(crate) pool: PgPool,
     pub(crate) group: String,
     pub(crate) topic: String,
+    /// Whether claims try the binary COPY first (see `claim::ClaimMode`).
+    pub(crate) claims: std::sync::Arc<crate::engine::claim::ClaimMode>,
 }
 
 impl Ledger {
@@ -66,6 +68,7 @@ impl Ledger {
             pool,
             group: group.into(),
             topic: topic.into(),
+            claims: Default::default(),
         }
     }
 

@@ -106,6 +106,10 @@ pub struct Pipeline<S: Stream> {
     breaker_paused: std::collections::BTreeSet<i32>,
     /// Next reconnect attempt of a dead lock connection, and its backoff.
     lock_retry: Option<(Instant, Box<dyn Iterator<Item = Duration> + Send>)>,
+    /// Since when no message is taken from the consumer (`gate_recv`).
+    gated_since: Option<Instant>,
+    /// The offsets last copied to Kafka (`commit_kafka_copy`).
+    copied: Vec<(i32, i64)>,
 }
 
 /// What a finished batch task reports: partition, start, outcome.
@@ -203,6 +207,8 @@ impl<S: Stream> Pipeline<S> {
             parts: BTreeMap::new(),
             breaker_paused: Default::default(),
             lock_retry: None,
+            gated_since: None,
+            copied: Vec::new(),
             cfg,
         })
     }
@@ -220,9 +226,12 @@ impl<S: Stream> Pipeline<S> {
                 self.recover_locks().await?;
             }
             let now = Instant::now();
+            // A partition with a batch running wakes the loop when that batch
+            // ends (`join_next`), not by its linger.
             let wake = self
                 .parts
                 .values()
+                .filter(|s| !s.in_flight)
                 .filter_map(|s| {
                     let linger_at = s.buf_since.map(|t| t + linger);
                     match (linger_at, s.not_before) {
@@ -233,19 +242,25 @@ impl<S: Stream> Pipeline<S> {
                 .min()
                 .unwrap_or(now + Duration::from_millis(200))
                 .max(now + Duration::from_millis(1));
+            let gated = self.gate_recv();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                m = self.consumer.recv() => match m {
+                m = self.consumer.recv(), if !gated => match m {
                     Ok(m) => {
                         let owned = m.detach();
+                        let mut p = owned.partition();
                         self.accept(owned).await?;
                         // Take whatever else is already fetched without going back
                         // through the timer and the scheduler for each message.
                         for _ in 0..4096 {
+                            if self.full(p) {
+                                break;
+                            }
                             match futures::FutureExt::now_or_never(self.consumer.recv()) {
                                 Some(Ok(m)) => {
                                     let owned = m.detach();
+                                    p = owned.partition();
                                     self.accept(owned).await?;
                                 }
                                 Some(Err(e)) => {
@@ -681,18 +696,49 @@ impl<S: Stream> Pipeline<S> {
                 });
             }
         }
-        // Bound memory: a partition that has a batch running and another full
-        // one buffered stops fetching until the running one ends.
+        Ok(())
+    }
+
+    /// Whether partition `p` has a batch running and two more buffered.
+    fn full(&self, p: i32) -> bool {
+        self.parts.get(&p).is_some_and(|s| self.is_full(s))
+    }
+
+    fn is_full(&self, s: &PartState) -> bool {
+        s.in_flight && !s.paused && s.buf.len() >= 2 * self.cfg.pipeline.batch_max_messages
+    }
+
+    /// Bounds memory: while a partition is `full`, no message is taken from
+    /// the consumer; librdkafka keeps what it fetched and stops fetching once
+    /// its queue is full. (Pausing the partition would make librdkafka drop
+    /// what it fetched and fetch it all again on resume: with a broker that
+    /// answers a fetch with the whole backlog, every batch would re-read the
+    /// rest of the partition.) A partition still full after a while (a batch
+    /// held up) is paused, so that the other partitions and the group's
+    /// rebalances are served. Returns whether the consumer is gated.
+    fn gate_recv(&mut self) -> bool {
         let full: Vec<i32> = self
             .parts
             .iter()
-            .filter(|(_, s)| s.in_flight && !s.paused && s.buf.len() >= 2 * max)
+            .filter(|(_, s)| self.is_full(s))
             .map(|(p, _)| *p)
             .collect();
+        if full.is_empty() {
+            self.gated_since = None;
+            return false;
+        }
+        let pause_after = Duration::from_millis(
+            u64::from(self.cfg.kafka.max_poll_interval_ms / 4).clamp(100, 10_000),
+        );
+        let since = *self.gated_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < pause_after {
+            return true;
+        }
         for p in full {
             self.pause(p);
         }
-        Ok(())
+        self.gated_since = None;
+        false
     }
 
     /// Applies the outcome of a finished batch task.
@@ -891,18 +937,25 @@ impl<S: Stream> Pipeline<S> {
         }
     }
 
-    /// Copies the offsets of record to Kafka for lag tooling (never read back).
-    fn commit_kafka_copy(&self) {
-        let mut tpl = TopicPartitionList::new();
-        for (p, st) in &self.parts {
-            if let (true, Some(n)) = (st.owned, st.record_next) {
-                let _ = tpl.add_partition_offset(&self.route.topic, *p, Offset::Offset(n));
-            }
+    /// Copies the offsets of record to Kafka for lag tooling (never read
+    /// back), only when they moved since the last copy: a commit is a write
+    /// for the broker (noida-db rewrites its whole data file on each).
+    fn commit_kafka_copy(&mut self) {
+        let offsets: Vec<(i32, i64)> = self
+            .parts
+            .iter()
+            .filter_map(|(p, st)| st.record_next.filter(|_| st.owned).map(|n| (*p, n)))
+            .collect();
+        if offsets.is_empty() || offsets == self.copied {
+            return;
         }
-        if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-                tracing::debug!(error = %e, "kafka offset copy failed (harmless)");
-            }
+        let mut tpl = TopicPartitionList::new();
+        for (p, n) in &offsets {
+            let _ = tpl.add_partition_offset(&self.route.topic, *p, Offset::Offset(*n));
+        }
+        match self.consumer.commit(&tpl, CommitMode::Async) {
+            Ok(()) => self.copied = offsets,
+            Err(e) => tracing::debug!(error = %e, "kafka offset copy failed (harmless)"),
         }
     }
 }

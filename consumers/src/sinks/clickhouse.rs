@@ -645,7 +645,7 @@ mod tests {
             (Granularity::Hour, 2),
             (Granularity::Day, 1),
         ] {
-            let rows = rollup_rows(&events, g, 9);
+            let rows = rollup_rows(crate::streams::usage::rollup::rollup(&events, g), 9);
             let n = rows.len();
             let parts = split_by_month(rows, |r| r.bucket);
             let sizes: Vec<(u32, usize)> = parts.iter().map(|(m, r)| (*m, r.len())).collect();

@@ -48,12 +48,12 @@ pub fn per_event_violations(
 
 /// Requests and tokens already counted per (tenant, minute), for flagging
 /// over-quota events before the final commit. Informational only.
-pub async fn quota_usage(
+pub async fn quota_usage<'a>(
     pool: &PgPool,
-    keys: &[(String, DateTime<Utc>)],
-) -> Result<BTreeMap<(String, DateTime<Utc>), (i64, i64)>, StageError> {
-    let (tenants, minutes): (Vec<String>, Vec<DateTime<Utc>>) = keys.iter().cloned().unzip();
-    let rows = sqlx::query(
+    keys: &[(&'a str, DateTime<Utc>)],
+) -> Result<BTreeMap<(&'a str, DateTime<Utc>), (i64, i64)>, StageError> {
+    let (tenants, minutes): (Vec<&str>, Vec<DateTime<Utc>>) = keys.iter().copied().unzip();
+    let found: BTreeMap<(String, DateTime<Utc>), (i64, i64)> = sqlx::query(
         "SELECT q.tenant_id, q.minute, q.requests, q.tokens FROM tally.quota_usage q \
          JOIN UNNEST($1::text[], $2::timestamptz[]) AS u(t, m) ON q.tenant_id = u.t AND q.minute = u.m",
     )
@@ -61,11 +61,25 @@ pub async fn quota_usage(
     .bind(&minutes)
     .fetch_all(pool)
     .await
-    .map_err(pg("read quota usage"))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+    .map_err(pg("read quota usage"))?
+    .into_iter()
+    .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+    .collect();
+    Ok(keys
+        .iter()
+        .map(|&(t, m)| {
+            let counted = found.get(&(t.to_string(), m)).copied().unwrap_or((0, 0));
+            ((t, m), counted)
+        })
         .collect())
+}
+
+/// The minute bucket of an event (quotas are per tenant and minute).
+fn minute_of(e: &Enriched) -> DateTime<Utc> {
+    crate::streams::usage::rollup::bucket_start(
+        e.event.occurred_at,
+        crate::streams::usage::rollup::Granularity::Minute,
+    )
 }
 
 /// Marks events past their tenant's per-minute quota. Informational: the
@@ -75,42 +89,46 @@ pub async fn flag_over_quota(
     events: &mut [Enriched],
     reference: &Reference,
 ) -> Result<(), StageError> {
-    let keys: Vec<(String, DateTime<Utc>)> = events
+    let has_quota = |tenant: &str| {
+        reference
+            .tenants
+            .get(tenant)
+            .is_some_and(|t| t.requests_per_minute.is_some() || t.tokens_per_minute.is_some())
+    };
+    let keys: Vec<(&str, DateTime<Utc>)> = events
         .iter()
-        .filter(|e| {
-            reference
-                .tenants
-                .get(&e.event.tenant_id)
-                .is_some_and(|t| t.requests_per_minute.is_some() || t.tokens_per_minute.is_some())
-        })
-        .map(|e| {
-            (
-                e.event.tenant_id.clone(),
-                crate::streams::usage::rollup::bucket_start(
-                    e.event.occurred_at,
-                    crate::streams::usage::rollup::Granularity::Minute,
-                ),
-            )
-        })
+        .filter(|e| has_quota(&e.event.tenant_id))
+        .map(|e| (e.event.tenant_id.as_str(), minute_of(e)))
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
     if keys.is_empty() {
         return Ok(());
     }
-    let mut counts = quota_usage(pool, &keys).await?;
-    for e in events.iter_mut() {
-        let Some(t) = reference.tenants.get(&e.event.tenant_id) else {
+    let counted = quota_usage(pool, &keys).await?;
+    // Each event's (tenant, minute) slot, so the counts need not borrow the
+    // events that are changed below.
+    let slots: Vec<Option<usize>> = {
+        let index: crate::fasthash::Map<(&str, DateTime<Utc>), usize> =
+            keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        events
+            .iter()
+            .map(|e| {
+                index
+                    .get(&(e.event.tenant_id.as_str(), minute_of(e)))
+                    .copied()
+            })
+            .collect()
+    };
+    let mut counts: Vec<(i64, i64)> = keys
+        .iter()
+        .map(|k| counted.get(k).copied().unwrap_or((0, 0)))
+        .collect();
+    for (e, slot) in events.iter_mut().zip(slots) {
+        let (Some(i), Some(t)) = (slot, reference.tenants.get(&e.event.tenant_id)) else {
             continue;
         };
-        let key = (
-            e.event.tenant_id.clone(),
-            crate::streams::usage::rollup::bucket_start(
-                e.event.occurred_at,
-                crate::streams::usage::rollup::Granularity::Minute,
-            ),
-        );
-        let c = counts.entry(key).or_insert((0, 0));
+        let c = &mut counts[i];
         c.0 += 1;
         c.1 += e.tokens().total();
         e.over_quota = t.requests_per_minute.is_some_and(|l| c.0 > l)
@@ -172,7 +190,7 @@ pub async fn apply_quotas(
     now: DateTime<Utc>,
 ) -> Result<Vec<ComplianceViolation>, StageError> {
     // Events per (tenant, minute) in offset order, only for tenants with quotas.
-    let mut groups: BTreeMap<(String, DateTime<Utc>), Vec<&Enriched>> = BTreeMap::new();
+    let mut groups: BTreeMap<(&str, DateTime<Utc>), Vec<&Enriched>> = BTreeMap::new();
     for e in events {
         let Some(t) = reference.tenants.get(&e.event.tenant_id) else {
             continue;
@@ -180,19 +198,15 @@ pub async fn apply_quotas(
         if t.requests_per_minute.is_none() && t.tokens_per_minute.is_none() {
             continue;
         }
-        let minute = crate::streams::usage::rollup::bucket_start(
-            e.event.occurred_at,
-            crate::streams::usage::rollup::Granularity::Minute,
-        );
         groups
-            .entry((e.event.tenant_id.clone(), minute))
+            .entry((e.event.tenant_id.as_str(), minute_of(e)))
             .or_default()
             .push(e);
     }
     if groups.is_empty() {
         return Ok(Vec::new());
     }
-    let (tenants, minutes): (Vec<String>, Vec<DateTime<Utc>>) = groups.keys().cloned().unzip();
+    let (tenants, minutes): (Vec<&str>, Vec<DateTime<Utc>>) = groups.keys().copied().unzip();
     // Create missing rows first (sorted), so the lock below always has a
     // row to hold: two batches of one tenant serialise here, and the second
     // sees the first one's requests (a crossing is never missed).
@@ -222,9 +236,9 @@ pub async fn apply_quotas(
     let mut out = Vec::new();
     let (mut d_req, mut d_tok) = (Vec::new(), Vec::new());
     for ((tenant, minute), evs) in &groups {
-        let info = &reference.tenants[tenant];
+        let info = &reference.tenants[*tenant];
         let (mut req, mut tok) = current
-            .get(&(tenant.clone(), *minute))
+            .get(&(tenant.to_string(), *minute))
             .copied()
             .unwrap_or((0, 0));
         let (req0, tok0) = (req, tok);

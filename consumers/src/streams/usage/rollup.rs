@@ -7,7 +7,7 @@
 use crate::fasthash::Map;
 use crate::streams::usage::cost::Tokens;
 use crate::streams::usage::enrich::Enriched;
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Timelike, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,14 +32,15 @@ impl Granularity {
 
 /// Start of the bucket containing `ts`.
 pub fn bucket_start(ts: DateTime<Utc>, g: Granularity) -> DateTime<Utc> {
-    let (h, m) = match g {
-        Granularity::Minute => (ts.hour(), ts.minute()),
-        Granularity::Hour => (ts.hour(), 0),
-        Granularity::Day => (0, 0),
+    // UTC has no leap seconds here: every minute, hour and day is a whole
+    // number of Unix seconds from the epoch.
+    let width: i64 = match g {
+        Granularity::Minute => 60,
+        Granularity::Hour => 3_600,
+        Granularity::Day => 86_400,
     };
-    Utc.with_ymd_and_hms(ts.year(), ts.month(), ts.day(), h, m, 0)
-        .single()
-        .unwrap_or(ts)
+    let secs = ts.timestamp();
+    DateTime::from_timestamp(secs - secs.rem_euclid(width), 0).unwrap_or(ts)
 }
 
 /// Key of a rollup row; borrows from the events (empty string = none).
@@ -64,6 +65,18 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds another set's totals (exact: integers and decimals).
+    pub fn merge(&mut self, o: &Totals) {
+        self.requests += o.requests;
+        self.tokens.input += o.tokens.input;
+        self.tokens.cached_input += o.tokens.cached_input;
+        self.tokens.cache_write += o.tokens.cache_write;
+        self.tokens.output += o.tokens.output;
+        self.tokens.reasoning += o.tokens.reasoning;
+        self.cost += o.cost;
+        self.unpriced_requests += o.unpriced_requests;
+    }
+
     pub fn add(&mut self, e: &Enriched) {
         let t = e.tokens();
         self.requests += 1;
@@ -96,6 +109,31 @@ pub fn rollup(events: &[Enriched], g: Granularity) -> Vec<(RollupKey<'_>, Totals
         out.entry(key).or_default().add(e);
     }
     let mut rows: Vec<(RollupKey<'_>, Totals)> = out.into_iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+/// Rollup rows of every granularity (minute, hour, day), each sorted by key:
+/// the minute rollup from the events, each coarser one from the finer one
+/// (sums of sums are exact), so the events are grouped once.
+pub fn rollup_all(events: &[Enriched]) -> [Vec<(RollupKey<'_>, Totals)>; 3] {
+    let minute = rollup(events, Granularity::Minute);
+    let hour = coarsen(&minute, Granularity::Hour);
+    let day = coarsen(&hour, Granularity::Day);
+    [minute, hour, day]
+}
+
+/// Regroups finer rollup rows into the coarser buckets of `g`.
+fn coarsen<'a>(rows: &[(RollupKey<'a>, Totals)], g: Granularity) -> Vec<(RollupKey<'a>, Totals)> {
+    let mut out: Map<RollupKey<'a>, Totals> = Map::default();
+    for (k, t) in rows {
+        let key = RollupKey {
+            bucket: bucket_start(k.bucket, g),
+            ..k.clone()
+        };
+        out.entry(key).or_default().merge(t);
+    }
+    let mut rows: Vec<(RollupKey<'a>, Totals)> = out.into_iter().collect();
     rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     rows
 }
@@ -133,6 +171,7 @@ pub fn spend_daily(events: &[Enriched]) -> Vec<(SpendKey<'_>, Totals)> {
 mod tests {
     use super::*;
     use crate::streams::usage::enrich::tests::enriched;
+    use chrono::TimeZone;
     use proptest::prelude::*;
 
     #[test]
@@ -183,6 +222,11 @@ mod tests {
                     let b = bucket_start(e.event.occurred_at, g);
                     prop_assert!(b <= e.event.occurred_at);
                 }
+            }
+            // Coarsened from the finer rollup: the very rows of a direct one.
+            let all = rollup_all(&events);
+            for (i, g) in Granularity::ALL.into_iter().enumerate() {
+                prop_assert_eq!(&all[i], &rollup(&events, g));
             }
             let daily = spend_daily(&events);
             let total: i64 = daily.iter().map(|(_, t)| t.requests).sum();

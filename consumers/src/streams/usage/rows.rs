@@ -11,7 +11,7 @@ use crate::sinks::clickhouse::{
     WriteOutcome,
 };
 use crate::streams::usage::enrich::Enriched;
-use crate::streams::usage::rollup::{rollup, Granularity};
+use crate::streams::usage::rollup::{rollup_all, RollupKey, Totals};
 use chrono::{DateTime, Utc};
 use clickhouse::Row;
 use serde::Serialize;
@@ -111,8 +111,8 @@ pub struct RollupRow {
     pub batch_id: u64,
 }
 
-pub fn rollup_rows(events: &[Enriched], g: Granularity, batch_id: u64) -> Vec<RollupRow> {
-    rollup(events, g)
+pub fn rollup_rows(rollup: Vec<(RollupKey<'_>, Totals)>, batch_id: u64) -> Vec<RollupRow> {
+    rollup
         .into_iter()
         .map(|(k, t)| RollupRow {
             bucket: epoch(k.bucket),
@@ -173,31 +173,25 @@ pub async fn write_usage_batch(
     }
     let now = Utc::now();
     // The four tables are independent (each part is checked on its own),
-    // so they run concurrently; a table's parts run one after the other.
-    let write = |table: &'static str| async move {
-        match table {
-            "usage_events" => {
-                let rows: Vec<UsageRow> = events
-                    .iter()
-                    .map(|e| UsageRow::new(e, batch_id, now))
-                    .collect();
-                let parts = split_by_month(rows, |r| r.occurred_at);
-                ch.write_table(table, batch_id, parts, verify_first, fence)
-                    .await
-            }
-            _ => {
-                let g = match table {
-                    "usage_1m" => Granularity::Minute,
-                    "usage_1h" => Granularity::Hour,
-                    _ => Granularity::Day,
-                };
-                let parts = split_by_month(rollup_rows(events, g, batch_id), |r| r.bucket);
-                ch.write_table(table, batch_id, parts, verify_first, fence)
-                    .await
-            }
-        }
+    // so they are written concurrently; a table's parts one after the other.
+    let raw = async {
+        let rows: Vec<UsageRow> = events
+            .iter()
+            .map(|e| UsageRow::new(e, batch_id, now))
+            .collect();
+        let parts = split_by_month(rows, |r| r.occurred_at);
+        ch.write_table(USAGE_TABLES[0], batch_id, parts, verify_first, fence)
+            .await
     };
-    let results = futures::future::join_all(USAGE_TABLES.map(write)).await;
+    let [minute, hour, day] =
+        rollup_all(events).map(|r| split_by_month(rollup_rows(r, batch_id), |r| r.bucket));
+    let (raw, minute, hour, day) = futures::join!(
+        raw,
+        ch.write_table(USAGE_TABLES[1], batch_id, minute, verify_first, fence),
+        ch.write_table(USAGE_TABLES[2], batch_id, hour, verify_first, fence),
+        ch.write_table(USAGE_TABLES[3], batch_id, day, verify_first, fence),
+    );
+    let results = [raw, minute, hour, day];
     for r in results {
         let t = r?;
         outcome.rows_written += t.rows_written;

@@ -13,9 +13,6 @@ use tally_producers::cli::{GenOptions, StreamChoice, Topics};
 use tally_producers::{demo_world, Encoding};
 use tokio::sync::watch;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tally",

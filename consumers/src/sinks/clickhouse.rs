@@ -565,6 +565,13 @@ pub fn yyyymm(epoch_secs: u32) -> u32 {
 /// Cuts rows into one group per month of `ts` (the partition key), in month
 /// order, keeping the rows' order within a month.
 pub fn split_by_month<T>(rows: Vec<T>, ts: impl Fn(&T) -> u32) -> Vec<(u32, Vec<T>)> {
+    // Nearly always one month: keep the rows where they are.
+    let Some(first) = rows.first().map(|r| yyyymm(ts(r))) else {
+        return Vec::new();
+    };
+    if rows.iter().all(|r| yyyymm(ts(r)) == first) {
+        return vec![(first, rows)];
+    }
     let mut by_month: std::collections::BTreeMap<u32, Vec<T>> = std::collections::BTreeMap::new();
     for r in rows {
         by_month.entry(yyyymm(ts(&r))).or_default().push(r);

@@ -180,11 +180,11 @@ impl Ledger {
         };
         // Sorted by key: the primary key's B-tree is then filled page by page.
         let mut sorted: Vec<KeyClaim> = c.keys.to_vec();
-        sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        sorted.sort_unstable_by_key(|k| k.key);
         let keys: Vec<Uuid> = sorted.iter().map(|k| k.key).collect();
         let fast = c.replay_of.is_none() && self.claims.try_fast();
         let (mut owned, path): (Set<Uuid>, ClaimPath) =
-            if fast && copy_claims(&mut *tx, batch.batch_id, &sorted).await? {
+            if fast && copy_claims(&mut tx, batch.batch_id, &sorted).await? {
                 (keys.iter().copied().collect(), ClaimPath::Copy)
             } else {
                 let path = if fast {
@@ -193,10 +193,7 @@ impl Ledger {
                 } else {
                     ClaimPath::Insert
                 };
-                (
-                    insert_claims(&mut *tx, batch.batch_id, &sorted).await?,
-                    path,
-                )
+                (insert_claims(&mut tx, batch.batch_id, &sorted).await?, path)
             };
         let mut conflicts = Map::default();
         if owned.len() < keys.len() {

@@ -45,6 +45,12 @@ impl ReferenceRows {
 
     pub fn into_reference(self) -> Result<Reference, StageError> {
         let (_, version) = self.body_and_version();
+        self.into_reference_of(version)
+    }
+
+    /// Builds the snapshot whose content hash is `version` (refusing a book in
+    /// mixed currencies, naming the row).
+    fn into_reference_of(self, version: String) -> Result<Reference, StageError> {
         let prices = PriceBook::new(&self.currency, self.prices)
             .map_err(|e| StageError::Fatal(format!("price book: {e}")))?;
         let mut r = Reference::new(self.tenants.into_iter().collect(), prices, self.budgets);
@@ -60,25 +66,42 @@ pub async fn load(pool: &PgPool) -> Result<Reference, StageError> {
 /// Loads the current snapshot and stores it (idempotent) before anything can
 /// enrich with it, so every version a claim records can be loaded again.
 pub async fn load_and_store(pool: &PgPool) -> Result<Reference, StageError> {
-    let rows = load_rows(pool).await?;
-    store_snapshot(pool, &rows).await?;
-    rows.into_reference()
+    let r = refresh(pool, None).await?;
+    r.ok_or_else(|| StageError::Fatal("reference snapshot: nothing loaded".into()))
 }
 
-/// Stores a snapshot's rows under their version (idempotent).
-pub async fn store_snapshot(pool: &PgPool, rows: &ReferenceRows) -> Result<String, StageError> {
+/// Like [`load_and_store`], but None when the snapshot's version is
+/// `current`: an unchanged snapshot costs one serialization and hash, not a
+/// rebuild and a store (with 100k tenants the body is tens of MB, and
+/// Postgres would parse it as `jsonb` again at every refresh).
+pub async fn refresh(
+    pool: &PgPool,
+    current: Option<&str>,
+) -> Result<Option<Reference>, StageError> {
+    let rows = load_rows(pool).await?;
     let (body, version) = rows.body_and_version();
-    let body: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| StageError::Fatal(format!("snapshot: {e}")))?;
+    if current == Some(version.as_str()) {
+        return Ok(None);
+    }
+    let r = rows.into_reference_of(version.clone())?;
+    store_body(pool, &version, body).await?;
+    Ok(Some(r))
+}
+
+/// Stores a serialized body (text cast to `jsonb` by Postgres: no JSON tree here).
+async fn store_body(pool: &PgPool, version: &str, body: Vec<u8>) -> Result<(), StageError> {
+    let body = String::from_utf8(body)
+        .map_err(|e| StageError::Fatal(format!("reference snapshot {version}: {e}")))?;
     sqlx::query(
-        "INSERT INTO tally.reference_snapshots (version, body) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        "INSERT INTO tally.reference_snapshots (version, body) VALUES ($1, $2::text::jsonb) \
+         ON CONFLICT DO NOTHING",
     )
-    .bind(&version)
+    .bind(version)
     .bind(body)
     .execute(pool)
     .await
     .map_err(pg("store reference snapshot"))?;
-    Ok(version)
+    Ok(())
 }
 
 /// Loads the snapshot a batch's first attempt used.
@@ -186,8 +209,8 @@ pub async fn load_rows(pool: &PgPool) -> Result<ReferenceRows, StageError> {
         prices,
         budgets,
     };
-    // Refuse a book in mixed currencies here, naming the row, before it is stored.
-    rows.clone().into_reference()?;
+    // Every caller builds the Reference (which refuses a book in mixed
+    // currencies, naming the row) before storing anything.
     Ok(rows)
 }
 

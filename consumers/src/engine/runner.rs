@@ -58,8 +58,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.changed() => return,
                 }
-                match reference::load_and_store(&pool).await {
-                    Ok(r) => reference.set(r),
+                let current = reference.get().version.clone();
+                match reference::refresh(&pool, Some(&current)).await {
+                    Ok(Some(r)) => reference.set(r),
+                    Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "reference refresh failed; keeping the previous snapshot"),
                 }
             }

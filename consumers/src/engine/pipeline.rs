@@ -735,6 +735,11 @@ impl<S: Stream> Pipeline<S> {
             return true;
         }
         for p in full {
+            tracing::info!(
+                partition = p,
+                waited_ms = since.elapsed().as_millis() as u64,
+                "a partition stayed full while its batch ran: pausing it (the consumer serves the others)"
+            );
             self.pause(p);
         }
         self.gated_since = None;

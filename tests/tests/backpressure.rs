@@ -1,0 +1,58 @@
+//! The consumer's backpressure (`Pipeline::gate_recv`): while a partition has a
+//! batch running and two more buffered, no message is taken from the consumer;
+//! a partition still full after `kafka.max_poll_interval_ms / 4` is paused, and
+//! resumed when its batch ends (librdkafka then fetches again from where the
+//! pipeline stopped taking messages). Reached with a failpoint that holds the
+//! first batch before its commit, asserted from the log, and checked against the
+//! generator's oracle in Postgres and every ClickHouse table.
+
+use chrono::{Duration as ChronoDuration, DurationRound, Utc};
+use std::time::Duration;
+use tally_producers::{demo_world, GenConfig};
+use tally_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_gates_then_pauses_its_partition_and_nothing_is_lost() -> anyhow::Result<()> {
+    // One partition, batches of 100: full at 200 buffered behind the held batch.
+    // The test environment's max_poll_interval_ms (10 s) pauses after 2.5 s.
+    let env = test_env(
+        "backpressure",
+        1,
+        &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "100")],
+    )
+    .await?;
+    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
+    let world = demo_world(4, change);
+    env.seed(&world).await?;
+    let mut gen = GenConfig::new(world.clone(), 3000, 93);
+    gen.duplicates = 0.02;
+    gen.start = change - ChronoDuration::hours(1);
+    gen.span = ChronoDuration::hours(2);
+    let msgs = generate(gen);
+    produce(&env, &msgs, None).await?;
+    let exp = expected(&msgs, &world);
+    let mut child = env.spawn_tally_with(
+        "run",
+        &[("TALLY_FAILPOINTS", "before_commit=sleep(5000)@1")],
+    )?;
+    let waited = env
+        .wait_handled(msgs.len() as i64, Duration::from_secs(120))
+        .await;
+    terminate(&mut child, Duration::from_secs(30))?;
+    waited?;
+    let path = repo_root().join(format!(".local/logs/{}-run.log", env.name));
+    let log = std::fs::read_to_string(&path)?;
+    for line in [
+        "failpoint before_commit fired",
+        "a partition stayed full while its batch ran: pausing it",
+    ] {
+        assert!(
+            log.contains(line),
+            "`{line}` is missing from {}",
+            path.display()
+        );
+    }
+    let problems = check_totals(&env, &exp).await?;
+    assert!(problems.is_empty(), "{problems:#?}");
+    Ok(())
+}

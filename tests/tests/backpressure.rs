@@ -40,16 +40,14 @@ async fn a_held_batch_gates_then_pauses_its_partition_and_nothing_is_lost() -> a
         .await;
     terminate(&mut child, Duration::from_secs(30))?;
     waited?;
-    let path = repo_root().join(format!(".local/logs/{}-run.log", env.name));
-    let log = std::fs::read_to_string(&path)?;
+    let log = log_plain(&env, "run");
     for line in [
         "failpoint before_commit fired",
         "a partition stayed full while its batch ran: pausing it",
     ] {
         assert!(
             log.contains(line),
-            "`{line}` is missing from {}",
-            path.display()
+            "`{line}` is missing from the log:\n{log}"
         );
     }
     let problems = check_totals(&env, &exp).await?;

@@ -24,8 +24,7 @@ async fn the_default_log_filter_keeps_tallys_own_lines() -> anyhow::Result<()> {
         .await;
     terminate(&mut child, Duration::from_secs(30))?;
     waited?;
-    let path = repo_root().join(format!(".local/logs/{}-run.log", env.name));
-    let log = std::fs::read_to_string(&path)?;
+    let log = log_plain(&env, "run");
     for line in [
         "consuming",
         "tally run stopped",
@@ -33,8 +32,7 @@ async fn the_default_log_filter_keeps_tallys_own_lines() -> anyhow::Result<()> {
     ] {
         assert!(
             log.contains(line),
-            "`{line}` is missing from {}:\n{log}",
-            path.display()
+            "`{line}` is missing from the log:\n{log}"
         );
     }
     Ok(())

@@ -4,7 +4,9 @@
 //! resumed when its batch ends (librdkafka then fetches again from where the
 //! pipeline stopped taking messages). Reached with a failpoint that holds the
 //! first batch before its commit, asserted from the log, and checked against the
-//! generator's oracle in Postgres and every ClickHouse table.
+//! generator's oracle in Postgres and every ClickHouse table. The offset of
+//! record reaches Kafka too (the copy for lag tooling, sent when it moved and
+//! at shutdown), read back by a client outside the group.
 
 use chrono::{Duration as ChronoDuration, DurationRound, Utc};
 use std::time::Duration;
@@ -52,5 +54,32 @@ async fn a_held_batch_gates_then_pauses_its_partition_and_nothing_is_lost() -> a
     }
     let problems = check_totals(&env, &exp).await?;
     assert!(problems.is_empty(), "{problems:#?}");
+
+    let record: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM tally.consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = 0",
+    )
+    .bind(&env.cfg.kafka.group_id)
+    .bind(&env.cfg.kafka.usage_topic)
+    .fetch_one(&env.pool)
+    .await?;
+    let (brokers, group, topic) = (
+        env.cfg.kafka.brokers.clone(),
+        env.cfg.kafka.group_id.clone(),
+        env.cfg.kafka.usage_topic.clone(),
+    );
+    let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let probe: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut ask = rdkafka::TopicPartitionList::new();
+        ask.add_partition(&topic, 0);
+        let back = probe.committed_offsets(ask, Duration::from_secs(10))?;
+        Ok(back.find_partition(&topic, 0).map(|e| e.offset()))
+    })
+    .await??;
+    assert_eq!(copied, Some(rdkafka::Offset::Offset(record)));
     Ok(())
 }

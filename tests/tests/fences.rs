@@ -3,7 +3,7 @@
 //! deterministically (failpoints, explicit partitions and timestamps) and
 //! checked against totals computed here, independently of tally's code.
 
-use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
+use chrono::{DateTime, Duration as ChronoDuration, DurationRound, TimeZone, Utc};
 use rust_decimal::Decimal;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -506,5 +506,47 @@ async fn equal_ids_in_two_tenants_both_count_and_conflicts_are_dead_lettered() -
             Some("dedup_conflict")
         );
     }
+    Ok(())
+}
+
+/// The informational over-quota flag on raw rows counts what earlier batches
+/// of the minute already counted (read from `quota_usage`): 20 requests of one
+/// tenant in one minute, one partition, batches of 5, a quota of 8 requests a
+/// minute: exactly the last 12 rows are flagged, whatever the batch split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quota_flags_count_the_minutes_earlier_batches() -> anyhow::Result<()> {
+    let env = test_env(
+        "overquota",
+        1,
+        &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "5")],
+    )
+    .await?;
+    seed_minimal(&env, Some(8)).await?;
+    let minute =
+        Utc::now().duration_trunc(ChronoDuration::minutes(1))? - ChronoDuration::minutes(2);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let id = Uuid::new_v4();
+        let e = ev("t-a", id, minute + ChronoDuration::seconds(i), 1000);
+        send_event(&env, Some(0), &e, None).await?;
+        ids.push(id);
+    }
+    let mut child = env.spawn_tally("run")?;
+    let waited = env.wait_handled(20, Duration::from_secs(60)).await;
+    terminate(&mut child, Duration::from_secs(30))?;
+    waited?;
+    let db = &env.cfg.clickhouse.database;
+    let out = ch_query(
+        &env.cfg.clickhouse.url,
+        &format!("SELECT toString(event_id) FROM {db}.usage_events WHERE over_quota = 1 FORMAT TabSeparated"),
+    )
+    .await?;
+    let flagged: std::collections::BTreeSet<Uuid> =
+        out.lines().map(Uuid::parse_str).collect::<Result<_, _>>()?;
+    let want: std::collections::BTreeSet<Uuid> = ids[8..].iter().copied().collect();
+    assert_eq!(
+        flagged, want,
+        "the 9th to 20th requests of the minute are over the quota"
+    );
     Ok(())
 }

@@ -46,12 +46,13 @@ pub fn per_event_violations(
     violations
 }
 
-/// Requests and tokens already counted per (tenant, minute), for flagging
-/// over-quota events before the final commit. Informational only.
-pub async fn quota_usage<'a>(
+/// Requests and tokens already counted for each (tenant, minute) of `keys`,
+/// in their order, for flagging over-quota events before the final commit.
+/// Informational only.
+pub async fn quota_usage(
     pool: &PgPool,
-    keys: &[(&'a str, DateTime<Utc>)],
-) -> Result<BTreeMap<(&'a str, DateTime<Utc>), (i64, i64)>, StageError> {
+    keys: &[(&str, DateTime<Utc>)],
+) -> Result<Vec<(i64, i64)>, StageError> {
     let (tenants, minutes): (Vec<&str>, Vec<DateTime<Utc>>) = keys.iter().copied().unzip();
     let found: BTreeMap<(String, DateTime<Utc>), (i64, i64)> = sqlx::query(
         "SELECT q.tenant_id, q.minute, q.requests, q.tokens FROM tally.quota_usage q \
@@ -67,10 +68,7 @@ pub async fn quota_usage<'a>(
     .collect();
     Ok(keys
         .iter()
-        .map(|&(t, m)| {
-            let counted = found.get(&(t.to_string(), m)).copied().unwrap_or((0, 0));
-            ((t, m), counted)
-        })
+        .map(|&(t, m)| found.get(&(t.to_string(), m)).copied().unwrap_or((0, 0)))
         .collect())
 }
 
@@ -105,7 +103,7 @@ pub async fn flag_over_quota(
     if keys.is_empty() {
         return Ok(());
     }
-    let counted = quota_usage(pool, &keys).await?;
+    let mut counts = quota_usage(pool, &keys).await?;
     // Each event's (tenant, minute) slot, so the counts need not borrow the
     // events that are changed below.
     let slots: Vec<Option<usize>> = {
@@ -120,10 +118,6 @@ pub async fn flag_over_quota(
             })
             .collect()
     };
-    let mut counts: Vec<(i64, i64)> = keys
-        .iter()
-        .map(|k| counted.get(k).copied().unwrap_or((0, 0)))
-        .collect();
     for (e, slot) in events.iter_mut().zip(slots) {
         let (Some(i), Some(t)) = (slot, reference.tenants.get(&e.event.tenant_id)) else {
             continue;

@@ -127,16 +127,20 @@ impl ClickHouseSink {
     /// (measured on 18.16: a truncated body lands as the rows it holds), so
     /// the rows already there are read back by key and only the missing
     /// ones are written.
-    pub async fn write_table<T>(
+    ///
+    /// `R` names the row type (`UsageRow<'static>` for one that borrows); the
+    /// rows are its values at the borrow's lifetime, so none is copied.
+    pub async fn write_table<'r, R>(
         &self,
         table: &'static str,
         batch_id: u64,
-        parts: Vec<(u32, Vec<T>)>,
+        parts: Vec<(u32, Vec<R::Value<'r>>)>,
         verify_first: bool,
         fence: &crate::engine::ownership::Fence,
     ) -> Result<TableOutcome, StageError>
     where
-        T: clickhouse::RowWrite + for<'a> Row<Value<'a> = T> + PartKey,
+        R: clickhouse::RowWrite,
+        R::Value<'r>: PartKey + Send + Sync,
     {
         let mut out = TableOutcome::default();
         for (i, (yyyymm, rows)) in parts.iter().enumerate() {
@@ -168,7 +172,7 @@ impl ClickHouseSink {
                         "partly landed insert: writing only the missing rows"
                     );
                     fence.check().await?;
-                    self.insert(table, &query_id, missing.iter().copied())
+                    self.insert::<R>(table, &query_id, missing.iter().copied())
                         .await?;
                     out.parts_written += 1;
                     out.rows_written += missing.len() as u64;
@@ -179,7 +183,7 @@ impl ClickHouseSink {
                 crate::engine::failpoint::hit("before_clickhouse_insert").await?;
             }
             fence.check().await?;
-            self.insert(table, &query_id, rows.iter()).await?;
+            self.insert::<R>(table, &query_id, rows.iter()).await?;
             out.parts_written += 1;
             out.rows_written += expected;
         }
@@ -388,14 +392,15 @@ impl ClickHouseSink {
         }
     }
 
-    async fn insert<'r, T>(
+    async fn insert<'r, 'v: 'r, R>(
         &self,
         table: &str,
         query_id: &str,
-        rows: impl ExactSizeIterator<Item = &'r T>,
+        rows: impl ExactSizeIterator<Item = &'r R::Value<'v>>,
     ) -> Result<(), StageError>
     where
-        T: clickhouse::RowWrite + for<'a> Row<Value<'a> = T> + 'r,
+        R: clickhouse::RowWrite + 'r,
+        R::Value<'v>: Sync + 'r,
     {
         if rows.len() > MAX_INSERT_BLOCK_ROWS {
             // pipeline.batch_max_messages (at most 1,000,000) keeps every part below it.
@@ -406,7 +411,7 @@ impl ClickHouseSink {
         }
         let mut insert = self
             .client
-            .insert::<T>(table)
+            .insert::<R>(table)
             .await
             .map_err(|e| classify_ch("clickhouse insert", e))?
             .with_setting("query_id", query_id)

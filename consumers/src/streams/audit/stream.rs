@@ -173,7 +173,7 @@ impl Stream for AuditStream {
             .collect();
         let parts = split_by_month(rows, |r| r.occurred_at);
         outcome.add(
-            ch.write_table("audit_events", batch_id, parts, verify_first, fence)
+            ch.write_table::<AuditRow>("audit_events", batch_id, parts, verify_first, fence)
                 .await?,
         );
         Ok(outcome)

@@ -136,12 +136,12 @@ pub async fn write_policy_batch(
             .map(|d| DecisionRow::new(d, batch_id))
             .collect();
         let parts = split_by_month(rows, |r| r.occurred_at);
-        ch.write_table("policy_decisions", batch_id, parts, verify_first, fence)
+        ch.write_table::<DecisionRow>("policy_decisions", batch_id, parts, verify_first, fence)
             .await
     };
     let rolled = |g: Granularity| async move {
         let parts = split_by_month(rollup_rows(batch, g, batch_id), |r| r.bucket);
-        ch.write_table(table(g), batch_id, parts, verify_first, fence)
+        ch.write_table::<DecisionRollupRow>(table(g), batch_id, parts, verify_first, fence)
             .await
     };
     let (a, b, c, d) = futures::join!(

@@ -20,21 +20,22 @@ use uuid::Uuid;
 /// Tables a usage batch writes.
 pub const USAGE_TABLES: [&str; 4] = ["usage_events", "usage_1m", "usage_1h", "usage_1d"];
 
+/// A raw row; borrows the event's strings (no copy per row).
 #[derive(Debug, Row, Serialize)]
-pub struct UsageRow {
+pub struct UsageRow<'a> {
     #[serde(with = "clickhouse::serde::uuid")]
     pub event_id: Uuid,
     pub occurred_at: u32,
     pub ingested_at: u32,
-    pub tenant_id: String,
+    pub tenant_id: &'a str,
     pub tenant_known: u8,
-    pub team_id: String,
-    pub project_id: String,
-    pub user_id: String,
-    pub source: String,
-    pub request_id: String,
-    pub provider: String,
-    pub model: String,
+    pub team_id: &'a str,
+    pub project_id: &'a str,
+    pub user_id: &'a str,
+    pub source: &'a str,
+    pub request_id: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
     pub status: &'static str,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
@@ -48,28 +49,28 @@ pub struct UsageRow {
     pub reported_cost: Option<i128>,
     pub cost_mismatch: u8,
     pub over_quota: u8,
-    pub currency: String,
+    pub currency: &'a str,
     pub src_partition: u32,
     pub src_offset: u64,
     pub batch_id: u64,
 }
 
-impl UsageRow {
-    pub fn new(e: &Enriched, batch_id: u64, ingested_at: DateTime<Utc>) -> Self {
+impl<'a> UsageRow<'a> {
+    pub fn new(e: &'a Enriched, batch_id: u64, ingested_at: DateTime<Utc>) -> Self {
         let ev = &e.event;
         UsageRow {
             event_id: ev.event_id,
             occurred_at: epoch(ev.occurred_at),
             ingested_at: epoch(ingested_at),
-            tenant_id: ev.tenant_id.clone(),
+            tenant_id: &ev.tenant_id,
             tenant_known: u8::from(e.tenant_known),
-            team_id: ev.team_id.clone().unwrap_or_default(),
-            project_id: ev.project_id.clone().unwrap_or_default(),
-            user_id: ev.user_id.clone().unwrap_or_default(),
-            source: ev.source.clone(),
-            request_id: ev.request_id.clone(),
-            provider: ev.provider.clone(),
-            model: ev.model.clone(),
+            team_id: ev.team_id.as_deref().unwrap_or_default(),
+            project_id: ev.project_id.as_deref().unwrap_or_default(),
+            user_id: ev.user_id.as_deref().unwrap_or_default(),
+            source: &ev.source,
+            request_id: &ev.request_id,
+            provider: &ev.provider,
+            model: &ev.model,
             status: ev.status.as_str(),
             input_tokens: non_negative(ev.input_tokens),
             cached_input_tokens: non_negative(ev.cached_input_tokens),
@@ -83,7 +84,7 @@ impl UsageRow {
             reported_cost: ev.reported_cost.map(decimal_38_12),
             cost_mismatch: u8::from(e.cost_mismatch),
             over_quota: u8::from(e.over_quota),
-            currency: ev.currency.clone(),
+            currency: &ev.currency,
             src_partition: u32::try_from(e.partition).unwrap_or(0),
             src_offset: non_negative(e.offset),
             batch_id,
@@ -91,14 +92,15 @@ impl UsageRow {
     }
 }
 
+/// A rollup row; borrows the key's strings from the events.
 #[derive(Debug, Row, Serialize)]
-pub struct RollupRow {
+pub struct RollupRow<'a> {
     pub bucket: u32,
-    pub tenant_id: String,
-    pub team_id: String,
-    pub project_id: String,
-    pub provider: String,
-    pub model: String,
+    pub tenant_id: &'a str,
+    pub team_id: &'a str,
+    pub project_id: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
     pub status: &'static str,
     pub requests: u64,
     pub input_tokens: u64,
@@ -111,16 +113,16 @@ pub struct RollupRow {
     pub batch_id: u64,
 }
 
-pub fn rollup_rows(rollup: Vec<(RollupKey<'_>, Totals)>, batch_id: u64) -> Vec<RollupRow> {
+pub fn rollup_rows(rollup: Vec<(RollupKey<'_>, Totals)>, batch_id: u64) -> Vec<RollupRow<'_>> {
     rollup
         .into_iter()
         .map(|(k, t)| RollupRow {
             bucket: epoch(k.bucket),
-            tenant_id: k.tenant_id.to_string(),
-            team_id: k.team_id.to_string(),
-            project_id: k.project_id.to_string(),
-            provider: k.provider.to_string(),
-            model: k.model.to_string(),
+            tenant_id: k.tenant_id,
+            team_id: k.team_id,
+            project_id: k.project_id,
+            provider: k.provider,
+            model: k.model,
             status: k.status,
             requests: non_negative(t.requests),
             input_tokens: non_negative(t.tokens.input),
@@ -135,22 +137,22 @@ pub fn rollup_rows(rollup: Vec<(RollupKey<'_>, Totals)>, batch_id: u64) -> Vec<R
         .collect()
 }
 
-impl PartKey for UsageRow {
+impl PartKey for UsageRow<'_> {
     fn part_key(&self) -> String {
         self.event_id.to_string()
     }
 }
 
-impl PartKey for RollupRow {
+impl PartKey for RollupRow<'_> {
     fn part_key(&self) -> String {
         join_key(
             self.bucket,
             &[
-                &self.tenant_id,
-                &self.team_id,
-                &self.project_id,
-                &self.provider,
-                &self.model,
+                self.tenant_id,
+                self.team_id,
+                self.project_id,
+                self.provider,
+                self.model,
                 self.status,
             ],
         )
@@ -180,16 +182,16 @@ pub async fn write_usage_batch(
             .map(|e| UsageRow::new(e, batch_id, now))
             .collect();
         let parts = split_by_month(rows, |r| r.occurred_at);
-        ch.write_table(USAGE_TABLES[0], batch_id, parts, verify_first, fence)
+        ch.write_table::<UsageRow<'static>>(USAGE_TABLES[0], batch_id, parts, verify_first, fence)
             .await
     };
     let [minute, hour, day] =
         rollup_all(events).map(|r| split_by_month(rollup_rows(r, batch_id), |r| r.bucket));
     let (raw, minute, hour, day) = futures::join!(
         raw,
-        ch.write_table(USAGE_TABLES[1], batch_id, minute, verify_first, fence),
-        ch.write_table(USAGE_TABLES[2], batch_id, hour, verify_first, fence),
-        ch.write_table(USAGE_TABLES[3], batch_id, day, verify_first, fence),
+        ch.write_table::<RollupRow<'static>>(USAGE_TABLES[1], batch_id, minute, verify_first, fence),
+        ch.write_table::<RollupRow<'static>>(USAGE_TABLES[2], batch_id, hour, verify_first, fence),
+        ch.write_table::<RollupRow<'static>>(USAGE_TABLES[3], batch_id, day, verify_first, fence),
     );
     let results = [raw, minute, hour, day];
     for r in results {

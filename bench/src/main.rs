@@ -156,7 +156,9 @@ async fn main() -> anyhow::Result<()> {
         ..Figures::default()
     };
 
-    // The same events on two topics: JSON (everyone) and Avro (tally's second run).
+    // The same events on two topics: JSON (everyone) and Avro (tally's second
+    // run). Each topic is produced just before the runs that read it and deleted
+    // after them, so noida-db's snapshots hold one run's data, not every run's.
     let json = setup::scoped(
         &base,
         &format!("bench.json.{ts}"),
@@ -173,14 +175,6 @@ async fn main() -> anyhow::Result<()> {
         json.kafka.usage_topic
     );
     fig.produce_json = produce(&base, &json.kafka.usage_topic, n, seed, Encoding::Json).await?;
-    if !args.no_avro {
-        setup::create_topics(&avro).await?;
-        eprintln!(
-            "bench: producing the same events in Avro to {}",
-            avro.kafka.usage_topic
-        );
-        fig.produce_avro = produce(&base, &avro.kafka.usage_topic, n, seed, Encoding::Avro).await?;
-    }
 
     eprintln!("bench: raw consume");
     let (brokers, topic) = (base.kafka.brokers.clone(), json.kafka.usage_topic.clone());
@@ -193,14 +187,6 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     fig.mean_bytes_json = raw.run.bytes / n;
     fig.raw = Some(raw);
-    if !args.no_avro {
-        let (brokers, topic) = (base.kafka.brokers.clone(), avro.kafka.usage_topic.clone());
-        let r = tokio::task::spawn_blocking(move || {
-            setup::raw_consume(&brokers, &topic, &format!("bench-raw-avro-{ts}"), n)
-        })
-        .await??;
-        fig.mean_bytes_avro = r.bytes / n;
-    }
 
     if !args.no_engine {
         eprintln!("bench: ClickHouse Kafka engine");
@@ -224,7 +210,21 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?,
     );
+    setup::delete_topics(&json).await?;
     if !args.no_avro {
+        setup::create_topics(&avro).await?;
+        eprintln!(
+            "bench: producing the same events in Avro to {}",
+            avro.kafka.usage_topic
+        );
+        fig.produce_avro = produce(&base, &avro.kafka.usage_topic, n, seed, Encoding::Avro).await?;
+        let (brokers, topic) = (base.kafka.brokers.clone(), avro.kafka.usage_topic.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            setup::raw_consume(&brokers, &topic, &format!("bench-raw-avro-{ts}"), n)
+        })
+        .await??;
+        fig.mean_bytes_avro = r.bytes / n;
+
         eprintln!("bench: tally, Avro");
         let db = setup::fresh_databases(&base, 60).await?;
         let run_cfg = setup::scoped(&db, &avro.kafka.usage_topic, &avro.kafka.group_id);
@@ -235,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?,
         );
+        setup::delete_topics(&avro).await?;
     }
     let max_rate = fig
         .tally_json
@@ -275,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
             ),
         )
         .await?;
+        setup::delete_topics(&c).await?;
         fig.steady = Some((half, base.pipeline.batch_linger_ms, p));
     }
     if args.tenants > 0 && args.tenants_secs > 0 {

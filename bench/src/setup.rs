@@ -64,6 +64,46 @@ pub async fn create_topics(cfg: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// Deletes a finished run's topics (its usage topic, dead letters and
+/// violations). noida-db snapshots its whole state after any second with a
+/// write, so the data of earlier runs would otherwise make every later run pay
+/// for serializing it again; a Kafka broker's cost does not grow with other
+/// topics. Waits until the broker no longer lists them.
+pub async fn delete_topics(cfg: &Config) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .create()
+        .context("kafka admin client")?;
+    let topics = [
+        cfg.kafka.usage_topic.as_str(),
+        cfg.kafka.dlq_topic.as_str(),
+        cfg.kafka.violation_topic.as_str(),
+    ];
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&topics, &opts).await? {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((t, e)) => bail!("deleting topic {t}: {e}"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .context("kafka metadata")?;
+        if !md.topics().iter().any(|t| topics.contains(&t.name())) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("topics {topics:?} still listed 30 s after their deletion");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Empties `tally_bench` in Postgres and ClickHouse, migrates and seeds it with
 /// a world of `tenants` tenants; returns `cfg` pointed at it.
 pub async fn fresh_databases(cfg: &Config, tenants: usize) -> anyhow::Result<Config> {

@@ -48,6 +48,7 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u32,
     pub max_poll_interval_ms: u32,
     pub receive_message_max_bytes: u32,
+    pub fetch_queue_max_kbytes: u32,
     pub commit_interval_ms: u64,
     pub replication_factor: i32,
     pub topic_config: TopicConfig,
@@ -105,6 +106,8 @@ pub struct RegistryConfig {
 pub struct PipelineConfig {
     pub batch_max_messages: usize,
     pub batch_linger_ms: u64,
+    pub buffer_max_bytes: usize,
+    pub max_batches_in_flight: usize,
     pub dedup_lookback_hours: i64,
     pub cost_mismatch_tolerance: String,
     pub reference_refresh_ms: u64,
@@ -329,6 +332,21 @@ impl Config {
             return Err(invalid(
                 "pipeline.batch_max_messages",
                 "must be within 1..=1000000 (one ClickHouse block)",
+            ));
+        }
+        if self.pipeline.max_batches_in_flight == 0 {
+            return Err(invalid("pipeline.max_batches_in_flight", "must be >= 1"));
+        }
+        if self.pipeline.buffer_max_bytes < 1 << 20 {
+            return Err(invalid(
+                "pipeline.buffer_max_bytes",
+                "must be >= 1048576 (1 MiB)",
+            ));
+        }
+        if !(1024..=2_097_151).contains(&self.kafka.fetch_queue_max_kbytes) {
+            return Err(invalid(
+                "kafka.fetch_queue_max_kbytes",
+                "must be within 1024..=2097151 (librdkafka's queued.max.messages.kbytes)",
             ));
         }
         if self.pipeline.dedup_lookback_hours < 1 {
@@ -735,6 +753,31 @@ mod tests {
             err.to_string().contains("pipeline.batch_max_messages"),
             "{err}"
         );
+        for (var, value, key) in [
+            (
+                "TALLY__PIPELINE__BUFFER_MAX_BYTES",
+                "1000",
+                "pipeline.buffer_max_bytes",
+            ),
+            (
+                "TALLY__PIPELINE__MAX_BATCHES_IN_FLIGHT",
+                "0",
+                "pipeline.max_batches_in_flight",
+            ),
+            (
+                "TALLY__KAFKA__FETCH_QUEUE_MAX_KBYTES",
+                "10",
+                "kafka.fetch_queue_max_kbytes",
+            ),
+            (
+                "TALLY__KAFKA__FETCH_QUEUE_MAX_KBYTES",
+                "3000000",
+                "kafka.fetch_queue_max_kbytes",
+            ),
+        ] {
+            let err = Config::load_from(None, &env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
         let err =
             Config::load_from(None, &env(&[("TALLY__POSTGRES__URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("postgres.url"), "{err}");

@@ -43,7 +43,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+mod buffer;
 mod lag;
+
+use buffer::Buffer;
 
 /// Per-partition state of this instance.
 #[derive(Default)]
@@ -61,7 +64,7 @@ struct PartState {
     expected: Option<i64>,
     seeked: bool,
     replay: Option<PendingBatch>,
-    buf: Vec<OwnedMessage>,
+    buf: Buffer,
     buf_since: Option<Instant>,
     not_before: Option<Instant>,
     paused: bool,
@@ -151,7 +154,10 @@ impl<S: Stream> Pipeline<S> {
                 "receive.message.max.bytes",
                 cfg.kafka.receive_message_max_bytes.to_string(),
             )
-            .set("queued.max.messages.kbytes", "65536")
+            .set(
+                "queued.max.messages.kbytes",
+                cfg.kafka.fetch_queue_max_kbytes.to_string(),
+            )
             // Tells `check_lag` a partition was read to its end (transaction
             // markers keep the high watermark past the last message).
             .set("enable.partition.eof", "true")
@@ -663,12 +669,24 @@ impl<S: Stream> Pipeline<S> {
         }
         let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
         let max = self.cfg.pipeline.batch_max_messages;
-        let ready: Vec<i32> = self
+        let slots = self
+            .cfg
+            .pipeline
+            .max_batches_in_flight
+            .saturating_sub(self.in_flight.len());
+        if slots == 0 {
+            return Ok(());
+        }
+        let mut ready: Vec<(Option<Instant>, i32)> = self
             .parts
             .iter()
             .filter(|(_, s)| !s.buf.is_empty() && s.owned && !s.in_flight && !s.revoked)
             .filter(|(_, s)| match s.replay {
-                Some(b) => s.buf.last().is_some_and(|m| m.offset() >= b.last),
+                Some(b) => s
+                    .buf
+                    .as_slice()
+                    .last()
+                    .is_some_and(|m| m.offset() >= b.last),
                 None => {
                     s.not_before.is_none_or(|t| Instant::now() >= t)
                         && (draining
@@ -676,16 +694,24 @@ impl<S: Stream> Pipeline<S> {
                             || s.buf_since.is_some_and(|t| t.elapsed() >= linger))
                 }
             })
-            .map(|(p, _)| *p)
+            .map(|(p, s)| (s.buf_since, *p))
             .collect();
         if ready.is_empty() || !self.locks_alive().await {
             return Ok(());
         }
-        for p in ready {
+        // The partition waiting longest goes first, so that with fewer slots
+        // than ready partitions none is starved.
+        ready.sort_unstable();
+        let mut started = 0;
+        for (_, p) in ready {
+            if started == slots {
+                break;
+            }
             if let Some(w) = self.take_batch(p, draining) {
                 if let Some(st) = self.parts.get_mut(&p) {
                     st.in_flight = true;
                 }
+                started += 1;
                 let runner = self.runner.clone();
                 self.in_flight.spawn(async move {
                     let started = Instant::now();
@@ -699,16 +725,29 @@ impl<S: Stream> Pipeline<S> {
         Ok(())
     }
 
-    /// Whether partition `p` has a batch running and two more buffered.
+    /// Whether partition `p` holds its share of the buffers while a batch
+    /// runs (whose end frees room): two batches, or anything at all once
+    /// every partition's buffered messages together weigh
+    /// `pipeline.buffer_max_bytes`. With no batch running nothing is full:
+    /// the next `process_ready` starts one.
     fn full(&self, p: i32) -> bool {
-        self.parts.get(&p).is_some_and(|s| self.is_full(s))
+        let over = self.buffered_bytes() >= self.cfg.pipeline.buffer_max_bytes;
+        self.parts.get(&p).is_some_and(|s| self.is_full(s, over))
     }
 
-    fn is_full(&self, s: &PartState) -> bool {
-        s.in_flight && !s.paused && s.buf.len() >= 2 * self.cfg.pipeline.batch_max_messages
+    fn is_full(&self, s: &PartState, over_budget: bool) -> bool {
+        !self.in_flight.is_empty()
+            && !s.paused
+            && (s.buf.len() >= 2 * self.cfg.pipeline.batch_max_messages
+                || (over_budget && !s.buf.is_empty()))
     }
 
-    /// Bounds memory: while a partition is `full`, no message is taken from
+    /// What every partition's buffered messages weigh together.
+    fn buffered_bytes(&self) -> usize {
+        self.parts.values().map(|s| s.buf.bytes()).sum()
+    }
+
+    /// Bounds memory: while a partition is `full` (see there), no message is taken from
     /// the consumer; librdkafka keeps what it fetched and stops fetching once
     /// its queue is full. (Pausing the partition would make librdkafka drop
     /// what it fetched and fetch it all again on resume: with a broker that
@@ -717,10 +756,11 @@ impl<S: Stream> Pipeline<S> {
     /// held up) is paused, so that the other partitions and the group's
     /// rebalances are served. Returns whether the consumer is gated.
     fn gate_recv(&mut self) -> bool {
+        let over = self.buffered_bytes() >= self.cfg.pipeline.buffer_max_bytes;
         let full: Vec<i32> = self
             .parts
             .iter()
-            .filter(|(_, s)| self.is_full(s))
+            .filter(|(_, s)| self.is_full(s, over))
             .map(|(p, _)| *p)
             .collect();
         if full.is_empty() {
@@ -818,7 +858,12 @@ impl<S: Stream> Pipeline<S> {
         let max = self.cfg.pipeline.batch_max_messages;
         let st = self.parts.get(&p)?;
         let take = match st.replay {
-            Some(b) => st.buf.iter().take_while(|m| m.offset() <= b.last).count(),
+            Some(b) => st
+                .buf
+                .as_slice()
+                .iter()
+                .take_while(|m| m.offset() <= b.last)
+                .count(),
             None => st.buf.len().min(max),
         };
         if take == 0 {
@@ -831,7 +876,7 @@ impl<S: Stream> Pipeline<S> {
             }
         }
         let st = self.parts.get_mut(&p)?;
-        let msgs: Vec<OwnedMessage> = st.buf.drain(..take).collect();
+        let msgs: Vec<OwnedMessage> = st.buf.take(take);
         let replay = st.replay.take();
         let record_next = st.record_next;
         let (epoch, cutoff_floor) = (st.epoch, st.cutoff_floor);
@@ -855,8 +900,11 @@ impl<S: Stream> Pipeline<S> {
     /// batch fits its pace. Changes timing only, never results.
     fn fairness_wait(&self, p: i32, take: usize) -> Option<Duration> {
         let st = self.parts.get(&p)?;
-        self.fairness
-            .wait_for(st.buf[..take].iter().map(|m| m.key().unwrap_or_default()))
+        self.fairness.wait_for(
+            st.buf.as_slice()[..take]
+                .iter()
+                .map(|m| m.key().unwrap_or_default()),
+        )
     }
 
     fn defer(&mut self, p: i32, wait: Duration) {

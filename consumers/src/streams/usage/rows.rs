@@ -189,7 +189,13 @@ pub async fn write_usage_batch(
         rollup_all(events).map(|r| split_by_month(rollup_rows(r, batch_id), |r| r.bucket));
     let (raw, minute, hour, day) = futures::join!(
         raw,
-        ch.write_table::<RollupRow<'static>>(USAGE_TABLES[1], batch_id, minute, verify_first, fence),
+        ch.write_table::<RollupRow<'static>>(
+            USAGE_TABLES[1],
+            batch_id,
+            minute,
+            verify_first,
+            fence
+        ),
         ch.write_table::<RollupRow<'static>>(USAGE_TABLES[2], batch_id, hour, verify_first, fence),
         ch.write_table::<RollupRow<'static>>(USAGE_TABLES[3], batch_id, day, verify_first, fence),
     );

@@ -88,6 +88,17 @@ pub struct ClickHouseConfig {
     pub password: String,
     pub password_file: String,
     pub ca_file: String,
+    pub compression: ChCompression,
+}
+
+/// How insert bodies travel to ClickHouse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChCompression {
+    /// LZ4 blocks (ClickHouse's native compression): fewer bytes on the wire.
+    Lz4,
+    /// Plain: no compression CPU on either side, for a server on the same host.
+    None,
 }
 
 #[derive(Clone, Deserialize)]

@@ -36,6 +36,7 @@ pub mod names {
     pub const OWNERSHIP_LOST: &str = "tally_ownership_lost_total";
     pub const FAIRNESS_DEFERRALS: &str = "tally_fairness_deferrals_total";
     pub const RELAY_RESTARTS: &str = "tally_relay_restarts_total";
+    pub const REFERENCE_REFRESHES: &str = "tally_reference_refreshes_total";
     pub const BATCH_DURATION: &str = "tally_batch_duration_seconds";
     pub const STAGE_DURATION: &str = "tally_stage_duration_seconds";
     pub const OWNED_PARTITIONS: &str = "tally_owned_partitions";
@@ -59,7 +60,7 @@ enum Kind {
 
 /// `# HELP` of each series.
 #[rustfmt::skip]
-const DESCRIPTIONS: [(&str, Kind, &str); 24] = [
+const DESCRIPTIONS: [(&str, Kind, &str); 25] = [
     (MESSAGES_CONSUMED, Kind::Counter, "Messages read from the stream's topic."),
     (EVENTS_COUNTED, Kind::Counter, "Events counted (after dedup)."),
     (EVENTS_DUPLICATE, Kind::Counter, "Re-sent events recognised and not counted again."),
@@ -74,6 +75,7 @@ const DESCRIPTIONS: [(&str, Kind, &str); 24] = [
     (OWNERSHIP_LOST, Kind::Counter, "Batches abandoned because another instance owns the partition."),
     (FAIRNESS_DEFERRALS, Kind::Counter, "Batches deferred by per-tenant pacing."),
     (RELAY_RESTARTS, Kind::Counter, "Violation relay restarts after it failed."),
+    (REFERENCE_REFRESHES, Kind::Counter, "Reference data (prices, tenants, budgets) re-read, by outcome: loaded (changed), unchanged, failed."),
     (BATCH_DURATION, Kind::Histogram, "Time from a batch's start to its commit."),
     (STAGE_DURATION, Kind::Histogram, "Time a batch spends in each stage."),
     (OWNED_PARTITIONS, Kind::Gauge, "Partitions this instance owns."),
@@ -138,6 +140,8 @@ pub struct Metrics {
     /// Whether the violation relay runs and progresses (`health.rs`).
     pub relay: RelayHealth,
     pub relay_restarts: Counter,
+    /// Reference refreshes: loaded (a changed snapshot), unchanged, failed.
+    pub reference_refreshes: [Counter; 3],
     pub violations_published: Counter,
     /// Violations in the outbox not yet published (read from Postgres).
     pub violations_unpublished: Gauge,
@@ -211,6 +215,8 @@ impl Metrics {
             Sink::ALL.map(|s| gauge(r, SINK_CIRCUIT_OPEN, labels(&[("sink", s.name())])));
         Self {
             relay_restarts: counter(r, RELAY_RESTARTS, vec![]),
+            reference_refreshes: ["loaded", "unchanged", "failed"]
+                .map(|o| counter(r, REFERENCE_REFRESHES, labels(&[("outcome", o)]))),
             violations_published: counter(r, VIOLATIONS_PUBLISHED, vec![]),
             violations_unpublished: gauge(r, VIOLATIONS_UNPUBLISHED, vec![]),
             relay_alive: gauge(r, RELAY_ALIVE, vec![]),
@@ -518,6 +524,7 @@ mod tests {
             "tally_sink_circuit_open{sink=\"clickhouse\"} 0",
             "tally_relay_alive 0",
             "tally_relay_restarts_total 0",
+            "tally_reference_refreshes_total{outcome=\"unchanged\"} 0",
             "tally_violations_published_total 0",
             "tally_ownership_lost_total{stream=\"usage\"} 0",
             "tally_batches_replayed_total{stream=\"usage\"} 0",

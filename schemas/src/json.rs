@@ -22,10 +22,11 @@ pub fn encode_json<T: Event>(e: &T) -> Vec<u8> {
 
 /// Parses JSON into `T` and maps failures onto [`DecodeError`] (no validation).
 pub(crate) fn decode_json<T: Event>(payload: &[u8]) -> Result<T, DecodeError> {
-    if std::str::from_utf8(payload).is_err() {
+    let Ok(text) = std::str::from_utf8(payload) else {
         return Err(DecodeError::InvalidUtf8);
-    }
-    serde_json::from_slice(payload).map_err(|e| from_json_error(&e))
+    };
+    // From the validated text: serde_json then skips checking each string again.
+    serde_json::from_str(text).map_err(|e| from_json_error(&e))
 }
 
 /// RFC 3339 timestamps, always in UTC with a `Z` suffix.

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 use tally_producers::{demo_world, GenKind, GenMessage};
 use tally_schemas::{encode_json, sample_usage, UsageEvent};
+use tally_tests::servers::free_port;
 use tally_tests::*;
 use uuid::Uuid;
 
@@ -43,10 +44,14 @@ fn messages(events: &[UsageEvent]) -> Vec<GenMessage> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_price_added_while_running_applies_to_later_events() -> anyhow::Result<()> {
+    let listen = format!("127.0.0.1:{}", free_port()?);
     let env = test_env(
         "refprice",
         2,
-        &[("TALLY__PIPELINE__REFERENCE_REFRESH_MS", "300")],
+        &[
+            ("TALLY__PIPELINE__REFERENCE_REFRESH_MS", "300"),
+            ("TALLY__SERVER__LISTEN", listen.as_str()),
+        ],
     )
     .await?;
     let now = Utc::now();
@@ -60,6 +65,30 @@ async fn a_price_added_while_running_applies_to_later_events() -> anyhow::Result
         .collect();
     produce(&env, &messages(&before), None).await?;
     let first = env.wait_handled(40, Duration::from_secs(60)).await;
+    // Nothing changed yet: the refreshes so far rebuilt and stored nothing.
+    let refreshes = |outcome: &str| {
+        metric(
+            &listen,
+            &format!("tally_reference_refreshes_total{{outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    };
+    let unchanged_before = refreshes("unchanged");
+    assert!(
+        unchanged_before >= 1.0,
+        "unchanged refreshes: {unchanged_before}"
+    );
+    assert_eq!(refreshes("loaded"), 0.0);
+    let stored = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tally.reference_snapshots")
+            .fetch_one(&pool)
+            .await
+    };
+    assert_eq!(
+        stored(env.pool.clone()).await?,
+        1,
+        "only the start's snapshot"
+    );
 
     // A price for the model, effective one hour ago, added while tally runs.
     sqlx::query(
@@ -76,7 +105,20 @@ async fn a_price_added_while_running_applies_to_later_events() -> anyhow::Result
         .collect();
     produce(&env, &messages(&after), None).await?;
     let second = env.wait_handled(70, Duration::from_secs(60)).await;
+    // The price change was loaded once; later refreshes found it unchanged.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (loaded, unchanged_after) = (refreshes("loaded"), refreshes("unchanged"));
     terminate(&mut tally, Duration::from_secs(30))?;
+    assert_eq!(loaded, 1.0, "one changed snapshot loaded");
+    assert!(
+        unchanged_after > unchanged_before,
+        "{unchanged_after} > {unchanged_before}"
+    );
+    assert_eq!(
+        stored(env.pool.clone()).await?,
+        2,
+        "the start's and the changed one"
+    );
     first?;
     second?;
 

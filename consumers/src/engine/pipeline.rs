@@ -20,12 +20,11 @@
 
 use crate::config::Config;
 use crate::engine::batch::{BatchResult, BatchRunner, BatchWork};
-use crate::engine::breaker::{Sink, Step};
+use crate::engine::breaker::Step;
 use crate::engine::decode::Decoding;
 use crate::engine::dlq;
 use crate::engine::fairness::Fairness;
 use crate::engine::ledger::{Ledger, PendingBatch};
-use crate::engine::offsets_reset;
 use crate::engine::rebalance::{RebalanceLog, TallyContext};
 use crate::engine::reference::SharedReference;
 use crate::engine::retry::backoff;
@@ -33,9 +32,9 @@ use crate::engine::stream::Stream;
 use crate::errors::StageError;
 use crate::metrics::{Metrics, StreamMetrics};
 use crate::sinks::clickhouse::ClickHouseSink;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset};
 use sqlx::Connection;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -44,9 +43,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 mod buffer;
+mod flow;
 mod lag;
+mod locks;
 
 use buffer::Buffer;
+use locks::lock_options;
 
 /// Per-partition state of this instance.
 #[derive(Default)]
@@ -320,10 +322,6 @@ impl<S: Stream> Pipeline<S> {
         Ok(())
     }
 
-    fn lock_key(&self, partition: i32) -> String {
-        offsets_reset::partition_lock_key(&self.route.group, &self.route.topic, partition)
-    }
-
     async fn apply_rebalances(&mut self) -> Result<(), StageError> {
         let events = self.log.take();
         for (assigned, parts) in events {
@@ -347,225 +345,6 @@ impl<S: Stream> Pipeline<S> {
             }
         }
         Ok(())
-    }
-
-    /// Releases partition `p`'s lock. If the lock connection is gone, so is the
-    /// lock (Postgres released it); `locks_alive` reconnects before the next batch.
-    async fn unlock(&mut self, p: i32) -> Result<(), StageError> {
-        if !self.held.remove(&p) {
-            return Ok(());
-        }
-        let key = self.lock_key(p);
-        // Held exactly once (`held`), so one unlock frees it.
-        match sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock(hashtext($1))")
-            .bind(&key)
-            .fetch_one(&mut self.lock_conn)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(partition = p, "advisory lock was not held at unlock"),
-            Err(e) => {
-                tracing::warn!(partition = p, error = %e, "advisory unlock failed; the lock connection is gone and the lock with it");
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether the connection holding the partition locks still answers; if
-    /// not, every lock died with it and `recover_locks` runs before more work.
-    async fn locks_alive(&mut self) -> bool {
-        if !self.lock_conn_dead
-            && sqlx::query("SELECT 1")
-                .execute(&mut self.lock_conn)
-                .await
-                .is_err()
-        {
-            self.lock_conn_dead = true;
-        }
-        !self.lock_conn_dead
-    }
-
-    /// After the lock connection died (a Postgres restart): let running batches
-    /// finish (their fences keep them safe), reconnect, forget all ownership and
-    /// buffered work, and take every assigned partition again at its offset of record.
-    async fn recover_locks(&mut self) -> Result<(), StageError> {
-        if self.lock_retry.is_none() {
-            tracing::warn!("advisory lock connection lost; reconnecting and re-taking partitions");
-        }
-        while let Some(done) = self.in_flight.join_next().await {
-            self.on_batch_done(done).await?;
-        }
-        // One attempt per turn of the main loop, so polling (and the group
-        // membership) goes on during a Postgres outage; never gives up.
-        if self
-            .lock_retry
-            .as_ref()
-            .is_some_and(|(at, _)| Instant::now() < *at)
-        {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(10),
-            sqlx::PgConnection::connect_with(&lock_options(&self.cfg)?),
-        )
-        .await;
-        match attempt {
-            Ok(Ok(c)) => {
-                self.lock_conn = c;
-                self.lock_conn_dead = false;
-                self.lock_retry = None;
-                self.held.clear();
-                crate::engine::breaker::answered(&self.sm, Sink::Postgres, Step::LockReconnect);
-            }
-            failed => {
-                let e = match failed {
-                    Ok(Err(e)) => crate::errors::classify_pg("advisory lock reconnect", e),
-                    _ => StageError::Retryable("advisory lock reconnect timed out".into()),
-                };
-                if !e.is_retryable() {
-                    return Err(e);
-                }
-                let policy = self.runner.breaker;
-                crate::engine::breaker::failed(
-                    &self.sm,
-                    &policy,
-                    Sink::Postgres,
-                    Step::LockReconnect,
-                    started,
-                    &e,
-                );
-                let mut delays = match self.lock_retry.take() {
-                    Some((_, d)) => d,
-                    None => Box::new(crate::engine::breaker::probe_backoff(policy.max_backoff)),
-                };
-                let d = delays.next().unwrap_or(policy.max_backoff);
-                tracing::warn!(error = %e, delay_ms = d.as_millis() as u64, "advisory lock reconnect: retrying");
-                self.lock_retry = Some((Instant::now() + d, delays));
-                return Ok(());
-            }
-        }
-        let parts: Vec<i32> = self.parts.keys().copied().collect();
-        for p in parts {
-            self.retake(p).await?;
-        }
-        Ok(())
-    }
-
-    /// Forgets partition `p`'s buffered work and ownership, then takes it again
-    /// at once and seeks to its offset of record (messages that were buffered
-    /// are read again even if nothing new arrives).
-    async fn retake(&mut self, p: i32) -> Result<(), StageError> {
-        self.resume_if_paused(p);
-        self.parts.insert(p, PartState::default());
-        if self.take_ownership(p).await? {
-            if let Some(at) = self.parts.get(&p).and_then(|s| s.expected) {
-                let seeked = self.seek(p, at);
-                if let Some(st) = self.parts.get_mut(&p) {
-                    st.seeked = seeked;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes ownership of a partition: advisory lock, then offset of record.
-    async fn take_ownership(&mut self, p: i32) -> Result<bool, StageError> {
-        let key = self.lock_key(p);
-        let got: bool = if self.held.contains(&p) {
-            true // already ours: never take the re-entrant lock twice
-        } else {
-            match sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-                .bind(&key)
-                .fetch_one(&mut self.lock_conn)
-                .await
-            {
-                Ok(g) => g,
-                Err(e) => {
-                    // The lock connection died (Postgres restart): every lock is gone;
-                    // the main loop recovers before anything else happens.
-                    tracing::warn!(error = %e, "advisory lock connection lost");
-                    self.lock_conn_dead = true;
-                    return Ok(false);
-                }
-            }
-        };
-        if !got {
-            return Ok(false);
-        }
-        self.held.insert(p);
-        crate::engine::failpoint::hit("take_ownership_after_lock").await?;
-        let ledger = &self.runner.ledger;
-        let epoch = crate::engine::ownership::take_epoch(
-            ledger.pool(),
-            &ledger.partition_key(p),
-            &self.owner,
-        )
-        .await?;
-        let state = self.runner.ledger.partition_state(p).await?;
-        let need = state
-            .next_offset
-            .into_iter()
-            .chain(state.pending.map(|b| b.last + 1))
-            .max()
-            .unwrap_or(0);
-        self.refuse_if_past_end(p, state.next_offset, state.pending, need)?;
-        let st = self.parts.entry(p).or_default();
-        st.owned = true;
-        st.epoch = epoch;
-        st.cutoff_floor = state.dedup_cutoff;
-        st.record_next = state.next_offset;
-        st.replay = state.pending;
-        st.expected = state.pending.map(|b| b.first).or(state.next_offset);
-        st.seeked = false;
-        st.streaming = false;
-        st.buf.clear();
-        st.buf_since = None;
-        if let Some(b) = state.pending {
-            tracing::info!(
-                partition = p,
-                batch_id = b.batch_id,
-                first = b.first,
-                last = b.last,
-                "replaying pending batch"
-            );
-        }
-        Ok(true)
-    }
-
-    /// A hard stop when the offset of record (or the pending batch) lies past
-    /// the partition's end: the topic was recreated or lost its data, and
-    /// consuming would skip the new messages as already counted. Only
-    /// `tally reset-offsets` resolves it (see `offsets_reset`).
-    fn refuse_if_past_end(
-        &self,
-        p: i32,
-        next_offset: Option<i64>,
-        pending: Option<PendingBatch>,
-        need: i64,
-    ) -> Result<(), StageError> {
-        if need <= 0 {
-            return Ok(());
-        }
-        let topic = &self.route.topic;
-        let end = tokio::task::block_in_place(|| {
-            offsets_reset::confirmed_end_below(&self.consumer, topic, p, need)
-        });
-        match end {
-            None => Ok(()),
-            Some(end) => {
-                let msg = offsets_reset::past_end_message(
-                    &self.route.group,
-                    topic,
-                    p,
-                    next_offset,
-                    pending.map(|b| (b.batch_id, b.first, b.last)),
-                    end,
-                );
-                tracing::error!("{msg}");
-                Err(StageError::Fatal(msg))
-            }
-        }
     }
 
     async fn accept(&mut self, m: OwnedMessage) -> Result<(), StageError> {
@@ -725,67 +504,6 @@ impl<S: Stream> Pipeline<S> {
         Ok(())
     }
 
-    /// Whether partition `p` holds its share of the buffers while a batch
-    /// runs (whose end frees room): two batches, or anything at all once
-    /// every partition's buffered messages together weigh
-    /// `pipeline.buffer_max_bytes`. With no batch running nothing is full:
-    /// the next `process_ready` starts one.
-    fn full(&self, p: i32) -> bool {
-        let over = self.buffered_bytes() >= self.cfg.pipeline.buffer_max_bytes;
-        self.parts.get(&p).is_some_and(|s| self.is_full(s, over))
-    }
-
-    fn is_full(&self, s: &PartState, over_budget: bool) -> bool {
-        !self.in_flight.is_empty()
-            && !s.paused
-            && (s.buf.len() >= 2 * self.cfg.pipeline.batch_max_messages
-                || (over_budget && !s.buf.is_empty()))
-    }
-
-    /// What every partition's buffered messages weigh together.
-    fn buffered_bytes(&self) -> usize {
-        self.parts.values().map(|s| s.buf.bytes()).sum()
-    }
-
-    /// Bounds memory: while a partition is `full` (see there), no message is taken from
-    /// the consumer; librdkafka keeps what it fetched and stops fetching once
-    /// its queue is full. (Pausing the partition would make librdkafka drop
-    /// what it fetched and fetch it all again on resume: with a broker that
-    /// answers a fetch with the whole backlog, every batch would re-read the
-    /// rest of the partition.) A partition still full after a while (a batch
-    /// held up) is paused, so that the other partitions and the group's
-    /// rebalances are served. Returns whether the consumer is gated.
-    fn gate_recv(&mut self) -> bool {
-        let over = self.buffered_bytes() >= self.cfg.pipeline.buffer_max_bytes;
-        let full: Vec<i32> = self
-            .parts
-            .iter()
-            .filter(|(_, s)| self.is_full(s, over))
-            .map(|(p, _)| *p)
-            .collect();
-        if full.is_empty() {
-            self.gated_since = None;
-            return false;
-        }
-        let pause_after = Duration::from_millis(
-            u64::from(self.cfg.kafka.max_poll_interval_ms / 4).clamp(100, 10_000),
-        );
-        let since = *self.gated_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < pause_after {
-            return true;
-        }
-        for p in full {
-            tracing::info!(
-                partition = p,
-                waited_ms = since.elapsed().as_millis() as u64,
-                "a partition stayed full while its batch ran: pausing it (the consumer serves the others)"
-            );
-            self.pause(p);
-        }
-        self.gated_since = None;
-        false
-    }
-
     /// Applies the outcome of a finished batch task.
     async fn on_batch_done(
         &mut self,
@@ -896,26 +614,6 @@ impl<S: Stream> Pipeline<S> {
         })
     }
 
-    /// Operational fairness: how long to wait before a tenant's share of this
-    /// batch fits its pace. Changes timing only, never results.
-    fn fairness_wait(&self, p: i32, take: usize) -> Option<Duration> {
-        let st = self.parts.get(&p)?;
-        self.fairness.wait_for(
-            st.buf.as_slice()[..take]
-                .iter()
-                .map(|m| m.key().unwrap_or_default()),
-        )
-    }
-
-    fn defer(&mut self, p: i32, wait: Duration) {
-        self.sm.fairness_deferrals.increment(1);
-        let Some(st) = self.parts.get_mut(&p) else {
-            return;
-        };
-        st.not_before = Some(Instant::now() + wait);
-        self.pause(p);
-    }
-
     /// A consumer error; PartitionEOF is not one (returns true for it): it
     /// marks the partition as read to its end (see `check_lag`).
     fn on_consumer_error(&mut self, e: rdkafka::error::KafkaError) -> bool {
@@ -932,85 +630,6 @@ impl<S: Stream> Pipeline<S> {
             }
         }
     }
-
-    /// Circuit breaker gate (`breaker.rs`): while a sink's circuit is open or
-    /// the lock connection is gone, no batch starts and every assigned
-    /// partition is paused, so memory holds only what was already fetched; the
-    /// running batches keep probing. Resumes when all is well. Returns whether
-    /// consumption is on hold.
-    fn hold(&mut self) -> bool {
-        let blocked = self.lock_conn_dead || self.metrics.sinks.any_open();
-        if blocked {
-            let running: Vec<i32> = self
-                .parts
-                .iter()
-                .filter(|(_, s)| !s.paused)
-                .map(|(p, _)| *p)
-                .collect();
-            for p in running {
-                self.pause(p);
-                if self.parts.get(&p).is_some_and(|s| s.paused) {
-                    self.breaker_paused.insert(p);
-                }
-            }
-        } else if !self.breaker_paused.is_empty() {
-            tracing::info!(partitions = ?self.breaker_paused, "sinks answer again: resuming consumption");
-            for p in std::mem::take(&mut self.breaker_paused) {
-                self.resume_if_paused(p);
-            }
-        }
-        blocked
-    }
-
-    /// Stops fetching partition `p` until `resume_if_paused`.
-    fn pause(&mut self, p: i32) {
-        let Some(st) = self.parts.get_mut(&p) else {
-            return;
-        };
-        if !st.paused {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.route.topic, p);
-            if self.consumer.pause(&tpl).is_ok() {
-                st.paused = true;
-            }
-        }
-    }
-
-    fn resume_if_paused(&mut self, p: i32) {
-        let Some(st) = self.parts.get_mut(&p) else {
-            return;
-        };
-        st.not_before = None;
-        if st.paused {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.route.topic, p);
-            if self.consumer.resume(&tpl).is_ok() {
-                st.paused = false;
-            }
-        }
-    }
-
-    /// Copies the offsets of record to Kafka for lag tooling (never read
-    /// back), only when they moved since the last copy: a commit is a write
-    /// for the broker (noida-db rewrites its whole data file on each).
-    fn commit_kafka_copy(&mut self) {
-        let offsets: Vec<(i32, i64)> = self
-            .parts
-            .iter()
-            .filter_map(|(p, st)| st.record_next.filter(|_| st.owned).map(|n| (*p, n)))
-            .collect();
-        if offsets.is_empty() || offsets == self.copied {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (p, n) in &offsets {
-            let _ = tpl.add_partition_offset(&self.route.topic, *p, Offset::Offset(*n));
-        }
-        match self.consumer.commit(&tpl, CommitMode::Async) {
-            Ok(()) => self.copied = offsets,
-            Err(e) => tracing::debug!(error = %e, "kafka offset copy failed (harmless)"),
-        }
-    }
 }
 
 /// Where a stream's messages come from and go when they are poison, and the
@@ -1020,10 +639,4 @@ pub struct Route {
     pub topic: String,
     pub dlq_topic: String,
     pub group: String,
-}
-
-/// Options of the connection that holds the partition locks; named so that
-/// operators (and tests) can find it in `pg_stat_activity`.
-fn lock_options(cfg: &Config) -> Result<sqlx::postgres::PgConnectOptions, StageError> {
-    Ok(crate::sinks::postgres::pg_options(cfg)?.application_name("tally-locks"))
 }

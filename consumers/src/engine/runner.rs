@@ -46,10 +46,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
 
     let mut tasks = Vec::new();
     {
-        let (pool, reference, every) = (
+        let (pool, reference, every, m) = (
             pool.clone(),
             reference.clone(),
             Duration::from_millis(cfg.pipeline.reference_refresh_ms),
+            metrics.clone(),
         );
         let mut stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
@@ -59,10 +60,18 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Sta
                     _ = stop.changed() => return,
                 }
                 let current = reference.get().version.clone();
+                let [loaded, unchanged, failed] = &m.reference_refreshes;
                 match reference::refresh(&pool, Some(&current)).await {
-                    Ok(Some(r)) => reference.set(r),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "reference refresh failed; keeping the previous snapshot"),
+                    Ok(Some(r)) => {
+                        tracing::info!(version = %r.version, "reference data changed: new snapshot in use");
+                        reference.set(r);
+                        loaded.increment(1);
+                    }
+                    Ok(None) => unchanged.increment(1),
+                    Err(e) => {
+                        failed.increment(1);
+                        tracing::warn!(error = %e, "reference refresh failed; keeping the previous snapshot");
+                    }
                 }
             }
         }));

@@ -67,6 +67,10 @@ pub fn client(cfg: &ClickHouseConfig) -> clickhouse::Client {
         .with_password(&cfg.password)
         .with_database(&cfg.database)
         .with_validation(false)
+        .with_compression(match cfg.compression {
+            crate::config::ChCompression::Lz4 => clickhouse::Compression::Lz4,
+            crate::config::ChCompression::None => clickhouse::Compression::None,
+        })
 }
 
 #[derive(Clone)]

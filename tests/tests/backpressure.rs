@@ -7,6 +7,10 @@
 //! generator's oracle in Postgres and every ClickHouse table. The offset of
 //! record reaches Kafka too (the copy for lag tooling, sent when it moved and
 //! at shutdown), read back by a client outside the group.
+//!
+//! `pipeline.max_batches_in_flight` bounds the batches running at once across
+//! partitions: with 1, a held batch stops every other partition's progress, and
+//! the rest still arrives exactly once after it.
 
 use chrono::{Duration as ChronoDuration, DurationRound, Utc};
 use std::time::Duration;
@@ -81,5 +85,75 @@ async fn a_held_batch_gates_then_pauses_its_partition_and_nothing_is_lost() -> a
     })
     .await??;
     assert_eq!(copied, Some(rdkafka::Offset::Offset(record)));
+    Ok(())
+}
+
+/// Sum of the offsets of record of every partition of the env's topic.
+async fn committed(env: &TestEnv) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM tally.consumer_offsets \
+         WHERE group_id = $1 AND topic = $2",
+    )
+    .bind(&env.cfg.kafka.group_id)
+    .bind(&env.cfg.kafka.usage_topic)
+    .fetch_one(&env.pool)
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_in_flight_holds_every_partition_while_it_runs() -> anyhow::Result<()> {
+    // Four partitions with batches of 100, but one batch at a time: while the
+    // first batch is held before its commit, no partition may commit anything.
+    // (With 4 allowed, the other partitions commit 1,500 messages meanwhile.)
+    let env = test_env(
+        "inflight",
+        4,
+        &[
+            ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "100"),
+            ("TALLY__PIPELINE__MAX_BATCHES_IN_FLIGHT", "1"),
+        ],
+    )
+    .await?;
+    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
+    let world = demo_world(8, change);
+    env.seed(&world).await?;
+    let mut gen = GenConfig::new(world.clone(), 2000, 94);
+    gen.start = change - ChronoDuration::hours(1);
+    gen.span = ChronoDuration::hours(2);
+    let msgs = generate(gen);
+    produce(&env, &msgs, None).await?;
+    let exp = expected(&msgs, &world);
+    let mut child = env.spawn_tally_with(
+        "run",
+        &[("TALLY_FAILPOINTS", "before_commit=sleep(4000)@1")],
+    )?;
+    let fired = "failpoint before_commit fired";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !log_plain(&env, "run").contains(fired) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the failpoint never fired:\n{}",
+            log_plain(&env, "run")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The held batch is the first; nothing is committed while it sleeps.
+    let mut seen = Vec::new();
+    for _ in 0..25 {
+        seen.push(committed(&env).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = env
+        .wait_handled(msgs.len() as i64, Duration::from_secs(120))
+        .await;
+    terminate(&mut child, Duration::from_secs(30))?;
+    waited?;
+    assert!(
+        seen.iter().all(|&c| c == 0),
+        "offsets of record moved while the only batch allowed was held: {seen:?}"
+    );
+    assert_eq!(committed(&env).await?, msgs.len() as i64);
+    let problems = check_totals(&env, &exp).await?;
+    assert!(problems.is_empty(), "{problems:#?}");
     Ok(())
 }

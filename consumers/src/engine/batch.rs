@@ -624,8 +624,8 @@ fn in_batch_dedup<S: Stream>(
     stream: &S,
     decoded: Vec<Decoded<S::Event>>,
 ) -> (Vec<Candidate<S::Event>>, u64, Vec<DeadItem>) {
-    let mut seen: Map<Uuid, i64> = Map::default();
-    let mut out = Vec::new();
+    let mut seen: Map<Uuid, i64> = Map::with_capacity_and_hasher(decoded.len(), Default::default());
+    let mut out = Vec::with_capacity(decoded.len());
     let mut dups = 0u64;
     let mut conflicts = Vec::new();
     for (i, d) in decoded.into_iter().enumerate() {

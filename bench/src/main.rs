@@ -102,6 +102,7 @@ async fn measured<T, F: Future<Output = anyhow::Result<T>>>(
         run,
         cpu: procs::cpu_seconds(&before, &after, tck),
         load: report::loadavg(),
+        probe_ns: procs::cpu_probe_ns(),
     })
 }
 

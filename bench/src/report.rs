@@ -21,6 +21,9 @@ pub struct Phase<T> {
     pub run: T,
     pub cpu: Cpu,
     pub load: String,
+    /// `procs::cpu_probe_ns` right after the phase: how fast this machine's
+    /// CPU was then (the host's other guests make it vary between runs).
+    pub probe_ns: f64,
 }
 
 #[derive(Debug, Default)]
@@ -135,17 +138,18 @@ fn cpu_cells(cpu: &Cpu, tally: Option<Duration>, events: u64) -> String {
 pub fn render(f: &Figures) -> String {
     let mut s = String::new();
     let n = f.count;
-    let _ = writeln!(s, "| run | events/s | time s | tally CPU-s/1M | broker | of which snapshot saves | ClickHouse | Postgres | load (1 5 15) |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| run | events/s | time s | tally CPU-s/1M | broker | of which snapshot saves | ClickHouse | Postgres | load (1 5 15) | CPU probe ns |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     let line = |s: &mut String,
                 name: &str,
                 d: Duration,
                 cpu: &Cpu,
                 tally: Option<Duration>,
-                load: &str| {
+                load: &str,
+                probe: f64| {
         let _ = writeln!(
             s,
-            "| {name} | {:.0} | {:.2} | {} | {load} |",
+            "| {name} | {:.0} | {:.2} | {} | {load} | {probe:.2} |",
             per_sec(n, d),
             d.as_secs_f64(),
             cpu_cells(cpu, tally, n),
@@ -159,6 +163,7 @@ pub fn render(f: &Figures) -> String {
             &p.cpu,
             None,
             &p.load,
+            p.probe_ns,
         );
     }
     if let Some(p) = &f.engine {
@@ -169,6 +174,7 @@ pub fn render(f: &Figures) -> String {
             &p.cpu,
             None,
             &p.load,
+            p.probe_ns,
         );
     }
     if let Some(p) = &f.tally_json {
@@ -179,6 +185,7 @@ pub fn render(f: &Figures) -> String {
             &p.cpu,
             Some(p.run.cpu),
             &p.load,
+            p.probe_ns,
         );
     }
     if let Some(p) = &f.tally_avro {
@@ -189,6 +196,7 @@ pub fn render(f: &Figures) -> String {
             &p.cpu,
             Some(p.run.cpu),
             &p.load,
+            p.probe_ns,
         );
     }
     let _ = writeln!(s);
@@ -239,8 +247,8 @@ pub fn render(f: &Figures) -> String {
         let lat = latency(&p.run, *rate);
         let _ = writeln!(
             s,
-            "| steady state: offered load | {rate}/s for {} events (load {}) |",
-            p.run.events, p.load
+            "| steady state: offered load | {rate}/s for {} events (load {}; CPU probe {:.2} ns) |",
+            p.run.events, p.load, p.probe_ns
         );
         let _ = writeln!(
             s,
@@ -347,6 +355,8 @@ pub fn markdown(f: &Figures, table: &str, analysis: &str) -> String {
     let _ = writeln!(s, "\n## How they are taken\n");
     let _ = writeln!(s, "- events/s: N over the time from the start of a run (consumer creation, engine DDL, `tally run` spawn: startup and group join included) until every event is where the run puts it: counted by the bare consumer; `count()` of the engine's raw table; tally's offsets of record in Postgres reaching N (they move only in a batch's final commit, after its ClickHouse inserts).");
     let _ = writeln!(s, "- CPU-s per 1M: utime+stime deltas from /proc/<pid>/stat over the run, per process: tally (the child), the private broker and ClickHouse (by pid), Postgres (sum over every `postgres` process: shared with other users of this machine, so an upper bound). \"of which snapshot saves\": the broker's `autosave` thread alone (/proc/<pid>/task/<tid>/stat), where noida-db serializes its whole state after any second with a write request; a Kafka broker has no such cost.");
+    let _ = writeln!(s, "- CPU probe ns: nanoseconds per step of a fixed integer loop, timed right after each run (`procs::cpu_probe_ns`). This machine is a VM: the same loop took 30% longer at some moments than at others on an idle machine, and every CPU-seconds figure moves with it; compare runs at a similar probe.");
+    let _ = writeln!(s, "- Topics: each encoding's topic is produced just before the runs that read it and deleted (with tally's dead-letter and violation topics) after them, so the broker's snapshots (see \"of which snapshot saves\") hold one run's data, not every run's.");
     let _ = writeln!(s, "- The Kafka engine (`sql/bench/kafka_engine.sql`) dedups nothing, prices nothing, dead-letters nothing, keeps no spend/quota/budget state and raises no violations; a crash between its block insert and its offset commit writes the block again. tally does all of that with every guarantee on (claims in `seen_events`, fenced ClickHouse inserts, one Postgres commit per batch).");
     let _ = writeln!(s, "- Steady state: events produced at half of tally's JSON drain rate while tally consumes; latency = when the 1m rollup's request count first covers an event minus its scheduled produce time (sampled every ~50 ms, each look a scan of usage_1m). noida-db answers a fetch with the whole backlog, so drain RSS reflects that reply; the steady-state RSS does not.");
     let _ = writeln!(s, "\n## Where tally's time goes\n");

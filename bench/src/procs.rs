@@ -166,6 +166,31 @@ pub fn cpu_seconds(
     out
 }
 
+/// Nanoseconds per step of a fixed integer loop (the median of 5 rounds of
+/// 20M xorshift steps, about 0.1 s in all): the same work every time, so it
+/// shows how fast the CPU was when a phase ended. On a shared VM host it moves
+/// by tens of percent between runs, and every CPU-seconds figure with it.
+// display only
+#[allow(clippy::float_arithmetic, clippy::cast_precision_loss)]
+pub fn cpu_probe_ns() -> f64 {
+    const STEPS: u64 = 20_000_000;
+    let mut rounds: Vec<f64> = (0..5)
+        .map(|r| {
+            let t = std::time::Instant::now();
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ r;
+            for _ in 0..STEPS {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+            }
+            std::hint::black_box(x);
+            t.elapsed().as_nanos() as f64 / STEPS as f64
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[2]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,29 +218,4 @@ mod tests {
         b.0.insert("x", BTreeMap::from([(1, 150 + 80), (3, 20)]));
         assert_eq!(cpu_seconds(&a, &b, 100)["x"], Duration::from_millis(1000));
     }
-}
-
-/// Nanoseconds per step of a fixed integer loop (the median of 5 rounds of
-/// 20M xorshift steps, about 0.1 s in all): the same work every time, so it
-/// shows how fast the CPU was when a phase ended. On a shared VM host it moves
-/// by tens of percent between runs, and every CPU-seconds figure with it.
-// display only
-#[allow(clippy::float_arithmetic, clippy::cast_precision_loss)]
-pub fn cpu_probe_ns() -> f64 {
-    const STEPS: u64 = 20_000_000;
-    let mut rounds: Vec<f64> = (0..5)
-        .map(|r| {
-            let t = std::time::Instant::now();
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ r;
-            for _ in 0..STEPS {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-            }
-            std::hint::black_box(x);
-            t.elapsed().as_nanos() as f64 / STEPS as f64
-        })
-        .collect();
-    rounds.sort_by(f64::total_cmp);
-    rounds[2]
 }

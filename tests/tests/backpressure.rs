@@ -17,6 +17,28 @@ use std::time::Duration;
 use tally_producers::{demo_world, GenConfig};
 use tally_tests::*;
 
+/// Seeds a world of `tenants` and produces `n` generated messages (`dups`
+/// of them re-sends) of `seed` to the env's topic; returns them and the oracle.
+async fn seeded_and_produced(
+    env: &TestEnv,
+    tenants: usize,
+    n: u64,
+    seed: u64,
+    dups: f64,
+) -> anyhow::Result<(Vec<tally_producers::GenMessage>, Expected)> {
+    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
+    let world = demo_world(tenants, change);
+    env.seed(&world).await?;
+    let mut gen = GenConfig::new(world.clone(), n, seed);
+    gen.duplicates = dups;
+    gen.start = change - ChronoDuration::hours(1);
+    gen.span = ChronoDuration::hours(2);
+    let msgs = generate(gen);
+    produce(env, &msgs, None).await?;
+    let exp = expected(&msgs, &world);
+    Ok((msgs, exp))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_batch_gates_then_pauses_its_partition_and_nothing_is_lost() -> anyhow::Result<()> {
     // One partition, batches of 100: full at 200 buffered behind the held batch.
@@ -27,16 +49,7 @@ async fn a_held_batch_gates_then_pauses_its_partition_and_nothing_is_lost() -> a
         &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "100")],
     )
     .await?;
-    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
-    let world = demo_world(4, change);
-    env.seed(&world).await?;
-    let mut gen = GenConfig::new(world.clone(), 3000, 93);
-    gen.duplicates = 0.02;
-    gen.start = change - ChronoDuration::hours(1);
-    gen.span = ChronoDuration::hours(2);
-    let msgs = generate(gen);
-    produce(&env, &msgs, None).await?;
-    let exp = expected(&msgs, &world);
+    let (msgs, exp) = seeded_and_produced(&env, 4, 3000, 93, 0.02).await?;
     let mut child = env.spawn_tally_with(
         "run",
         &[("TALLY_FAILPOINTS", "before_commit=sleep(5000)@1")],
@@ -114,15 +127,7 @@ async fn one_batch_in_flight_holds_every_partition_while_it_runs() -> anyhow::Re
         ],
     )
     .await?;
-    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
-    let world = demo_world(8, change);
-    env.seed(&world).await?;
-    let mut gen = GenConfig::new(world.clone(), 2000, 94);
-    gen.start = change - ChronoDuration::hours(1);
-    gen.span = ChronoDuration::hours(2);
-    let msgs = generate(gen);
-    produce(&env, &msgs, None).await?;
-    let exp = expected(&msgs, &world);
+    let (msgs, exp) = seeded_and_produced(&env, 8, 2000, 94, 0.02).await?;
     let mut child = env.spawn_tally_with(
         "run",
         &[("TALLY_FAILPOINTS", "before_commit=sleep(4000)@1")],

@@ -363,7 +363,7 @@ pub fn markdown(f: &Figures, table: &str, analysis: &str) -> String {
     if let Some(c) = f.tally_json.as_ref().and_then(|p| p.run.counters.as_ref()) {
         let _ = writeln!(
             s,
-            "Stage seconds, JSON drain (summed over up to one concurrent batch per partition):\n"
+            "Stage seconds, JSON drain (summed over the batches running at once: one per partition, at most `pipeline.max_batches_in_flight`):\n"
         );
         s.push_str(&stages(c));
     }

@@ -10,7 +10,9 @@
 //!
 //! `pipeline.max_batches_in_flight` bounds the batches running at once across
 //! partitions: with 1, a held batch stops every other partition's progress, and
-//! the rest still arrives exactly once after it.
+//! the rest still arrives exactly once after it. `pipeline.buffer_max_bytes`
+//! gates the consumer by the buffered messages' weight, below the two-batch
+//! bound.
 
 use chrono::{Duration as ChronoDuration, DurationRound, Utc};
 use std::time::Duration;
@@ -157,6 +159,47 @@ async fn one_batch_in_flight_holds_every_partition_while_it_runs() -> anyhow::Re
         seen.iter().all(|&c| c == 0),
         "offsets of record moved while the only batch allowed was held: {seen:?}"
     );
+    assert_eq!(committed(&env).await?, msgs.len() as i64);
+    let problems = check_totals(&env, &exp).await?;
+    assert!(problems.is_empty(), "{problems:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_gates_below_two_batches() -> anyhow::Result<()> {
+    // Batches of 2,000, and about 3,000 messages left behind the held first
+    // batch: fewer than the two batches (4,000) that fill a partition, but more
+    // than the 1 MiB budget holds (a JSON message weighs about 700 bytes). Only
+    // the budget can gate the consumer, and so pause the partition.
+    let env = test_env(
+        "bytebudget",
+        1,
+        &[
+            ("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "2000"),
+            ("TALLY__PIPELINE__BUFFER_MAX_BYTES", "1048576"),
+        ],
+    )
+    .await?;
+    let (msgs, exp) = seeded_and_produced(&env, 4, 5000, 95, 0.02).await?;
+    let mut child = env.spawn_tally_with(
+        "run",
+        &[("TALLY_FAILPOINTS", "before_commit=sleep(5000)@1")],
+    )?;
+    let waited = env
+        .wait_handled(msgs.len() as i64, Duration::from_secs(120))
+        .await;
+    terminate(&mut child, Duration::from_secs(30))?;
+    waited?;
+    let log = log_plain(&env, "run");
+    for line in [
+        "failpoint before_commit fired",
+        "a partition stayed full while its batch ran: pausing it",
+    ] {
+        assert!(
+            log.contains(line),
+            "`{line}` is missing from the log:\n{log}"
+        );
+    }
     assert_eq!(committed(&env).await?, msgs.len() as i64);
     let problems = check_totals(&env, &exp).await?;
     assert!(problems.is_empty(), "{problems:#?}");

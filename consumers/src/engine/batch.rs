@@ -356,6 +356,7 @@ impl<S: Stream> BatchRunner<S> {
             dedup_cutoff: c.cutoff,
             keys: &keys,
         };
+        crate::engine::failpoint::hit("before_claim").await?;
         let claimed = breaker::call(&self.sm, &self.breaker, Sink::Postgres, Step::Claim, || {
             self.ledger.claim(&input)
         })

@@ -22,6 +22,7 @@ use crate::errors::StageError;
 pub const POINTS: &[&str] = &[
     "take_ownership_after_lock",
     "after_dlq_ack",
+    "before_claim",
     "after_claim",
     "before_clickhouse_insert",
     "between_insert_parts",

@@ -410,6 +410,16 @@ impl<S: Stream> Pipeline<S> {
                 return Ok(());
             }
         }
+        if let Some(exp) = st.expected.filter(|e| m.offset() > *e) {
+            // After a seek: the offsets between held no message (transaction
+            // markers, compaction, retention).
+            tracing::debug!(
+                partition = p,
+                expected = exp,
+                offset = m.offset(),
+                "offset gap after a seek"
+            );
+        }
         st.seeked = false;
         st.streaming = true;
         st.expected = Some(m.offset() + 1);

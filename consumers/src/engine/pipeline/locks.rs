@@ -14,6 +14,7 @@ use crate::engine::ledger::PendingBatch;
 use crate::engine::offsets_reset;
 use crate::engine::stream::Stream;
 use crate::errors::StageError;
+use rdkafka::consumer::Consumer;
 use sqlx::Connection;
 use std::time::{Duration, Instant};
 
@@ -126,8 +127,9 @@ impl<S: Stream> Pipeline<S> {
     }
 
     /// Forgets partition `p`'s buffered work and ownership, then takes it again
-    /// at once and seeks to its offset of record (messages that were buffered
-    /// are read again even if nothing new arrives).
+    /// at once and seeks to its offset of record, or to its start when it has
+    /// none yet (messages that were buffered are read again even if nothing
+    /// new arrives).
     pub(super) async fn retake(&mut self, p: i32) -> Result<(), StageError> {
         self.resume_if_paused(p);
         self.parts.insert(p, PartState::default());
@@ -183,13 +185,21 @@ impl<S: Stream> Pipeline<S> {
             .max()
             .unwrap_or(0);
         self.refuse_if_past_end(p, state.next_offset, state.pending, need)?;
+        // Where this partition's counting resumes. Never the consumer's own
+        // position: after a revoke and re-assignment, or a lost ownership,
+        // librdkafka may go on past messages this instance buffered and
+        // dropped, and accepting them from there would skip the rest.
+        let start = match state.pending.map(|b| b.first).or(state.next_offset) {
+            Some(at) => at,
+            None => self.partition_start(p)?,
+        };
         let st = self.parts.entry(p).or_default();
         st.owned = true;
         st.epoch = epoch;
         st.cutoff_floor = state.dedup_cutoff;
         st.record_next = state.next_offset;
         st.replay = state.pending;
-        st.expected = state.pending.map(|b| b.first).or(state.next_offset);
+        st.expected = Some(start);
         st.seeked = false;
         st.streaming = false;
         st.buf.clear();
@@ -204,6 +214,23 @@ impl<S: Stream> Pipeline<S> {
             );
         }
         Ok(true)
+    }
+
+    /// The first offset partition `p` still holds (its low watermark): where
+    /// a partition with no offset of record starts, as `auto.offset.reset =
+    /// earliest` would.
+    pub(super) fn partition_start(&self, p: i32) -> Result<i64, StageError> {
+        let topic = &self.route.topic;
+        tokio::task::block_in_place(|| {
+            self.consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+        })
+        .map(|(low, _)| low.max(0))
+        .map_err(|e| {
+            StageError::Retryable(format!(
+                "reading the start of partition {p} of {topic}: {e}"
+            ))
+        })
     }
 
     /// A hard stop when the offset of record (or the pending batch) lies past

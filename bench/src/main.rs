@@ -48,6 +48,10 @@ struct Args {
     /// Steady state: seconds of production at half of tally's JSON rate (0 skips it).
     #[arg(long, default_value_t = 20)]
     steady_secs: u64,
+    /// Steady state and many-tenants runs: events per second offered instead
+    /// of half of tally's JSON drain rate (to see latency below saturation).
+    #[arg(long)]
+    steady_rate: Option<u64>,
     /// Many-tenants run: tenants (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     tenants: usize,
@@ -248,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss
     )]
-    let half = ((max_rate / 2.0) as u64).max(1);
+    let half = args.steady_rate.unwrap_or((max_rate / 2.0) as u64).max(1);
 
     if args.steady_secs > 0 {
         eprintln!("bench: steady state at {half}/s for {} s", args.steady_secs);

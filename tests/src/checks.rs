@@ -1,11 +1,32 @@
-//! Checks shared by the scenario tests: violation topic, budget crossings,
-//! raw sends, child logs, batch states.
+//! Setup and checks shared by the scenario tests: a seeded demo world,
+//! violation topic, budget crossings, raw sends, child logs, batch states.
 
 use crate::*;
 use std::collections::HashSet;
 use std::process::Child;
 use std::time::{Duration, Instant};
 use tally_producers::World;
+
+/// Seeds a demo world of `tenants` into the env and returns it with a
+/// generator of `n` messages of `seed` (`dups` of them re-sends) spread over
+/// the two hours around the world's price change.
+pub async fn seeded_demo(
+    env: &TestEnv,
+    tenants: usize,
+    n: u64,
+    seed: u64,
+    dups: f64,
+) -> anyhow::Result<(World, tally_producers::GenConfig)> {
+    use chrono::{Duration as ChronoDuration, DurationRound, Utc};
+    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
+    let world = tally_producers::demo_world(tenants, change);
+    env.seed(&world).await?;
+    let mut gen = tally_producers::GenConfig::new(world.clone(), n, seed);
+    gen.duplicates = dups;
+    gen.start = change - ChronoDuration::hours(1);
+    gen.span = ChronoDuration::hours(2);
+    Ok((world, gen))
+}
 
 /// Violations on the topic: every id at most once, and as many as in Postgres.
 pub async fn check_violation_topic(env: &TestEnv) -> anyhow::Result<Vec<String>> {

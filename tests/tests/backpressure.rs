@@ -14,9 +14,7 @@
 //! gates the consumer by the buffered messages' weight, below the two-batch
 //! bound.
 
-use chrono::{Duration as ChronoDuration, DurationRound, Utc};
 use std::time::Duration;
-use tally_producers::{demo_world, GenConfig};
 use tally_tests::*;
 
 /// Seeds a world of `tenants` and produces `n` generated messages (`dups`
@@ -28,13 +26,7 @@ async fn seeded_and_produced(
     seed: u64,
     dups: f64,
 ) -> anyhow::Result<(Vec<tally_producers::GenMessage>, Expected)> {
-    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
-    let world = demo_world(tenants, change);
-    env.seed(&world).await?;
-    let mut gen = GenConfig::new(world.clone(), n, seed);
-    gen.duplicates = dups;
-    gen.start = change - ChronoDuration::hours(1);
-    gen.span = ChronoDuration::hours(2);
+    let (world, gen) = seeded_demo(env, tenants, n, seed, dups).await?;
     let msgs = generate(gen);
     produce(env, &msgs, None).await?;
     let exp = expected(&msgs, &world);

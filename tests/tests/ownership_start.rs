@@ -12,9 +12,7 @@
 //! LostOwnership and the pipeline takes the partition again. Checked against
 //! the generator's oracle in Postgres and every ClickHouse table.
 
-use chrono::{Duration as ChronoDuration, DurationRound, Utc};
 use std::time::{Duration, Instant};
-use tally_producers::{demo_world, GenConfig};
 use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,13 +25,7 @@ async fn a_partition_without_offset_of_record_is_retaken_at_its_start() -> anyho
         &[("TALLY__PIPELINE__BATCH_MAX_MESSAGES", "100")],
     )
     .await?;
-    let change = Utc::now().duration_trunc(ChronoDuration::hours(1))? - ChronoDuration::hours(1);
-    let world = demo_world(4, change);
-    env.seed(&world).await?;
-    let mut gen = GenConfig::new(world.clone(), 2000, 57);
-    gen.duplicates = 0.02;
-    gen.start = change - ChronoDuration::hours(1);
-    gen.span = ChronoDuration::hours(2);
+    let (world, mut gen) = seeded_demo(&env, 4, 2000, 57, 0.02).await?;
     let mut msgs = generate(gen.clone());
     produce(&env, &msgs, None).await?;
 

@@ -177,6 +177,26 @@ pub fn wait_exit_or_kill(
 }
 
 /// A child's log without ANSI colour codes.
+/// Waits until child log `name` shows `line` (e.g. `failpoint X fired`);
+/// fails with the log after `within`.
+pub async fn wait_log_line(
+    env: &TestEnv,
+    name: &str,
+    line: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !log_plain(env, name).contains(line) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "`{line}` never appeared in the log:\n{}",
+            log_plain(env, name)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 pub fn log_plain(env: &TestEnv, name: &str) -> String {
     let raw =
         std::fs::read_to_string(repo_root().join(format!(".local/logs/{}-{name}.log", env.name)))

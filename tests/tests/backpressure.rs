@@ -127,15 +127,7 @@ async fn one_batch_in_flight_holds_every_partition_while_it_runs() -> anyhow::Re
         &[("TALLY_FAILPOINTS", "before_commit=sleep(4000)@1")],
     )?;
     let fired = "failpoint before_commit fired";
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !log_plain(&env, "run").contains(fired) {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the failpoint never fired:\n{}",
-            log_plain(&env, "run")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_log_line(&env, "run", fired, Duration::from_secs(60)).await?;
     // The held batch is the first; nothing is committed while it sleeps.
     let mut seen = Vec::new();
     for _ in 0..25 {

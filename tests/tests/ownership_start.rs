@@ -12,7 +12,7 @@
 //! LostOwnership and the pipeline takes the partition again. Checked against
 //! the generator's oracle in Postgres and every ClickHouse table.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,11 +31,8 @@ async fn a_partition_without_offset_of_record_is_retaken_at_its_start() -> anyho
 
     let mut child =
         env.spawn_tally_with("run", &[("TALLY_FAILPOINTS", "before_claim=sleep(3000)@1")])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !log_plain(&env, "run").contains("failpoint before_claim fired") {
-        anyhow::ensure!(Instant::now() < deadline, "before_claim never fired");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let fired = "failpoint before_claim fired";
+    wait_log_line(&env, "run", fired, Duration::from_secs(60)).await?;
     // A takeover: the partition's epoch moves on while the first batch waits.
     let moved = sqlx::query(
         "UPDATE tally.partition_owners SET epoch = epoch + 1 \

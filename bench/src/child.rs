@@ -45,6 +45,9 @@ pub struct ChildRun {
     pub produce_window: Option<(Duration, Duration)>,
     /// Steady state: (since spawn, requests visible in usage_1m).
     pub visible: Vec<(Duration, u64)>,
+    /// Steady state: when tally's consumer had its partitions (since spawn);
+    /// production starts then.
+    pub ready: Option<Duration>,
 }
 
 /// The tally binary: `TALLY_BIN`, else `tally` next to this executable.
@@ -163,6 +166,7 @@ pub async fn run(
         log_path.display()
     );
 
+    let mut out_ready = None;
     let stop = Arc::new(AtomicBool::new(false));
     let rss = Arc::new(Mutex::new(Vec::new()));
     let sampler = {
@@ -178,6 +182,13 @@ pub async fn run(
             }
         })
     };
+    // A steady state starts once tally runs: production waits until its
+    // consumer has its partitions, so the percentiles measure it consuming, not
+    // its startup (migrations, reference data, the group join), which would
+    // otherwise put the first second or two of events above the p99.
+    if steady.is_some() {
+        out_ready = Some(wait_assigned(started, &mut child, &log_path).await?);
+    }
     let producer = steady.map(|s| {
         let (brokers, topic) = (cfg.kafka.brokers.clone(), topic.clone());
         let gen = crate::setup::gen_config(s.count, s.seed, Encoding::Json, s.tenants);
@@ -218,6 +229,7 @@ pub async fn run(
     let result = wait_for(&pool, &group, &topic, n, started, &mut child, &log_path).await;
     let mut out = ChildRun {
         events: n,
+        ready: out_ready,
         ..ChildRun::default()
     };
     match result {
@@ -268,6 +280,35 @@ pub async fn run(
     }
     pool.close().await;
     Ok(out)
+}
+
+/// Waits until tally's consumer has been assigned the topic's partitions (its
+/// log's rebalance line; ownership itself is taken at each partition's first
+/// message); returns when.
+async fn wait_assigned(
+    started: Instant,
+    child: &mut tokio::process::Child,
+    log_path: &Path,
+) -> anyhow::Result<Duration> {
+    loop {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        if log.contains("rebalance assigned=true") {
+            return Ok(started.elapsed());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "tally run exited ({status}) before its partitions were assigned; log tail:\n{}",
+                tail(log_path, 20)
+            );
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "tally run had no partitions assigned within 60 s; log tail:\n{}",
+                tail(log_path, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls the offsets of record until they reach `n`; returns (elapsed, first progress).

@@ -10,6 +10,7 @@
 
 mod child;
 mod engine;
+mod floor;
 mod procs;
 mod report;
 mod setup;
@@ -255,6 +256,20 @@ async fn main() -> anyhow::Result<()> {
     let half = args.steady_rate.unwrap_or((max_rate / 2.0) as u64).max(1);
 
     if args.steady_secs > 0 {
+        eprintln!(
+            "bench: broker floor: a bare consumer at {half}/s for {} s",
+            args.steady_secs
+        );
+        let c = setup::scoped(
+            &base,
+            &format!("bench.floor.{ts}"),
+            &format!("bench-floor-{ts}"),
+        );
+        setup::create_topics(&c).await?;
+        let run = floor::run(&c, half, half * args.steady_secs, seed ^ 3).await?;
+        setup::delete_topics(&c).await?;
+        fig.floor = Some((half, run));
+
         eprintln!("bench: steady state at {half}/s for {} s", args.steady_secs);
         let db = setup::fresh_databases(&base, 60).await?;
         let c = setup::scoped(

@@ -41,6 +41,8 @@ pub struct Figures {
     pub steady: Option<(u64, u64, Phase<ChildRun>)>,
     /// (tenants seeded, distinct tenants in the events, rate, run)
     pub tenants: Option<(usize, u64, u64, Phase<ChildRun>)>,
+    /// The broker's latency floor at the steady rate: (rate, bare consumer run).
+    pub floor: Option<(u64, ChildRun)>,
 }
 
 // rates for display, not money
@@ -97,6 +99,18 @@ pub fn latency(run: &ChildRun, rate: u64) -> Option<(Duration, Duration)> {
     lat.sort();
     let q = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
     Some((q(50), q(99)))
+}
+
+// display only
+#[allow(clippy::float_arithmetic)]
+fn quantiles(q: Option<(Duration, Duration)>) -> String {
+    q.map_or("-".into(), |(a, b)| {
+        format!(
+            "{:.0} ms / {:.0} ms",
+            a.as_secs_f64() * 1e3,
+            b.as_secs_f64() * 1e3
+        )
+    })
 }
 
 /// RSS over a run in quarters: the max RSS (MB) of each quarter of the samples.
@@ -247,8 +261,11 @@ pub fn render(f: &Figures) -> String {
         let lat = latency(&p.run, *rate);
         let _ = writeln!(
             s,
-            "| steady state: offered load | {rate}/s for {} events (load {}; CPU probe {:.2} ns) |",
-            p.run.events, p.load, p.probe_ns
+            "| steady state: offered load | {rate}/s for {} events, from {:.2} s after tally's start, when its consumer had its partitions (load {}; CPU probe {:.2} ns) |",
+            p.run.events,
+            p.run.ready.unwrap_or_default().as_secs_f64(),
+            p.load,
+            p.probe_ns
         );
         let _ = writeln!(
             s,
@@ -264,7 +281,14 @@ pub fn render(f: &Figures) -> String {
         let _ = writeln!(
             s,
             "| steady state: produce-to-visible in usage_1m p50 / p99 (batch linger {linger} ms) | {} |",
-            lat.map_or("-".into(), |(a, b)| format!("{:.0} ms / {:.0} ms", a.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3))
+            quantiles(lat)
+        );
+    }
+    if let Some((rate, run)) = &f.floor {
+        let _ = writeln!(
+            s,
+            "| steady state, broker floor: produce-to-consumed by a bare consumer at {rate}/s, p50 / p99 | {} |",
+            quantiles(latency(run, *rate))
         );
     }
     if let Some((tenants, seen, rate, p)) = &f.tenants {
@@ -358,7 +382,7 @@ pub fn markdown(f: &Figures, table: &str, analysis: &str) -> String {
     let _ = writeln!(s, "- CPU probe ns: nanoseconds per step of a fixed integer loop, timed right after each run (`procs::cpu_probe_ns`). This machine is a VM: the same loop took 30% longer at some moments than at others on an idle machine, and every CPU-seconds figure moves with it; compare runs at a similar probe.");
     let _ = writeln!(s, "- Topics: each encoding's topic is produced just before the runs that read it and deleted (with tally's dead-letter and violation topics) after them, so the broker's snapshots (see \"of which snapshot saves\") hold one run's data, not every run's.");
     let _ = writeln!(s, "- The Kafka engine (`sql/bench/kafka_engine.sql`) dedups nothing, prices nothing, dead-letters nothing, keeps no spend/quota/budget state and raises no violations; a crash between its block insert and its offset commit writes the block again. tally does all of that with every guarantee on (claims in `seen_events`, fenced ClickHouse inserts, one Postgres commit per batch).");
-    let _ = writeln!(s, "- Steady state: events produced at half of tally's JSON drain rate while tally consumes; latency = when the 1m rollup's request count first covers an event minus its scheduled produce time (sampled every ~50 ms, each look a scan of usage_1m). noida-db answers a fetch with the whole backlog, so drain RSS reflects that reply; the steady-state RSS does not.");
+    let _ = writeln!(s, "- Steady state: events produced at half of tally's JSON drain rate while tally consumes; latency = when the 1m rollup's request count first covers an event minus its scheduled produce time (sampled every ~50 ms, each look a scan of usage_1m); production starts once tally's consumer has its partitions, so its startup is not in the percentiles. Broker floor: the same producer, rate and count on a fresh topic read by a bare consumer (no processing, no writes), production starting once it has its partitions; latency = when it has consumed more than i messages minus event i's scheduled time: what every consumer of this broker pays on this machine. noida-db answers a fetch with the whole backlog, so drain RSS reflects that reply; the steady-state RSS does not.");
     let _ = writeln!(s, "\n## Where tally's time goes\n");
     if let Some(c) = f.tally_json.as_ref().and_then(|p| p.run.counters.as_ref()) {
         let _ = writeln!(

@@ -49,16 +49,22 @@ struct Args {
     /// Steady state: seconds of production at half of tally's JSON rate (0 skips it).
     #[arg(long, default_value_t = 20)]
     steady_secs: u64,
-    /// Steady state and many-tenants runs: events per second offered instead
-    /// of half of tally's JSON drain rate (to see latency below saturation).
-    #[arg(long)]
-    steady_rate: Option<u64>,
+    /// Steady state: events per second offered, one run each (comma-separated;
+    /// default: half and a quarter of tally's JSON drain rate, the second to
+    /// see latency below saturation).
+    #[arg(long, value_delimiter = ',')]
+    steady_rate: Vec<u64>,
     /// Many-tenants run: tenants (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     tenants: usize,
-    /// Many-tenants run: seconds of production at the steady rate.
-    #[arg(long, default_value_t = 20)]
+    /// Many-tenants run: seconds of production.
+    #[arg(long, default_value_t = 60)]
     tenants_secs: u64,
+    /// Many-tenants run: events per second offered (default: a quarter of
+    /// tally's JSON drain rate, a rate this machine serves in steady state, so
+    /// that RSS shows memory per tenant rather than a growing backlog).
+    #[arg(long)]
+    tenants_rate: Option<u64>,
     /// Where to write the figures (default: BENCHMARKS.md at the repository root).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -247,40 +253,48 @@ async fn main() -> anyhow::Result<()> {
         .tally_json
         .as_ref()
         .map_or(10_000.0, |p| report::per_sec(n, p.run.elapsed));
-    // half of the max rate, whole events per second
+    // whole events per second
     #[allow(
         clippy::float_arithmetic,
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss
     )]
-    let half = args.steady_rate.unwrap_or((max_rate / 2.0) as u64).max(1);
+    let (half, quarter) = (
+        ((max_rate / 2.0) as u64).max(1),
+        ((max_rate / 4.0) as u64).max(1),
+    );
+    let rates = if args.steady_rate.is_empty() {
+        vec![half, quarter]
+    } else {
+        args.steady_rate.clone()
+    };
 
-    if args.steady_secs > 0 {
+    for rate in rates.into_iter().filter(|_| args.steady_secs > 0) {
+        let count = rate * args.steady_secs;
         eprintln!(
-            "bench: broker floor: a bare consumer at {half}/s for {} s",
+            "bench: broker floor: a bare consumer at {rate}/s for {} s",
             args.steady_secs
         );
         let c = setup::scoped(
             &base,
-            &format!("bench.floor.{ts}"),
-            &format!("bench-floor-{ts}"),
+            &format!("bench.floor.{ts}.{rate}"),
+            &format!("bench-floor-{ts}-{rate}"),
         );
         setup::create_topics(&c).await?;
-        let run = floor::run(&c, half, half * args.steady_secs, seed ^ 3).await?;
+        let floor = floor::run(&c, rate, count, seed ^ 3).await?;
         setup::delete_topics(&c).await?;
-        fig.floor = Some((half, run));
 
-        eprintln!("bench: steady state at {half}/s for {} s", args.steady_secs);
+        eprintln!("bench: steady state at {rate}/s for {} s", args.steady_secs);
         let db = setup::fresh_databases(&base, 60).await?;
         let c = setup::scoped(
             &db,
-            &format!("bench.steady.{ts}"),
-            &format!("bench-steady-{ts}"),
+            &format!("bench.steady.{ts}.{rate}"),
+            &format!("bench-steady-{ts}-{rate}"),
         );
         setup::create_topics(&c).await?;
         let steady = child::Steady {
-            rate: half,
-            count: half * args.steady_secs,
+            rate,
+            count,
             seed: seed ^ 1,
             tenants: 60,
             watch_rollup: true,
@@ -291,17 +305,19 @@ async fn main() -> anyhow::Result<()> {
                 &c,
                 cfg_file,
                 steady.count,
-                &format!("{ts}-steady"),
+                &format!("{ts}-steady-{rate}"),
                 Some(&steady),
             ),
         )
         .await?;
         setup::delete_topics(&c).await?;
-        fig.steady = Some((half, base.pipeline.batch_linger_ms, p));
+        fig.steady
+            .push((rate, base.pipeline.batch_linger_ms, p, floor));
     }
     if args.tenants > 0 && args.tenants_secs > 0 {
+        let rate = args.tenants_rate.unwrap_or(quarter);
         eprintln!(
-            "bench: {} tenants at {half}/s for {} s (seeding the tenants first)",
+            "bench: {} tenants at {rate}/s for {} s (seeding the tenants first)",
             args.tenants, args.tenants_secs
         );
         let db = setup::fresh_databases(&base, args.tenants).await?;
@@ -312,8 +328,8 @@ async fn main() -> anyhow::Result<()> {
         );
         setup::create_topics(&c).await?;
         let steady = child::Steady {
-            rate: half,
-            count: half * args.tenants_secs,
+            rate,
+            count: rate * args.tenants_secs,
             seed: seed ^ 2,
             tenants: args.tenants,
             watch_rollup: false,
@@ -336,7 +352,7 @@ async fn main() -> anyhow::Result<()> {
             .fetch_one::<u64>()
             .await
             .unwrap_or(0);
-        fig.tenants = Some((args.tenants, seen, half, p));
+        fig.tenants = Some((args.tenants, seen, rate, p));
     }
 
     let table = report::render(&fig);

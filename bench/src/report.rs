@@ -37,12 +37,11 @@ pub struct Figures {
     pub engine: Option<Phase<EngineRun>>,
     pub tally_json: Option<Phase<ChildRun>>,
     pub tally_avro: Option<Phase<ChildRun>>,
-    /// (rate, linger ms, run)
-    pub steady: Option<(u64, u64, Phase<ChildRun>)>,
+    /// One per steady rate: (rate, linger ms, tally's run, the broker floor's run:
+    /// a bare consumer at the same rate).
+    pub steady: Vec<(u64, u64, Phase<ChildRun>, ChildRun)>,
     /// (tenants seeded, distinct tenants in the events, rate, run)
     pub tenants: Option<(usize, u64, u64, Phase<ChildRun>)>,
-    /// The broker's latency floor at the steady rate: (rate, bare consumer run).
-    pub floor: Option<(u64, ChildRun)>,
 }
 
 // rates for display, not money
@@ -257,11 +256,11 @@ pub fn render(f: &Figures) -> String {
             );
         }
     }
-    if let Some((rate, linger, p)) = &f.steady {
+    for (rate, linger, p, floor) in &f.steady {
         let lat = latency(&p.run, *rate);
         let _ = writeln!(
             s,
-            "| steady state: offered load | {rate}/s for {} events, from {:.2} s after tally's start, when its consumer had its partitions (load {}; CPU probe {:.2} ns) |",
+            "| steady state at {rate}/s: offered load | {} events, from {:.2} s after tally's start, when its consumer had its partitions (load {}; CPU probe {:.2} ns) |",
             p.run.events,
             p.run.ready.unwrap_or_default().as_secs_f64(),
             p.load,
@@ -269,26 +268,24 @@ pub fn render(f: &Figures) -> String {
         );
         let _ = writeln!(
             s,
-            "| steady state: peak RSS MB (VmHWM) / by quarter | {:.0} / {} |",
+            "| steady state at {rate}/s: peak RSS MB (VmHWM) / by quarter | {:.0} / {} |",
             mb(p.run.peak_rss_kb),
             rss_quarters(&p.run)
         );
         let _ = writeln!(
             s,
-            "| steady state: CPU-s/1M tally, broker (of which snapshot saves), ClickHouse, Postgres | {} |",
+            "| steady state at {rate}/s: CPU-s/1M tally, broker (of which snapshot saves), ClickHouse, Postgres | {} |",
             cpu_cells(&p.cpu, Some(p.run.cpu), p.run.events)
         );
         let _ = writeln!(
             s,
-            "| steady state: produce-to-visible in usage_1m p50 / p99 (batch linger {linger} ms) | {} |",
+            "| steady state at {rate}/s: produce-to-visible in usage_1m p50 / p99 (batch linger {linger} ms) | {} |",
             quantiles(lat)
         );
-    }
-    if let Some((rate, run)) = &f.floor {
         let _ = writeln!(
             s,
-            "| steady state, broker floor: produce-to-consumed by a bare consumer at {rate}/s, p50 / p99 | {} |",
-            quantiles(latency(run, *rate))
+            "| steady state at {rate}/s, broker floor: produce-to-consumed by a bare consumer p50 / p99 | {} |",
+            quantiles(latency(floor, *rate))
         );
     }
     if let Some((tenants, seen, rate, p)) = &f.tenants {
@@ -382,7 +379,7 @@ pub fn markdown(f: &Figures, table: &str, analysis: &str) -> String {
     let _ = writeln!(s, "- CPU probe ns: nanoseconds per step of a fixed integer loop, timed right after each run (`procs::cpu_probe_ns`). This machine is a VM: the same loop took 30% longer at some moments than at others on an idle machine, and every CPU-seconds figure moves with it; compare runs at a similar probe.");
     let _ = writeln!(s, "- Topics: each encoding's topic is produced just before the runs that read it and deleted (with tally's dead-letter and violation topics) after them, so the broker's snapshots (see \"of which snapshot saves\") hold one run's data, not every run's.");
     let _ = writeln!(s, "- The Kafka engine (`sql/bench/kafka_engine.sql`) dedups nothing, prices nothing, dead-letters nothing, keeps no spend/quota/budget state and raises no violations; a crash between its block insert and its offset commit writes the block again. tally does all of that with every guarantee on (claims in `seen_events`, fenced ClickHouse inserts, one Postgres commit per batch).");
-    let _ = writeln!(s, "- Steady state: events produced at half of tally's JSON drain rate while tally consumes; latency = when the 1m rollup's request count first covers an event minus its scheduled produce time (sampled every ~50 ms, each look a scan of usage_1m); production starts once tally's consumer has its partitions, so its startup is not in the percentiles. Broker floor: the same producer, rate and count on a fresh topic read by a bare consumer (no processing, no writes), production starting once it has its partitions; latency = when it has consumed more than i messages minus event i's scheduled time: what every consumer of this broker pays on this machine. noida-db answers a fetch with the whole backlog, so drain RSS reflects that reply; the steady-state RSS does not.");
+    let _ = writeln!(s, "- Steady state: events produced at a fixed rate while tally consumes, at half of tally's JSON drain rate and at a quarter of it (or at each `--steady-rate`); latency = when the 1m rollup's request count first covers an event minus its scheduled produce time (sampled every ~50 ms, each look a scan of usage_1m); production starts once tally's consumer has its partitions, so its startup is not in the percentiles. Broker floor: the same producer, rate and count on a fresh topic read by a bare consumer (no processing, no writes), production starting once it has its partitions; latency = when it has consumed more than i messages minus event i's scheduled time: what every consumer of this broker pays on this machine. noida-db answers a fetch with the whole backlog, so drain RSS reflects that reply; the steady-state RSS does not.");
     let _ = writeln!(s, "\n## Where tally's time goes\n");
     if let Some(c) = f.tally_json.as_ref().and_then(|p| p.run.counters.as_ref()) {
         let _ = writeln!(
@@ -404,5 +401,74 @@ mod stage_tests {
         let t = super::stages(line);
         assert!(t.contains("| claim | 13.4 |"), "{t}");
         assert!(!t.contains("| claim | 3 |"), "{t}");
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::latency;
+    use crate::child::ChildRun;
+    use std::time::Duration;
+
+    /// A run whose events are scheduled at `rate`/s from 1 s and become visible
+    /// `delay(i)` after their schedule, sampled every 10 ms (as the watcher does).
+    fn run(rate: u64, events: u64, delay: impl Fn(u64) -> Duration) -> ChildRun {
+        let from = Duration::from_secs(1);
+        let at = |i: u64| from + Duration::from_micros(i * 1_000_000 / rate) + delay(i);
+        let end = at(events - 1) + Duration::from_millis(20);
+        let mut visible = Vec::new();
+        let mut t = from;
+        while t <= end {
+            let count = (0..events).filter(|&i| at(i) <= t).count() as u64;
+            visible.push((t, count));
+            t += Duration::from_millis(10);
+        }
+        ChildRun {
+            events,
+            produce_window: Some((from, end)),
+            visible,
+            ..ChildRun::default()
+        }
+    }
+
+    fn ms(d: Duration) -> u128 {
+        d.as_millis()
+    }
+
+    #[test]
+    fn a_constant_delay_is_every_quantile() {
+        let (p50, p99) = latency(&run(1000, 2000, |_| Duration::from_millis(200)), 1000).unwrap();
+        assert!((200..=210).contains(&ms(p50)), "p50 {p50:?}");
+        assert!((200..=210).contains(&ms(p99)), "p99 {p99:?}");
+    }
+
+    /// A stall of 300 ms at event 1000 of a FIFO pipeline (every later event
+    /// waits for it, the next 200 at 1,000/s) moves the p99, not the p50.
+    #[test]
+    fn a_stall_shows_in_the_p99_only() {
+        let delay = |i: u64| {
+            let normal = Duration::from_millis(100);
+            if i < 1000 {
+                normal
+            } else {
+                // released at event 1000's schedule + 300 ms
+                let behind =
+                    Duration::from_millis(1000 + 300).saturating_sub(Duration::from_millis(i));
+                normal.max(behind)
+            }
+        };
+        let (p50, p99) = latency(&run(1000, 2000, delay), 1000).unwrap();
+        assert!((100..=110).contains(&ms(p50)), "p50 {p50:?}");
+        assert!((280..=310).contains(&ms(p99)), "p99 {p99:?}");
+    }
+
+    #[test]
+    fn no_samples_no_quantiles() {
+        let r = ChildRun {
+            events: 10,
+            produce_window: Some((Duration::ZERO, Duration::ZERO)),
+            ..ChildRun::default()
+        };
+        assert_eq!(latency(&r, 100), None);
     }
 }

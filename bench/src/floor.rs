@@ -10,7 +10,7 @@
 
 use crate::child::ChildRun;
 use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,19 +76,7 @@ fn consume(
     started: Instant,
     assigned: &AtomicBool,
 ) -> anyhow::Result<Vec<(Duration, u64)>> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("receive.message.max.bytes", "2147483647")
-        .create()
-        .context("creating the floor consumer")?;
-    consumer
-        .subscribe(&[topic])
-        .context("subscribing the floor consumer")?;
+    let consumer = crate::setup::bare_consumer(brokers, topic, group)?;
     let timeout = crate::setup::deadline(n);
     let mut seen = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     let mut msgs = 0u64;

@@ -217,11 +217,9 @@ pub struct Raw {
     pub bytes: u64,
 }
 
-/// Reads `topic` from the beginning with a bare consumer until `n` messages
-/// arrived, counting messages and bytes and nothing else.
-pub fn raw_consume(brokers: &str, topic: &str, group: &str, n: u64) -> anyhow::Result<Raw> {
-    let started = Instant::now();
-    let timeout = deadline(n);
+/// A consumer of `topic` in a fresh `group` that reads from the beginning,
+/// commits nothing and takes noida-db's one-reply fetches.
+pub fn bare_consumer(brokers: &str, topic: &str, group: &str) -> anyhow::Result<BaseConsumer> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -231,10 +229,19 @@ pub fn raw_consume(brokers: &str, topic: &str, group: &str, n: u64) -> anyhow::R
         .set("heartbeat.interval.ms", "1000")
         .set("receive.message.max.bytes", "2147483647")
         .create()
-        .context("creating raw consumer")?;
+        .with_context(|| format!("creating a consumer of {topic}"))?;
     consumer
         .subscribe(&[topic])
-        .context("subscribing raw consumer")?;
+        .with_context(|| format!("subscribing to {topic}"))?;
+    Ok(consumer)
+}
+
+/// Reads `topic` from the beginning with a bare consumer until `n` messages
+/// arrived, counting messages and bytes and nothing else.
+pub fn raw_consume(brokers: &str, topic: &str, group: &str, n: u64) -> anyhow::Result<Raw> {
+    let started = Instant::now();
+    let timeout = deadline(n);
+    let consumer = bare_consumer(brokers, topic, group)?;
     let (mut msgs, mut raw) = (0u64, Raw::default());
     while msgs < n {
         if started.elapsed() > timeout {

@@ -192,23 +192,6 @@ async fn wait_published(env: &TestEnv, n: i64, timeout: Duration) -> anyhow::Res
     }
 }
 
-async fn wait_log(
-    env: &TestEnv,
-    name: &str,
-    needle: &str,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !log_of(env, name).contains(needle) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out waiting for {needle:?} in {name}'s log"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 /// Every id exactly once on the topic, nothing else there, every row published,
 /// no attempt or claim left.
 async fn assert_published_once(env: &TestEnv, ids: &[Uuid]) -> anyhow::Result<()> {
@@ -315,7 +298,7 @@ async fn stalled_leader(name: &str, stall_ms: u64) -> anyhow::Result<()> {
     env.env.pop(); // only A stalls and dies
     wait_published(&env, 1000, Duration::from_secs(60)).await?;
     let mut b = env.spawn_tally("b")?;
-    wait_log(
+    wait_log_line(
         &env,
         "a",
         "failpoint relay_before_send fired",
@@ -329,14 +312,14 @@ async fn stalled_leader(name: &str, stall_ms: u64) -> anyhow::Result<()> {
         .bind(pid)
         .execute(&env.pool)
         .await?;
-    wait_log(
+    wait_log_line(
         &env,
         "b",
         "violation relay: leader",
         Duration::from_secs(30),
     )
     .await?;
-    wait_log(
+    wait_log_line(
         &env,
         "a",
         "failpoint relay_after_publish fired",

@@ -166,7 +166,6 @@ pub async fn run(
         log_path.display()
     );
 
-    let mut out_ready = None;
     let stop = Arc::new(AtomicBool::new(false));
     let rss = Arc::new(Mutex::new(Vec::new()));
     let sampler = {
@@ -186,9 +185,10 @@ pub async fn run(
     // consumer has its partitions, so the percentiles measure it consuming, not
     // its startup (migrations, reference data, the group join), which would
     // otherwise put the first second or two of events above the p99.
-    if steady.is_some() {
-        out_ready = Some(wait_assigned(started, &mut child, &log_path).await?);
-    }
+    let ready = match steady {
+        Some(_) => Some(wait_assigned(started, &mut child, &log_path).await?),
+        None => None,
+    };
     let producer = steady.map(|s| {
         let (brokers, topic) = (cfg.kafka.brokers.clone(), topic.clone());
         let gen = crate::setup::gen_config(s.count, s.seed, Encoding::Json, s.tenants);
@@ -229,7 +229,7 @@ pub async fn run(
     let result = wait_for(&pool, &group, &topic, n, started, &mut child, &log_path).await;
     let mut out = ChildRun {
         events: n,
-        ready: out_ready,
+        ready,
         ..ChildRun::default()
     };
     match result {

@@ -1,9 +1,10 @@
 //! `tally-bench`: one run, one freshly produced topic of N JSON usage events
 //! (the same bytes for everyone), measured as a bare consumer (the ceiling),
 //! ClickHouse's own Kafka engine, tally end to end, tally again on the same
-//! events in Avro, then a steady state at half of tally's rate and a run with
-//! many tenants. `make bench` starts private broker and ClickHouse instances
-//! for it (deploy/local/bench.sh).
+//! events in Avro, then steady states at half and a quarter of tally's rate
+//! (each beside a bare consumer at the same rate: the broker's latency floor)
+//! and a run with many tenants. `make bench` starts private broker and
+//! ClickHouse instances for it (deploy/local/bench.sh).
 //!
 //! Guarantee: figures are measured in this run and printed as measured, never
 //! asserted; every pipeline starts from empty databases and fresh groups.
@@ -46,7 +47,7 @@ struct Args {
     /// Skip the Avro run.
     #[arg(long)]
     no_avro: bool,
-    /// Steady state: seconds of production at half of tally's JSON rate (0 skips it).
+    /// Steady state: seconds of production at each steady rate (0 skips it).
     #[arg(long, default_value_t = 20)]
     steady_secs: u64,
     /// Steady state: events per second offered, one run each (comma-separated;
@@ -263,13 +264,15 @@ async fn main() -> anyhow::Result<()> {
         ((max_rate / 2.0) as u64).max(1),
         ((max_rate / 4.0) as u64).max(1),
     );
-    let rates = if args.steady_rate.is_empty() {
+    let rates = if args.steady_secs == 0 {
+        Vec::new()
+    } else if args.steady_rate.is_empty() {
         vec![half, quarter]
     } else {
         args.steady_rate.clone()
     };
 
-    for rate in rates.into_iter().filter(|_| args.steady_secs > 0) {
+    for rate in rates {
         let count = rate * args.steady_secs;
         eprintln!(
             "bench: broker floor: a bare consumer at {rate}/s for {} s",
